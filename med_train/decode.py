@@ -1,0 +1,173 @@
+"""Caption decoding over the MED decoder's key/value cache: greedy, beam search and nucleus sampling.
+
+Our own loop (transformers' `generate` internals change between releases). The prompt is run once per image; the
+cross-attention K/V are computed once per image and shared by its beams (see `med.DecoderCache`); each step feeds
+one token per row.
+
+    ids = generate(decoder, image_embeds, prompt_ids, eos_token_id=102, pad_token_id=0, num_beams=3,
+                   max_length=20, min_length=5)   # (B, L) token ids, prompt included, pads after [SEP]
+
+Lengths count the prompt tokens (BLIP's convention): `max_length=20` with a 4-token prompt allows 16 new tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+def _process_logits(logits, tokens, cur_len, *, eos_token_id, min_length, repetition_penalty):
+    """Repetition penalty (CTRL: a seen token's logit is divided by the penalty if positive, multiplied if negative)
+    and the minimum length (no [SEP] before `min_length` tokens). logits (R, V), tokens (R, cur_len)."""
+    if repetition_penalty != 1.0:
+        seen = logits.gather(1, tokens)
+        logits = logits.scatter(1, tokens, torch.where(seen < 0, seen * repetition_penalty, seen / repetition_penalty))
+    if cur_len < min_length:
+        logits = logits.clone()
+        logits[:, eos_token_id] = NEG_INF
+    return logits
+
+
+def _prefill(decoder, image_embeds, image_mask, prompt_ids):
+    """Run the prompt for every image: returns the last position's logits (B, V) and the cache."""
+    batch = image_embeds.shape[0]
+    prompt = prompt_ids.to(image_embeds.device).expand(batch, -1)  # (B, P)
+    out = decoder(prompt, encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask, use_cache=True)
+    return prompt, out.logits[:, -1], out.cache
+
+
+def _step(decoder, last_tokens, cache):
+    out = decoder(last_tokens[:, None], cache=cache, use_cache=True)
+    return out.logits[:, -1], out.cache
+
+
+def _filter_top_k_top_p(logits, top_k: int, top_p: float):
+    """Keep the `top_k` most likely tokens and the smallest set whose probability reaches `top_p` (nucleus)."""
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, NEG_INF)
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a token when the tokens before it already reach top_p (the first token always stays)
+        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
+        logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), NEG_INF)
+    return logits
+
+
+@torch.no_grad()
+def greedy_or_sample(decoder, image_embeds, prompt_ids, *, eos_token_id, pad_token_id, max_length=20, min_length=0,
+                     repetition_penalty=1.0, do_sample=False, top_p=1.0, top_k=0, temperature=1.0, generator=None,
+                     image_mask=None):
+    """One caption per image, the most likely token each step (or a sample from the filtered distribution)."""
+    tokens, logits, cache = _prefill(decoder, image_embeds, image_mask, prompt_ids)
+    finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+    for cur_len in range(tokens.shape[1], max_length):
+        logits = _process_logits(logits.float(), tokens, cur_len, eos_token_id=eos_token_id, min_length=min_length,
+                                 repetition_penalty=repetition_penalty)
+        if do_sample:
+            logits = _filter_top_k_top_p(logits / temperature, top_k, top_p)
+            next_tokens = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+        else:
+            next_tokens = logits.argmax(-1)
+        next_tokens = next_tokens.masked_fill(finished, pad_token_id)
+        tokens = torch.cat([tokens, next_tokens[:, None]], dim=1)
+        finished |= next_tokens == eos_token_id
+        if cur_len + 1 == max_length or bool(finished.all()):
+            break
+        logits, cache = _step(decoder, next_tokens, cache)
+    return tokens
+
+
+@torch.no_grad()
+def beam_search(decoder, image_embeds, prompt_ids, *, eos_token_id, pad_token_id, num_beams=3, max_length=20,
+                min_length=0, length_penalty=1.0, repetition_penalty=1.0, early_stopping: bool | str = False,
+                image_mask=None):
+    """The best finished beam per image. A hypothesis ends with [SEP] or at `max_length`; its score is the sum of
+    its token log-probabilities divided by (tokens generated) ** length_penalty.
+
+    Bookkeeping is batched: the `num_beams` best finished hypotheses of every image live in one (B, K) tensor.
+    `early_stopping`: True stops an image once it has K finished hypotheses; False (transformers' default) also
+    stops when the best running beam, scored at its current length, cannot beat the worst finished one; "never"
+    stops only when no running beam can, at any allowed length (exact).
+    """
+    k = num_beams
+    prompt, logits, cache = _prefill(decoder, image_embeds, image_mask, prompt_ids)
+    batch, prompt_len = prompt.shape
+    device = prompt.device
+    rows = torch.arange(batch, device=device).repeat_interleave(k)  # image of each text row, image-major
+    cache.reorder(rows)  # the prompt's self K/V, k copies per image (cross K/V stay one per image)
+    logits = logits[rows]
+    tokens = prompt[rows]  # (B*K, P)
+    # all beams start equal: keep only the first alive so the first step does not pick k copies of one token
+    beam_scores = torch.full((batch, k), NEG_INF, device=device)
+    beam_scores[:, 0] = 0.0
+    pool_scores = torch.full((batch, k), NEG_INF, device=device)  # finished hypotheses, best first
+    pool_tokens = torch.full((batch, k, max_length), pad_token_id, dtype=torch.long, device=device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    image_offset = (torch.arange(batch, device=device) * k)[:, None]  # (B, 1)
+
+    def add_to_pool(scores, candidates):  # scores (B, K) normalised, candidates (B, K, L)
+        nonlocal pool_scores, pool_tokens
+        scores = scores.masked_fill(done[:, None], NEG_INF)
+        padded = torch.full((batch, k, max_length), pad_token_id, dtype=torch.long, device=device)
+        padded[:, :, : candidates.shape[2]] = candidates
+        all_scores = torch.cat([pool_scores, scores], dim=1)  # (B, 2K)
+        pool_scores, best = all_scores.topk(k, dim=1)
+        pool_tokens = torch.cat([pool_tokens, padded], dim=1).gather(
+            1, best[:, :, None].expand(-1, -1, max_length))
+
+    for cur_len in range(prompt_len, max_length):
+        logits = _process_logits(logits.float(), tokens, cur_len, eos_token_id=eos_token_id, min_length=min_length,
+                                 repetition_penalty=repetition_penalty)
+        vocab = logits.shape[-1]
+        candidates = beam_scores.view(-1, 1) + logits.log_softmax(-1)  # (B*K, V) running sums
+        generated = cur_len + 1 - prompt_len  # tokens after the prompt, this one included
+
+        # every beam's [SEP] continuation is a finished hypothesis
+        eos_scores = candidates[:, eos_token_id].view(batch, k) / generated**length_penalty
+        ended = torch.cat([tokens, torch.full_like(tokens[:, :1], eos_token_id)], dim=1).view(batch, k, -1)
+        add_to_pool(eos_scores, ended)
+
+        # the k best continuations that do not end
+        candidates[:, eos_token_id] = NEG_INF
+        beam_scores, flat = candidates.view(batch, k * vocab).topk(k, dim=1)  # (B, K)
+        src = (image_offset + flat // vocab).view(-1)  # (B*K,) row each new beam extends
+        next_tokens = (flat % vocab).view(-1)
+        tokens = torch.cat([tokens[src], next_tokens[:, None]], dim=1)
+
+        # which images can stop: k finished, and (unless early_stopping=True) no running beam can do better
+        full = pool_scores[:, -1] > NEG_INF
+        if early_stopping is True:
+            done |= full
+        else:
+            best_running = beam_scores[:, 0]
+            if early_stopping == "never" and length_penalty > 0:
+                reach = best_running / (max_length - prompt_len) ** length_penalty  # sums only fall: longest is best
+            else:
+                reach = best_running / generated**length_penalty
+            done |= full & (reach <= pool_scores[:, -1])
+        if cur_len + 1 == max_length or bool(done.all()):
+            break
+        cache.reorder(src)
+        logits, cache = _step(decoder, next_tokens, cache)
+
+    # beams still running at max_length finish there
+    add_to_pool(beam_scores / (tokens.shape[1] - prompt_len) ** length_penalty, tokens.view(batch, k, -1))
+    return pool_tokens[:, 0]
+
+
+def generate(decoder, image_embeds, prompt_ids, *, num_beams=1, do_sample=False, **kwargs):
+    """Greedy (`num_beams=1`), beam search (`num_beams>1`) or sampling (`do_sample=True`): token ids (B, L)."""
+    if do_sample:
+        kwargs.pop("length_penalty", None)
+        kwargs.pop("early_stopping", None)
+        return greedy_or_sample(decoder, image_embeds, prompt_ids, do_sample=True, **kwargs)
+    for key in ("top_p", "top_k", "temperature", "generator"):
+        kwargs.pop(key, None)
+    if num_beams == 1:
+        kwargs.pop("length_penalty", None)
+        kwargs.pop("early_stopping", None)
+        return greedy_or_sample(decoder, image_embeds, prompt_ids, **kwargs)
+    return beam_search(decoder, image_embeds, prompt_ids, num_beams=num_beams, **kwargs)

@@ -1,0 +1,440 @@
+"""The multimodal BERT ("MED") of BLIP: every layer has self-attention, then cross-attention from the text to the
+image tokens, then the feed-forward block. `BertLMHeadModel` is the caption decoder.
+
+This follows the seed (a walk-through of BLIP's `models/med.py`): same class names, forward signatures and
+state-dict names, so BLIP's released weights and transformers' `BlipTextLMHeadModel` weights load unchanged. What
+differs from BLIP's code, on purpose:
+- attention runs through `F.scaled_dot_product_attention` (fused), equal in value to matmul/softmax/mask;
+- a `DecoderCache` keeps self-attention K/V (grown one step at a time) and cross-attention K/V (computed once per
+  image for the whole decode; a query batch that is a multiple of the image batch, e.g. beams, shares them
+  without copies);
+- gradient checkpointing works;
+- with labels, the LM head runs only where there is a target (`output_logits=False` skips the full logits).
+
+    config = med_config(vocab_size=30524, encoder_width=768)  # a transformers.BertConfig
+    decoder = BertLMHeadModel(config)
+    out = decoder(input_ids, attention_mask, encoder_hidden_states=image_embeds, labels=labels)
+    out.loss, out.logits
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import BertConfig
+
+
+def med_config(**kwargs) -> BertConfig:
+    """A BertConfig carrying BLIP's extra keys: `encoder_width` (image-token width), `add_cross_attention`."""
+    kwargs.setdefault("encoder_width", 768)
+    kwargs.setdefault("add_cross_attention", True)
+    kwargs.setdefault("hidden_act", "gelu")
+    return BertConfig(**kwargs)
+
+
+@dataclass
+class DecoderCache:
+    """Key/value cache for step-by-step decoding.
+
+    `self_kv[i]`: layer i's self-attention (K, V), each (B, heads, T_past, head_dim), grown by one step per token.
+    `cross_kv[i]`: layer i's cross-attention (K, V), each (B_img, heads, N_img, head_dim), computed once per image.
+    The text batch may be `B_img * k` rows (k beams or samples per image, image-major): cross K/V are shared.
+    """
+
+    self_kv: list = field(default_factory=list)
+    cross_kv: list = field(default_factory=list)
+
+    def __len__(self) -> int:  # tokens already cached
+        return 0 if not self.self_kv or self.self_kv[0] is None else self.self_kv[0][0].shape[2]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Select text rows (beam reordering / expansion); cross K/V are per image and never move."""
+        self.self_kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.self_kv]
+
+
+@dataclass
+class BertModelOutput:
+    last_hidden_state: torch.Tensor
+    pooler_output: torch.Tensor | None = None
+    cache: DecoderCache | None = None
+
+
+@dataclass
+class CausalLMOutput:
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    cache: DecoderCache | None = None
+
+
+class BertEmbeddings(nn.Module):
+    """Word + absolute position embeddings, LayerNorm, dropout (no token types, as in BLIP)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.register_buffer("position_ids", torch.arange(config.max_position_embeddings)[None], persistent=False)
+
+    def forward(self, input_ids=None, position_ids=None, inputs_embeds=None, past_key_values_length: int = 0):
+        seq_length = (input_ids if input_ids is not None else inputs_embeds[..., 0]).shape[1]
+        if position_ids is None:  # positions continue after the cached tokens
+            position_ids = self.position_ids[:, past_key_values_length : past_key_values_length + seq_length]
+        if inputs_embeds is None:
+            inputs_embeds = self.word_embeddings(input_ids)
+        embeddings = inputs_embeds + self.position_embeddings(position_ids)
+        return self.dropout(self.LayerNorm(embeddings))
+
+
+class BertSelfAttention(nn.Module):
+    """Multi-head attention. Self-attention when `encoder_hidden_states` is None, else cross-attention whose queries
+    are text and whose keys/values are image tokens (projected from `encoder_width` to `hidden_size`)."""
+
+    def __init__(self, config, is_cross_attention: bool):
+        super().__init__()
+        if config.hidden_size % config.num_attention_heads:
+            raise ValueError(f"hidden_size {config.hidden_size} is not a multiple of "
+                             f"num_attention_heads {config.num_attention_heads}")
+        self.num_attention_heads = config.num_attention_heads
+        self.attention_head_size = config.hidden_size // config.num_attention_heads
+        self.all_head_size = config.hidden_size
+        kv_width = config.encoder_width if is_cross_attention else config.hidden_size
+        self.query = nn.Linear(config.hidden_size, self.all_head_size)
+        self.key = nn.Linear(kv_width, self.all_head_size)
+        self.value = nn.Linear(kv_width, self.all_head_size)
+        self.dropout_p = config.attention_probs_dropout_prob
+        self.is_cross_attention = is_cross_attention
+
+    def transpose_for_scores(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, self.num_attention_heads, self.attention_head_size).transpose(1, 2)  # (B, nh, T, hs)
+
+    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                past_key_value=None, is_causal: bool = False):
+        """Returns (context (B, T, H), key/value pair to cache or None).
+
+        `attention_mask` is an additive bias broadcastable to (B, nh, T, S), or None. `past_key_value` holds the
+        cached (K, V): for self-attention the new K/V are appended; for cross-attention they are reused as is.
+        `is_causal` lets SDPA build the causal mask itself (no padding, no cache).
+        """
+        query = self.transpose_for_scores(self.query(hidden_states))  # (B, nh, T, hs)
+        if self.is_cross_attention:
+            if past_key_value is not None:
+                key, value = past_key_value
+            else:
+                key = self.transpose_for_scores(self.key(encoder_hidden_states))  # (B_img, nh, N, hs)
+                value = self.transpose_for_scores(self.value(encoder_hidden_states))
+            attention_mask = encoder_attention_mask
+        else:
+            key = self.transpose_for_scores(self.key(hidden_states))
+            value = self.transpose_for_scores(self.value(hidden_states))
+            if past_key_value is not None:
+                key = torch.cat([past_key_value[0], key], dim=2)
+                value = torch.cat([past_key_value[1], value], dim=2)
+
+        b, nh, t, hs = query.shape
+        group = b // key.shape[0]  # text rows per image (beams); 1 in training
+        if group > 1:
+            # Fold each image's rows into the query length so they all attend to the one copy of its K/V:
+            # (B_img*k, nh, T, hs) -> (B_img, nh, k*T, hs). Cross-attention has no causal mask, so this is exact.
+            query = query.view(-1, group, nh, t, hs).transpose(1, 2).reshape(-1, nh, group * t, hs)
+        dropout_p = self.dropout_p if self.training else 0.0
+        context = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout_p,
+                                                 is_causal=is_causal and attention_mask is None)
+        if group > 1:
+            context = context.view(-1, nh, group, t, hs).transpose(1, 2).reshape(b, nh, t, hs)
+        context = context.transpose(1, 2).reshape(b, t, self.all_head_size)  # (B, T, H)
+        return context, (key, value)
+
+
+class BertSelfOutput(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states, input_tensor):
+        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
+
+
+class BertAttention(nn.Module):
+    """Attention followed by its output projection, residual and LayerNorm."""
+
+    def __init__(self, config, is_cross_attention: bool = False):
+        super().__init__()
+        self.self = BertSelfAttention(config, is_cross_attention)
+        self.output = BertSelfOutput(config)
+
+    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                past_key_value=None, is_causal: bool = False):
+        context, key_value = self.self(hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask,
+                                       past_key_value, is_causal)
+        return self.output(context, hidden_states), key_value
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.intermediate_act_fn = nn.GELU()  # BERT's exact (erf) GELU
+
+    def forward(self, hidden_states):
+        return self.intermediate_act_fn(self.dense(hidden_states))
+
+
+class BertOutput(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states, input_tensor):
+        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
+
+
+class BertLayer(nn.Module):
+    """Self-attention, then (mode 'multimodal') cross-attention to the image tokens, then the feed-forward block."""
+
+    def __init__(self, config, layer_num: int):
+        super().__init__()
+        self.layer_num = layer_num
+        self.attention = BertAttention(config)
+        if config.add_cross_attention:
+            self.crossattention = BertAttention(config, is_cross_attention=True)
+        self.intermediate = BertIntermediate(config)
+        self.output = BertOutput(config)
+
+    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                self_kv=None, cross_kv=None, mode: str = "multimodal", is_causal: bool = False):
+        """Returns (hidden_states, self K/V, cross K/V or None)."""
+        hidden_states, self_kv = self.attention(hidden_states, attention_mask, past_key_value=self_kv,
+                                                is_causal=is_causal)
+        if mode == "multimodal":
+            if not hasattr(self, "crossattention"):
+                raise ValueError("mode='multimodal' needs a decoder built with add_cross_attention=True")
+            if encoder_hidden_states is None and cross_kv is None:
+                raise ValueError("mode='multimodal' needs encoder_hidden_states (the image tokens)")
+            hidden_states, cross_kv = self.crossattention(hidden_states, None, encoder_hidden_states,
+                                                          encoder_attention_mask, past_key_value=cross_kv)
+        else:
+            cross_kv = None
+        layer_output = self.output(self.intermediate(hidden_states), hidden_states)
+        return layer_output, self_kv, cross_kv
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.layer = nn.ModuleList([BertLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.gradient_checkpointing = False
+
+    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                cache: DecoderCache | None = None, use_cache: bool = False, mode: str = "multimodal",
+                is_causal: bool = False):
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        use_cache = use_cache and not checkpointing  # a cache is for decoding, never for a checkpointed backward
+        new_self_kv, new_cross_kv = [], []
+        for i, layer_module in enumerate(self.layer):
+            self_kv = cache.self_kv[i] if cache is not None and cache.self_kv else None
+            cross_kv = cache.cross_kv[i] if cache is not None and cache.cross_kv else None
+            args = (hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask, self_kv, cross_kv,
+                    mode, is_causal)
+            if checkpointing:
+                # Non-reentrant checkpointing recomputes the layer in backward; BLIP's reentrant version was broken.
+                hidden_states, self_kv, cross_kv = checkpoint(layer_module, *args, use_reentrant=False)
+            else:
+                hidden_states, self_kv, cross_kv = layer_module(*args)
+            new_self_kv.append(self_kv)
+            new_cross_kv.append(cross_kv)
+        if not use_cache:
+            return hidden_states, None
+        if cache is None:
+            cache = DecoderCache()
+        cache.self_kv = new_self_kv
+        cache.cross_kv = new_cross_kv if mode == "multimodal" else []
+        return hidden_states, cache
+
+
+class BertPooler(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.activation = nn.Tanh()
+
+    def forward(self, hidden_states):
+        return self.activation(self.dense(hidden_states[:, 0]))  # the first ([CLS]/[DEC]) token
+
+
+class BertModel(nn.Module):
+    def __init__(self, config, add_pooling_layer: bool = True):
+        super().__init__()
+        self.config = config
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = BertEncoder(config)
+        self.pooler = BertPooler(config) if add_pooling_layer else None
+
+    def get_extended_attention_mask(self, attention_mask, input_shape, past_length: int, is_decoder: bool, dtype):
+        """An additive bias (B, 1, T, past+T) from a 0/1 padding mask (B, past+T): causal `j <= i` times padding
+        when decoding, padding alone otherwise. None when nothing is masked and SDPA can do causality itself."""
+        batch, seq_length = input_shape
+        if is_decoder:
+            seq_ids = torch.arange(seq_length, device=attention_mask.device)
+            causal = seq_ids[None, :] <= seq_ids[:, None]  # (T, T): query i sees key j <= i
+            # Cached keys come before the new queries: all visible.
+            causal = torch.cat([causal.new_ones(seq_length, past_length), causal], dim=1)
+            mask = causal[None, None] & attention_mask[:, None, None, :].bool()
+        else:
+            mask = attention_mask[:, None, None, :].bool()
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
+                encoder_hidden_states=None, encoder_attention_mask=None, cache: DecoderCache | None = None,
+                use_cache: bool | None = None, is_decoder: bool = False, mode: str = "multimodal"):
+        past_length = len(cache) if cache is not None else 0
+        embedding_output = self.embeddings(input_ids=input_ids, position_ids=position_ids,
+                                           inputs_embeds=inputs_embeds, past_key_values_length=past_length)
+        batch, seq_length = embedding_output.shape[:2]
+        dtype = embedding_output.dtype
+
+        is_causal = False
+        if attention_mask is None and past_length == 0 and is_decoder:
+            extended_attention_mask, is_causal = None, True  # SDPA's own causal mask: the fast path
+        elif attention_mask is None and (past_length == 0 or seq_length == 1):
+            extended_attention_mask = None  # nothing to mask: one new token sees every cached one
+        else:
+            if attention_mask is None:
+                attention_mask = torch.ones(batch, past_length + seq_length, device=embedding_output.device)
+            extended_attention_mask = self.get_extended_attention_mask(
+                attention_mask, (batch, seq_length), past_length, is_decoder, dtype)
+
+        if encoder_attention_mask is not None and mode == "multimodal":
+            # (B_img, N) 0/1 -> additive (B_img, 1, 1, N); cross K/V are per image, so is this mask
+            encoder_attention_mask = torch.zeros(encoder_attention_mask.shape, dtype=dtype,
+                                                 device=encoder_attention_mask.device).masked_fill(
+                encoder_attention_mask == 0, torch.finfo(dtype).min)[:, None, None, :]
+
+        sequence_output, cache = self.encoder(
+            embedding_output, attention_mask=extended_attention_mask,
+            encoder_hidden_states=encoder_hidden_states if mode == "multimodal" else None,
+            encoder_attention_mask=encoder_attention_mask, cache=cache, use_cache=bool(use_cache), mode=mode,
+            is_causal=is_causal)
+        pooled_output = self.pooler(sequence_output) if self.pooler is not None else None
+        return BertModelOutput(last_hidden_state=sequence_output, pooler_output=pooled_output, cache=cache)
+
+
+class BertPredictionHeadTransform(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.transform_act_fn = nn.GELU()
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, hidden_states):
+        return self.LayerNorm(self.transform_act_fn(self.dense(hidden_states)))
+
+
+class BertLMPredictionHead(nn.Module):
+    """Transform, then project onto the vocabulary with the (tied) word embeddings plus a per-token bias."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.transform = BertPredictionHeadTransform(config)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, hidden_states):
+        return F.linear(self.transform(hidden_states), self.decoder.weight, self.bias)
+
+
+class BertOnlyMLMHead(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.predictions = BertLMPredictionHead(config)
+
+    def forward(self, sequence_output):
+        return self.predictions(sequence_output)
+
+
+class BertLMHeadModel(nn.Module):
+    """The caption decoder: `BertModel` without pooler + LM head tied to the word embeddings, next-token loss."""
+
+    def __init__(self, config, label_smoothing: float = 0.1):
+        super().__init__()
+        self.config = config
+        self.label_smoothing = label_smoothing
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.cls = BertOnlyMLMHead(config)
+        self.apply(self._init_weights)
+        self.tie_weights()
+
+    def _init_weights(self, module):
+        """BERT's initialisation: N(0, initializer_range) weights, zero biases, unit LayerNorm."""
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def tie_weights(self):
+        self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
+
+    def set_gradient_checkpointing(self, enable: bool = True):
+        self.bert.encoder.gradient_checkpointing = enable
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, encoder_hidden_states=None,
+                encoder_attention_mask=None, labels=None, cache: DecoderCache | None = None,
+                use_cache: bool | None = None, return_logits: bool = False, is_decoder: bool = True,
+                reduction: str = "mean", mode: str = "multimodal", output_logits: bool = True):
+        """Next-token loss on `logits[:, :-1]` vs `labels[:, 1:]` (-100 ignored, label smoothing).
+
+        `reduction='mean'` averages over target tokens, `'none'` gives one summed loss per sequence.
+        `return_logits=True` returns the shifted logits tensor (B, T-1, V) itself, as BLIP does.
+        `output_logits=False` (with labels) skips the full (B, T, V) logits and runs the LM head only on the
+        positions that have a target: the same loss for less work.
+        """
+        outputs = self.bert(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            encoder_hidden_states=encoder_hidden_states,
+                            encoder_attention_mask=encoder_attention_mask, cache=cache, use_cache=use_cache,
+                            is_decoder=is_decoder, mode=mode)
+        sequence_output = outputs.last_hidden_state  # (B, T, H)
+        if return_logits:
+            return self.cls(sequence_output)[:, :-1, :].contiguous()
+
+        logits = self.cls(sequence_output) if (output_logits or labels is None) else None
+        loss = None
+        if labels is not None:
+            targets = labels[:, 1:]  # (B, T-1)
+            if logits is not None:
+                token_loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                             reduction="none", label_smoothing=self.label_smoothing)
+                token_loss = token_loss.view(targets.shape)
+                valid = targets != -100
+                if reduction == "none":
+                    loss = token_loss.sum(1)
+                else:
+                    loss = token_loss.sum() / valid.sum()
+            else:
+                loss = self._target_only_loss(sequence_output[:, :-1], targets, reduction)
+        return CausalLMOutput(loss=loss, logits=logits, cache=outputs.cache)
+
+    def _target_only_loss(self, hidden, targets, reduction):
+        """The loss with the LM head (the largest matmul) applied only at positions with a target."""
+        valid = targets != -100  # (B, T-1)
+        rows = valid.nonzero(as_tuple=True)
+        token_loss = F.cross_entropy(self.cls(hidden[rows]), targets[rows], reduction="none",
+                                     label_smoothing=self.label_smoothing)
+        if reduction == "none":  # per-sequence sums
+            return torch.zeros(targets.shape[0], dtype=token_loss.dtype,
+                               device=token_loss.device).index_add(0, rows[0], token_loss)
+        return token_loss.sum() / valid.sum()

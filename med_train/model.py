@@ -1,0 +1,222 @@
+"""The captioner: a timm ViT + the MED decoder + a WordPiece tokenizer + a prompt.
+
+    model = Captioner(ModelConfig(), tokenizer)
+    loss = model(images, ["a dog on a sofa", ...])        # next-token loss on the captions (prompt masked out)
+    captions = model.generate(images, num_beams=3)        # list[str], prompt removed
+    model.save_pretrained("runs/x/final");  Captioner.from_pretrained("runs/x/final")
+
+State-dict names are BLIP's (`visual_encoder.*` in timm's names, `text_decoder.bert.*`, `text_decoder.cls.*`),
+so a released BLIP caption checkpoint loads directly (`load_blip_checkpoint`, `med convert blip`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from med_train import decode
+from med_train.config import ModelConfig, TextConfig, VisionConfig
+from med_train.med import BertLMHeadModel, med_config
+from med_train.tokenizer import encode_captions, load_tokenizer, prompt_length
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "med_config.json"
+FORMAT = "med_train/captioner"
+
+
+def create_vision_encoder(cfg: VisionConfig, load_weights: bool = True) -> nn.Module:
+    """A timm ViT without a classifier head; `forward_features` gives (B, 1+N, D) tokens after the final norm."""
+    import timm
+
+    kwargs = dict(num_classes=0, img_size=cfg.image_size, drop_path_rate=cfg.drop_path_rate, **cfg.kwargs)
+    pretrained = load_weights and (cfg.pretrained or cfg.weights is not None)
+    if load_weights and cfg.weights is not None:  # a local file, no hub
+        kwargs["pretrained_cfg_overlay"] = dict(file=cfg.weights)
+    model = timm.create_model(cfg.name, pretrained=pretrained, **kwargs)
+    if not hasattr(model, "forward_features") or not hasattr(model, "num_features"):
+        raise ValueError(f"model.vision.name: {cfg.name!r} is not a timm model with forward_features")
+    model.set_grad_checkpointing(cfg.grad_checkpointing)
+    return model
+
+
+def text_config_from_bert(cfg: TextConfig, bert_config) -> TextConfig:
+    """The decoder's sizes are those of the BERT checkpoint it starts from."""
+    return TextConfig(**{**asdict(cfg), **{k: getattr(bert_config, k) for k in (
+        "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "max_position_embeddings",
+        "layer_norm_eps")}})
+
+
+class Captioner(nn.Module):
+    def __init__(self, cfg: ModelConfig, tokenizer, load_weights: bool = True, max_caption_tokens: int = 40):
+        """`load_weights=False` builds the architecture only (the weights come from a checkpoint next).
+        `max_caption_tokens` truncates captions given as text to `forward` (prompt included)."""
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.max_caption_tokens = max_caption_tokens
+        self.visual_encoder = create_vision_encoder(cfg.vision, load_weights)
+        bert_state = None
+        if load_weights and cfg.text.init not in ("random",) and not cfg.text.init.startswith("blip:"):
+            bert_state, bert_config = _load_bert(cfg.text.init)
+            cfg.text = text_config_from_bert(cfg.text, bert_config)
+        t = cfg.text
+        self.text_decoder = BertLMHeadModel(med_config(
+            vocab_size=len(tokenizer), hidden_size=t.hidden_size, num_hidden_layers=t.num_hidden_layers,
+            num_attention_heads=t.num_attention_heads, intermediate_size=t.intermediate_size,
+            max_position_embeddings=t.max_position_embeddings, hidden_dropout_prob=t.hidden_dropout_prob,
+            attention_probs_dropout_prob=t.attention_probs_dropout_prob, layer_norm_eps=t.layer_norm_eps,
+            encoder_width=self.visual_encoder.num_features, pad_token_id=tokenizer.pad_token_id,
+        ), label_smoothing=t.label_smoothing)
+        self.text_decoder.set_gradient_checkpointing(t.grad_checkpointing)
+        if bert_state is not None:
+            load_bert_into_decoder(self.text_decoder, bert_state)
+        if load_weights and cfg.text.init.startswith("blip:"):
+            load_blip_checkpoint(self, cfg.text.init.removeprefix("blip:"))
+
+        self.prompt_length = prompt_length(tokenizer, cfg.prompt)
+        prompt_ids = torch.tensor(tokenizer(cfg.prompt)["input_ids"][:-1])  # drop [SEP]: the caption follows
+        prompt_ids[0] = tokenizer.bos_token_id
+        self.register_buffer("prompt_ids", prompt_ids, persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.prompt_ids.device
+
+    def image_mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """The normalisation the vision weights expect: the config's, else timm's data config for the model."""
+        from timm.data import resolve_model_data_config
+
+        data_cfg = resolve_model_data_config(self.visual_encoder)
+        mean = tuple(self.cfg.vision.mean) if self.cfg.vision.mean else tuple(data_cfg["mean"])
+        std = tuple(self.cfg.vision.std) if self.cfg.vision.std else tuple(data_cfg["std"])
+        return mean, std
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        return self.visual_encoder.forward_features(images)  # (B, 1+N, D)
+
+    def tokenize(self, captions: list[str]) -> dict:
+        enc = encode_captions(self.tokenizer, captions, self.cfg.prompt, self.max_caption_tokens)
+        return {k: v.to(self.device) for k, v in enc.items()}
+
+    def forward(self, images, captions: list[str] | None = None, *, input_ids=None, attention_mask=None,
+                labels=None, reduction: str = "mean"):
+        """The captioning loss. Give raw `captions`, or `input_ids`/`attention_mask`/`labels` from the collate."""
+        if captions is not None:
+            batch = self.tokenize(captions)
+            input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        image_embeds = self.encode_images(images)
+        out = self.text_decoder(input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
+                                labels=labels, reduction=reduction, output_logits=False)
+        return out.loss
+
+    @torch.no_grad()
+    def generate_ids(self, images, *, num_beams: int = 3, max_length: int = 20, min_length: int = 5,
+                     **kwargs) -> torch.Tensor:
+        if max_length <= self.prompt_length:
+            raise ValueError(f"max_length {max_length} leaves no room after the {self.prompt_length}-token prompt")
+        image_embeds = self.encode_images(images)
+        return decode.generate(self.text_decoder, image_embeds, self.prompt_ids, num_beams=num_beams,
+                               max_length=max_length, min_length=min_length,
+                               eos_token_id=self.tokenizer.sep_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                               **kwargs)
+
+    def generate(self, images, **kwargs) -> list[str]:
+        """Captions for a batch of images (prompt removed). Keyword arguments: see `decode.generate`."""
+        ids = self.generate_ids(images, **kwargs)
+        return [self.tokenizer.decode(row, skip_special_tokens=True).strip()
+                for row in ids[:, self.prompt_length:].tolist()]
+
+    # ---- checkpoints -----------------------------------------------------------------------------------------
+
+    def save_pretrained(self, out_dir: str | Path) -> None:
+        """`model.safetensors` + `med_config.json` + tokenizer files: everything `from_pretrained` needs."""
+        from safetensors.torch import save_model
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        meta = {"format": FORMAT, "model": asdict(self.cfg), "max_caption_tokens": self.max_caption_tokens}
+        (out / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
+        self.tokenizer.save_pretrained(out)
+        save_model(self, str(out / WEIGHTS_NAME))  # handles the tied embedding/output weights
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, map_location: str = "cpu") -> Captioner:
+        from safetensors.torch import load_model
+
+        from med_train.config import config_from_dict
+
+        model_dir = Path(model_dir)
+        meta_path = model_dir / CONFIG_NAME
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{model_dir}: no {CONFIG_NAME}; not a med_train model directory")
+        meta = json.loads(meta_path.read_text())
+        cfg = config_from_dict({"model": meta["model"]}, source=str(meta_path)).model
+        model = cls(cfg, load_tokenizer(str(model_dir)), load_weights=False,
+                    max_caption_tokens=meta.get("max_caption_tokens", 40))
+        load_model(model, str(model_dir / WEIGHTS_NAME), strict=True, device=map_location)
+        return model
+
+
+# ---- initialisation from other checkpoints ---------------------------------------------------------------------
+
+def _load_bert(name_or_dir: str):
+    """A BERT masked-LM checkpoint (hub name or local directory): its state dict and config."""
+    from transformers import BertForMaskedLM
+
+    bert = BertForMaskedLM.from_pretrained(name_or_dir)
+    return bert.state_dict(), bert.config
+
+
+def load_bert_into_decoder(decoder: BertLMHeadModel, bert_state: dict) -> None:
+    """BLIP's initialisation: BERT's weights everywhere but the cross-attention (new); the word embeddings grow by
+    the added tokens ([DEC], [ENC]), whose rows keep their fresh initialisation."""
+    own = decoder.state_dict()
+    loaded = {}
+    for key, value in bert_state.items():
+        if key not in own:
+            continue  # token-type embeddings, pooler, the output bias duplicate
+        if key in ("bert.embeddings.word_embeddings.weight", "cls.predictions.decoder.weight", "cls.predictions.bias"):
+            grown = own[key].clone()
+            grown[: value.shape[0]] = value
+            value = grown
+        if own[key].shape != value.shape:
+            raise ValueError(f"BERT checkpoint key {key}: shape {tuple(value.shape)} != {tuple(own[key].shape)}")
+        loaded[key] = value
+    missing = [k for k in own if k not in loaded and ".crossattention." not in k]
+    if missing:
+        raise ValueError(f"BERT checkpoint lacks decoder keys: {missing[:10]}")
+    decoder.load_state_dict(loaded, strict=False)
+    decoder.tie_weights()
+
+
+def load_blip_checkpoint(model: Captioner, path: str | Path) -> None:
+    """A released BLIP caption checkpoint (a pickle with the weights under 'model'), loaded without running code
+    (`weights_only=True`). The ViT's position embeddings are resized when the image size differs; any other
+    shape mismatch or missing key is an error listing the keys."""
+    from timm.layers import resample_abs_pos_embed
+
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not a BLIP checkpoint (expected a dict with the weights under 'model')")
+    # the output bias is stored twice (decoder.bias is cls.predictions.bias); position_ids are an old buffer
+    state = {k: v for k, v in state.items()
+             if k != "text_decoder.cls.predictions.decoder.bias" and not k.endswith("position_ids")}
+    own = model.state_dict()
+    pos_key = "visual_encoder.pos_embed"
+    if pos_key in state and pos_key in own and state[pos_key].shape != own[pos_key].shape:
+        grid = model.visual_encoder.patch_embed.grid_size
+        state[pos_key] = resample_abs_pos_embed(state[pos_key], new_size=list(grid), num_prefix_tokens=1)
+    mismatched = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+                  for k in own if k in state and state[k].shape != own[k].shape]
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(k for k in set(state) - set(own) if k.startswith(("visual_encoder.", "text_decoder.")))
+    if mismatched or missing or unexpected:
+        raise ValueError(f"{path}: does not fit the configured model;\n  shape mismatches: {mismatched}\n"
+                         f"  missing: {missing}\n  unexpected: {unexpected}")
+    model.load_state_dict({k: state[k] for k in own}, strict=True)
+    model.text_decoder.tie_weights()

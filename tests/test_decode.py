@@ -1,0 +1,150 @@
+"""Decoding: greedy, beam search (against exhaustive search) and sampling, on tiny random decoders."""
+
+import itertools
+
+import pytest
+import torch
+
+from med_train.decode import beam_search, generate, greedy_or_sample
+from med_train.med import BertLMHeadModel, med_config
+
+PAD, BOS, EOS = 0, 1, 2
+
+
+def _decoder(vocab=5, seed=0):
+    torch.manual_seed(seed)
+    model = BertLMHeadModel(med_config(vocab_size=vocab, hidden_size=16, encoder_width=8, intermediate_size=32,
+                                       num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=32,
+                                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=PAD,
+                                       initializer_range=1.0)).eval()  # large weights: peaked, varied distributions
+    return model
+
+
+@torch.no_grad()
+def _sequence_logprob(decoder, image, prompt, continuation):
+    ids = torch.tensor([prompt + continuation])
+    logp = decoder(ids, encoder_hidden_states=image[None]).logits[0].log_softmax(-1)
+    return sum(float(logp[len(prompt) - 1 + i, tok]) for i, tok in enumerate(continuation))
+
+
+def _exhaustive_best(decoder, image, prompt, vocab, max_new, min_length, length_penalty):
+    """Score every allowed caption: tokens that are not [SEP], ended by [SEP] or by the length limit."""
+    best, best_seq = float("-inf"), None
+    others = [t for t in range(vocab) if t != EOS]
+    for n in range(1, max_new + 1):
+        for body in itertools.product(others, repeat=n - 1):
+            endings = [[*body, EOS]] + ([[*body, t] for t in others] if n == max_new else [])
+            for seq in endings:
+                if EOS in seq and len(prompt) + n - 1 < min_length:  # [SEP] forbidden before min_length
+                    continue
+                score = _sequence_logprob(decoder, image, prompt, seq) / n**length_penalty
+                if score > best:
+                    best, best_seq = score, seq
+    return best_seq
+
+
+@pytest.mark.parametrize("length_penalty,early_stopping,min_length", [(1.0, "never", 0), (0.0, False, 0),
+                                                                      (2.0, "never", 3)])
+def test_beam_search_equals_exhaustive_search_when_the_beam_covers_the_space(length_penalty, early_stopping,
+                                                                              min_length):
+    vocab, max_new = 5, 3
+    decoder = _decoder(vocab)
+    images = torch.randn(3, 4, 8, generator=torch.Generator().manual_seed(3))
+    prompt = [BOS]
+    out = beam_search(decoder, images, torch.tensor(prompt), eos_token_id=EOS, pad_token_id=PAD,
+                      num_beams=(vocab - 1) ** max_new, max_length=len(prompt) + max_new, min_length=min_length,
+                      length_penalty=length_penalty, early_stopping=early_stopping)
+    for i in range(images.shape[0]):
+        want = _exhaustive_best(decoder, images[i], prompt, vocab, max_new, min_length, length_penalty)
+        got = out[i, len(prompt):].tolist()
+        assert got[: len(want)] == want
+        assert all(t == PAD for t in got[len(want):])
+
+
+def test_greedy_equals_beam_of_one_and_uncached_greedy():
+    decoder = _decoder(vocab=40, seed=1)
+    images = torch.randn(4, 5, 8, generator=torch.Generator().manual_seed(0))
+    prompt = torch.tensor([BOS, 7, 9])
+    greedy = greedy_or_sample(decoder, images, prompt, eos_token_id=EOS, pad_token_id=PAD, max_length=12,
+                              min_length=5)
+    beam1 = beam_search(decoder, images, prompt, eos_token_id=EOS, pad_token_id=PAD, num_beams=1, max_length=12,
+                        min_length=5)
+    assert torch.equal(greedy, beam1[:, : greedy.shape[1]])
+    # the same loop without any cache: the full sequence re-run every step
+    for i in range(images.shape[0]):
+        seq = prompt.tolist()
+        while len(seq) < 12:
+            logits = decoder(torch.tensor([seq]), encoder_hidden_states=images[i:i + 1]).logits[0, -1]
+            if len(seq) < 5:
+                logits[EOS] = float("-inf")
+            seq.append(int(logits.argmax()))
+            if seq[-1] == EOS:
+                break
+        assert greedy[i, : len(seq)].tolist() == seq
+        assert all(t == PAD for t in greedy[i, len(seq):].tolist())
+
+
+def test_batched_decoding_equals_one_image_at_a_time():
+    decoder = _decoder(vocab=30, seed=2)
+    with torch.no_grad():
+        decoder.cls.predictions.bias[EOS] = 4.0  # [SEP] likely enough that captions end at different steps
+    images = torch.randn(5, 4, 8, generator=torch.Generator().manual_seed(1))
+    prompt = torch.tensor([BOS])
+    for beams in (1, 3):
+        batched = generate(decoder, images, prompt, num_beams=beams, eos_token_id=EOS, pad_token_id=PAD,
+                           max_length=10, min_length=2)
+        lengths = set()
+        for i in range(images.shape[0]):
+            single = generate(decoder, images[i:i + 1], prompt, num_beams=beams, eos_token_id=EOS,
+                              pad_token_id=PAD, max_length=10, min_length=2)[0]
+            n = single.shape[0]
+            assert batched[i, :n].tolist() == single.tolist()
+            assert all(t == PAD for t in batched[i, n:].tolist())
+            lengths.add(int((single != PAD).sum()))
+        assert len(lengths) > 1  # the captions end at different steps
+
+
+def test_min_and_max_length():
+    decoder = _decoder(vocab=6, seed=4)
+    images = torch.randn(8, 3, 8, generator=torch.Generator().manual_seed(2))
+    prompt = torch.tensor([BOS, 3])
+    for beams in (1, 2):
+        out = generate(decoder, images, prompt, num_beams=beams, eos_token_id=EOS, pad_token_id=PAD,
+                       max_length=9, min_length=6)
+        assert out.shape[1] <= 9
+        for row in out.tolist():
+            if EOS in row:
+                assert row.index(EOS) >= 6  # positions 0..5 hold 6 tokens before [SEP]
+
+
+def test_repetition_penalty_stops_repeats():
+    decoder = _decoder(vocab=50, seed=5)
+    images = torch.randn(4, 3, 8, generator=torch.Generator().manual_seed(3))
+    prompt = torch.tensor([BOS])
+    plain = greedy_or_sample(decoder, images, prompt, eos_token_id=EOS, pad_token_id=PAD, max_length=15)
+    penalised = greedy_or_sample(decoder, images, prompt, eos_token_id=EOS, pad_token_id=PAD, max_length=15,
+                                 repetition_penalty=1e6)
+
+    def repeats(row):
+        toks = [t for t in row if t not in (PAD, EOS)]
+        return len(toks) - len(set(toks))
+
+    assert sum(repeats(r) for r in plain.tolist()) > 0  # the tiny model does repeat itself
+    assert all(repeats(r) == 0 for r in penalised.tolist())
+
+
+def test_sampling_is_seeded_and_its_filters_work():
+    decoder = _decoder(vocab=40, seed=6)
+    images = torch.randn(6, 3, 8, generator=torch.Generator().manual_seed(4))
+    prompt = torch.tensor([BOS])
+    kw = dict(eos_token_id=EOS, pad_token_id=PAD, max_length=12)
+
+    def sample(seed, **extra):
+        return generate(decoder, images, prompt, do_sample=True, generator=torch.Generator().manual_seed(seed),
+                        **kw, **extra)
+
+    assert torch.equal(sample(0, top_p=0.9), sample(0, top_p=0.9))
+    assert not torch.equal(sample(0, top_p=1.0, temperature=2.0), sample(1, top_p=1.0, temperature=2.0))
+    greedy = generate(decoder, images, prompt, **kw)
+    assert torch.equal(sample(0, top_k=1), greedy)
+    assert torch.equal(sample(3, top_p=1e-6), greedy)  # the nucleus holds only the most likely token
