@@ -60,5 +60,45 @@ def config_show(
 # ---- med convert / export ------------------------------------------------------------------------------------------
 
 
+def _fail(message: str, code: int = 1):
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@convert_app.command("blip")
+def convert_blip(
+    checkpoint: Annotated[Path, typer.Argument(help="A released BLIP caption checkpoint (.pth).")],
+    out_dir: Annotated[Path, typer.Argument(help="Where to write the med_train model directory.")],
+    tokenizer: Annotated[str, typer.Option(help="BERT tokenizer: hub name or local directory.")] = "bert-base-uncased",
+    image_size: Annotated[int | None, typer.Option(help="Image size; position embeddings are resized.")] = None,
+):
+    """Import a released BLIP caption checkpoint (read with torch.load(weights_only=True); no code runs)."""
+    if not checkpoint.is_file():
+        _fail(f"{checkpoint}: no such file", 2)
+    from med_train.model import convert_blip as convert
+
+    try:
+        convert(checkpoint, out_dir, tokenizer=tokenizer, image_size=image_size)
+    except (ValueError, OSError) as err:
+        _fail(str(err))
+    typer.echo(f"wrote {out_dir}")
+
+
+@export_app.command("hf")
+def export_hf(
+    model_dir: Annotated[Path, typer.Argument(help="A med_train model directory or run folder.")],
+    out_dir: Annotated[Path, typer.Argument(help="Where to write the transformers BLIP directory.")],
+):
+    """Write a directory that transformers' BlipForConditionalGeneration and BlipProcessor load."""
+    from med_train.model import Captioner
+    from med_train.model import export_hf as export
+
+    try:
+        export(Captioner.from_pretrained(model_dir), out_dir)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    typer.echo(f"wrote {out_dir}")
+
+
 if __name__ == "__main__":
     app()
