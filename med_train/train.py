@@ -1,0 +1,370 @@
+"""The training loop: one accelerate function that reads top to bottom.
+
+    med train configs/shapes.yaml --set train.lr=3e-4          # one process, CPU or GPU
+    accelerate launch -m med_train.cli train configs/x.yaml     # several GPUs / machines (or torchrun)
+    med train configs/shapes.yaml --resume runs/shapes-...      # continue a stopped run
+
+A run folder describes itself:
+    runs/<name>/config.yaml             the resolved config
+    runs/<name>/med_config.json, tokenizer files, model.safetensors      the last model (Captioner.from_pretrained)
+    runs/<name>/best/                   the model with the best validation CIDEr
+    runs/<name>/checkpoints/step_N/     model, optimizer, scheduler, scaler, RNG, data position, trainer state
+    runs/<name>/metrics.jsonl           one line per logging step and per evaluation
+    runs/<name>/curves.png              loss and metric curves
+and runs/latest points at the newest run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from med_train.config import Config, save_config
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "trainer_state.json"
+MAX_NONFINITE_IN_A_ROW = 20
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (the message says why and how to resume)."""
+
+
+@dataclass
+class TrainerState:
+    """What a checkpoint needs beyond accelerate's state: where we are and what we have seen."""
+
+    step: int = 0
+    epoch: int = 0  # the data epoch (the slowest dataloader worker's)
+    best_metric: float | None = None
+    best_step: int | None = None
+    nonfinite_steps: int = 0
+    data: dict = field(default_factory=dict)  # the dataloader's state_dict
+
+
+# ---- the run folder --------------------------------------------------------------------------------------------
+
+def new_run_dir(cfg: Config, config_path: str | Path | None) -> Path:
+    stem = Path(config_path).stem if config_path else "run"
+    name = cfg.train.run_name or f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(cfg.train.output_dir) / name
+    suffix = 1
+    while run_dir.exists():  # two runs started in the same second
+        suffix += 1
+        run_dir = Path(cfg.train.output_dir) / f"{name}-{suffix}"
+    return run_dir
+
+
+def point_latest(run_dir: Path) -> None:
+    """runs/latest -> the newest run (a relative symlink, replaced atomically)."""
+    latest = run_dir.parent / "latest"
+    tmp = run_dir.parent / f".latest-{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(run_dir.name)
+    os.replace(tmp, latest)
+
+
+def resolve_run(path: str | Path | None, output_dir: str | Path = "runs") -> Path:
+    """A run folder or model directory given by the user, or runs/latest when none is given."""
+    if path is None:
+        latest = Path(output_dir) / "latest"
+        if not latest.exists():
+            raise FileNotFoundError(f"no model given and no {latest}: train one first, e.g. "
+                                    f"`med train configs/shapes.yaml`, or pass --model DIR")
+        return latest.resolve()
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such run folder or model directory")
+    return path.resolve()
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first. A checkpoint is complete once renamed from its temporary name, so a
+    half-written one (killed mid-write) is never listed."""
+    root = run_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.name.startswith("step_") and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.removeprefix("step_")))
+
+
+# ---- optimisation ----------------------------------------------------------------------------------------------
+
+def _no_decay(name: str, param) -> bool:
+    """Norms, biases and embeddings get no weight decay."""
+    return param.ndim < 2 or any(s in name for s in ("norm", "bias", "embeddings", "pos_embed", "cls_token",
+                                                      "reg_token"))
+
+
+def build_optimizer(model, cfg: Config, device_type: str):
+    import torch
+
+    t = cfg.train
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        is_vision = name.startswith("visual_encoder.")
+        groups.setdefault((is_vision, _no_decay(name, param)), []).append(param)
+    param_groups = [{"params": params, "weight_decay": 0.0 if no_decay else t.weight_decay,
+                     "lr": (t.vision_lr if is_vision and t.vision_lr is not None else t.lr)}
+                    for (is_vision, no_decay), params in sorted(groups.items())]
+    return torch.optim.AdamW(param_groups, lr=t.lr, betas=(0.9, 0.999), fused=device_type == "cuda")
+
+
+def lr_factor(step: int, cfg: Config) -> float:
+    """Linear warm-up, then cosine decay to `min_lr_ratio` at `max_steps` (per optimizer step)."""
+    t = cfg.train
+    if step < t.warmup_steps:
+        return (step + 1) / t.warmup_steps
+    progress = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
+    return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ---- the loop --------------------------------------------------------------------------------------------------
+
+def train(cfg: Config, config_path: str | Path | None = None, resume: str | Path | None = None) -> Path:
+    """Train `cfg` (or resume the run folder `resume`); returns the run folder."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from med_train import data as data_lib
+    from med_train.evaluate import evaluate
+    from med_train.model import Captioner
+    from med_train.tokenizer import build_tokenizer, load_tokenizer
+
+    t = cfg.train
+    run_dir = Path(resume) if resume else new_run_dir(cfg, config_path)
+    accelerator = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum_steps,
+                              log_with=t.trackers or None, project_dir=str(run_dir))
+    main = accelerator.is_main_process
+    set_seed(t.seed, device_specific=True)
+    say = accelerator.print if not t.quiet else (lambda *a, **k: None)
+
+    # -- tokenizer and model
+    if resume:
+        tokenizer = load_tokenizer(str(run_dir))
+    elif cfg.tokenizer.name == "train":
+        tokenizer = build_tokenizer(cfg.tokenizer, data_lib.iter_captions(cfg.data, cfg.data.train_split))
+    else:
+        tokenizer = build_tokenizer(cfg.tokenizer)
+    model = Captioner(cfg.model, tokenizer, load_weights=not resume, max_caption_tokens=cfg.tokenizer.max_length)
+    if t.freeze_vision:
+        model.visual_encoder.requires_grad_(False)
+    mean, std = model.image_mean_std()
+    if main and not resume:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        model.save_pretrained(run_dir)  # config + tokenizer now; the weights are rewritten as training goes
+        point_latest(run_dir)
+    accelerator.wait_for_everyone()
+
+    # -- data: the data layer shards across processes and workers itself, so accelerate must not re-shard it
+    stats = data_lib.BadRowStats()
+    loader = data_lib.build_dataloader(
+        cfg.data, cfg.data.train_split, train=True, batch_size=t.batch_size, image_size=cfg.model.vision.image_size,
+        mean=mean, std=std, tokenizer=tokenizer, prompt=cfg.model.prompt, max_length=cfg.tokenizer.max_length,
+        seed=t.seed, num_processes=accelerator.num_processes, process_index=accelerator.process_index, stats=stats)
+
+    optimizer = build_optimizer(model, cfg, accelerator.device.type)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    raw_model = accelerator.unwrap_model(model)
+
+    state = TrainerState()
+    if resume:
+        done = checkpoint_dirs(run_dir)
+        if not done:
+            raise TrainingError(f"{run_dir}: no complete checkpoint to resume from")
+        accelerator.load_state(str(done[-1]))
+        state = TrainerState(**json.loads((done[-1] / STATE_FILE).read_text()))
+        loader.load_state_dict(state.data)
+        _truncate_metrics(run_dir / "metrics.jsonl", state.step)
+        say(f"resuming {run_dir} from step {state.step}")
+    if t.trackers:
+        accelerator.init_trackers(run_dir.name, config={"lr": t.lr, "batch_size": t.batch_size})
+
+    # SIGTERM/SIGINT: finish the step in flight, save a checkpoint, exit cleanly
+    stop_requested = {"signal": None}
+
+    def request_stop(signum, _frame):
+        stop_requested["signal"] = signum
+
+    old_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    progress = _progress(t.max_steps, state.step, disabled=not main or t.quiet)
+    metrics_path = run_dir / "metrics.jsonl"
+    window = {"loss": 0.0, "n": 0, "images": 0, "wait": 0.0, "start": time.perf_counter(), "grad_norm": None}
+    nonfinite_in_a_row = 0
+    model.train()
+    batches = iter(loader)  # endless: the loader moves through epochs itself and remembers its position
+    try:
+        while state.step < t.max_steps and stop_requested["signal"] is None:
+            step_loss, skipped = 0.0, False
+            for _ in range(t.grad_accum_steps):
+                fetch_start = time.perf_counter()
+                batch = next(batches)
+                window["wait"] += time.perf_counter() - fetch_start
+                images = batch["images"].to(accelerator.device, non_blocking=True)
+                with accelerator.accumulate(model), accelerator.autocast():
+                    loss = model(images, input_ids=batch["input_ids"].to(accelerator.device),
+                                 attention_mask=batch["attention_mask"].to(accelerator.device),
+                                 labels=batch["labels"].to(accelerator.device))
+                    if not torch.isfinite(loss.detach()):
+                        skipped = True  # keep the micro-batch loop in step; drop this update below
+                    accelerator.backward(loss if not skipped else loss * 0.0)
+                step_loss += float(loss.detach()) / t.grad_accum_steps
+                window["images"] += images.shape[0] * accelerator.num_processes
+            if skipped:
+                optimizer.zero_grad(set_to_none=True)
+                state.nonfinite_steps += 1
+                nonfinite_in_a_row += 1
+                say(f"step {state.step + 1}: non-finite loss, update skipped ({state.nonfinite_steps} so far)")
+                if nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+                    raise TrainingError(
+                        f"step {state.step + 1}: {nonfinite_in_a_row} non-finite losses in a row; lower train.lr or "
+                        f"check the data, then resume from the last good checkpoint with --resume {run_dir}")
+                continue
+            nonfinite_in_a_row = 0
+            if t.clip_grad_norm:
+                window["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), t.clip_grad_norm))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.epoch = loader.epoch
+            window["loss"] += step_loss
+            window["n"] += 1
+            progress.update(1)
+
+            if state.step % t.log_every == 0 or state.step == t.max_steps:
+                elapsed = time.perf_counter() - window["start"]
+                record = {"step": state.step, "epoch": state.epoch, "loss": window["loss"] / window["n"],
+                          "lr": scheduler.get_last_lr()[0], "images_per_s": window["images"] / elapsed,
+                          "data_wait": window["wait"] / elapsed, "grad_norm": window["grad_norm"]}
+                progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
+                                     img_s=f"{record['images_per_s']:.1f}")
+                if main:
+                    _append_jsonl(metrics_path, record)
+                accelerator.log({k: v for k, v in record.items() if v is not None}, step=state.step)
+                window.update(loss=0.0, n=0, images=0, wait=0.0, start=time.perf_counter())
+
+            is_last = state.step == t.max_steps
+            if (t.eval_every and state.step % t.eval_every == 0) or is_last:
+                model.eval()
+                scores = evaluate(raw_model, cfg, max_images=t.eval_images, num_beams=1, accelerator=accelerator,
+                                  quiet=True)
+                model.train()
+                if main:
+                    _append_jsonl(metrics_path, {"step": state.step, "eval": scores})
+                    metric = scores.get("CIDEr")
+                    if metric is not None and (state.best_metric is None or metric > state.best_metric):
+                        state.best_metric, state.best_step = metric, state.step
+                        raw_model.save_pretrained(run_dir / "best")
+                    say(f"step {state.step}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()
+                                                          if isinstance(v, float)))
+                accelerator.log({f"eval/{k}": v for k, v in scores.items() if isinstance(v, float)},
+                                step=state.step)
+            if (t.save_every and state.step % t.save_every == 0) or is_last:
+                _save_checkpoint(accelerator, run_dir, state, loader, t.keep_checkpoints)
+    finally:
+        for s, handler in old_handlers.items():
+            signal.signal(s, handler)
+        progress.close()
+
+    if stop_requested["signal"] is not None:
+        _save_checkpoint(accelerator, run_dir, state, loader, t.keep_checkpoints)
+        say(f"stopped by signal {stop_requested['signal']} at step {state.step}; resume with "
+            f"`med train --resume {run_dir}`")
+    if main:
+        raw_model.save_pretrained(run_dir)
+        _plot_curves(metrics_path, run_dir / "curves.png")
+        say(stats.summary())
+    if t.trackers:
+        accelerator.end_training()
+    accelerator.wait_for_everyone()
+    return run_dir
+
+
+def _save_checkpoint(accelerator, run_dir: Path, state: TrainerState, loader, keep: int) -> None:
+    """Write into a temporary folder, then rename: a checkpoint exists whole or not at all."""
+    root = run_dir / CHECKPOINTS
+    final = root / f"step_{state.step}"
+    tmp = root / f".tmp_step_{state.step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    state.data = loader.state_dict()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps(state.__dict__))
+        _fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+        accelerator.unwrap_model(accelerator._models[0]).save_pretrained(run_dir)
+    accelerator.wait_for_everyone()
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """After a resume, drop the lines logged after the checkpoint so no step appears twice."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _progress(total: int, initial: int, disabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=disabled, unit="step", dynamic_ncols=True)
+
+
+def _plot_curves(metrics_path: Path, out: Path) -> None:
+    """The training loss and each validation metric against the step, in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not metrics_path.exists():
+        return
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    train_rows = [r for r in records if "loss" in r]
+    eval_rows = [r for r in records if "eval" in r]
+    names = sorted({k for r in eval_rows for k, v in r["eval"].items() if isinstance(v, float)})
+    fig, axes = plt.subplots(1, 1 + bool(names), figsize=(11 if names else 6, 4))
+    axes = axes if names else [axes]
+    axes[0].plot([r["step"] for r in train_rows], [r["loss"] for r in train_rows])
+    axes[0].set(title="training loss", xlabel="step")
+    for name in names:
+        axes[1].plot([r["step"] for r in eval_rows], [r["eval"].get(name) for r in eval_rows], marker="o",
+                     label=name)
+    if names:
+        axes[1].set(title="validation", xlabel="step")
+        axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,152 @@
+"""End to end through the real CLI on a tiny config: train, stop, resume, evaluate, caption."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from med_train.cli import app
+
+runner = CliRunner()
+
+TINY = {
+    "model": {"vision": {"name": "vit_tiny_patch16_224", "image_size": 32,
+                         "kwargs": {"patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3}},
+              "text": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                       "intermediate_size": 64, "max_position_embeddings": 64}},
+    "tokenizer": {"name": "train", "vocab_size": 120},
+    "data": {"format": "imagefolder", "num_workers": 0, "crop_scale_min": 0.9},
+    "train": {"max_steps": 6, "batch_size": 8, "lr": 1e-3, "log_every": 1, "eval_every": 3, "eval_images": 6,
+              "save_every": 3, "keep_checkpoints": 2, "quiet": True},
+    "generate": {"num_beams": 2, "max_length": 16, "min_length": 5, "batch_size": 4},
+}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    result = runner.invoke(app, ["data", "shapes", str(root / "shapes"), "--train", "48", "--test", "6",
+                                 "--seed", "1"])
+    assert result.exit_code == 0, result.output
+    config = {**TINY, "data": {**TINY["data"], "source": str(root / "shapes")}}
+    (root / "tiny.yaml").write_text(yaml.safe_dump(config))
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(workspace):
+    result = runner.invoke(app, ["train", str(workspace / "tiny.yaml"), "--output-dir", str(workspace / "runs")])
+    assert result.exit_code == 0, result.output
+    return Path(os.path.realpath(workspace / "runs" / "latest"))
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_writes_a_self_describing_run_folder(trained):
+    for name in ("config.yaml", "med_config.json", "model.safetensors", "tokenizer.json", "curves.png",
+                 "best/model.safetensors", "checkpoints/step_3/trainer_state.json",
+                 "checkpoints/step_6/trainer_state.json"):
+        assert (trained / name).is_file(), name
+    records = _metrics(trained)
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    for r in records:
+        if "loss" in r:
+            assert set(r) >= {"step", "epoch", "loss", "lr", "images_per_s", "data_wait", "grad_norm"}
+    evals = [r for r in records if "eval" in r]
+    assert [r["step"] for r in evals] == [3, 6]
+    assert {"Bleu_4", "CIDEr", "ROUGE_L", "content_exact"} <= set(evals[0]["eval"])
+    saved = yaml.safe_load((trained / "config.yaml").read_text())
+    assert saved["train"]["max_steps"] == 6 and saved["model"]["vision"]["image_size"] == 32
+
+
+def test_resume_gives_the_losses_of_an_uninterrupted_run(trained, workspace):
+    copy = workspace / "runs" / "resumed"
+    shutil.copytree(trained, copy)
+    shutil.rmtree(copy / "checkpoints" / "step_6")  # as if killed after the step-3 checkpoint
+    result = runner.invoke(app, ["train", "--resume", str(copy)])
+    assert result.exit_code == 0, result.output
+    want = {r["step"]: r["loss"] for r in _metrics(trained) if "loss" in r}
+    got = [r for r in _metrics(copy) if "loss" in r]
+    assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]  # no step twice, none missing
+    for r in got:
+        assert r["loss"] == pytest.approx(want[r["step"]], rel=1e-5, abs=1e-6)
+
+
+def test_eval_writes_metrics_predictions_and_gallery(trained, tmp_path):
+    result = runner.invoke(app, ["eval", "--model", str(trained), "--out", str(tmp_path / "ev"), "--beams", "1",
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    scores = json.loads(result.output.strip().splitlines()[-1])
+    for key in ("Bleu_1", "Bleu_4", "ROUGE_L", "CIDEr", "content_exact", "content_colour", "content_position"):
+        assert isinstance(scores[key], float), key
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text()) == scores
+    predictions = json.loads((tmp_path / "ev" / "predictions.json").read_text())
+    assert len(predictions) == 6 and all(set(p) == {"image_id", "caption"} for p in predictions)
+    assert len({p["image_id"] for p in predictions}) == 6  # each image once
+    gallery = (tmp_path / "ev" / "gallery.html").read_text()
+    assert gallery.count("<img") == 6 and "CIDEr" in gallery
+
+
+def test_caption_prints_a_line_per_image_and_reports_bad_files(trained, workspace, tmp_path):
+    images = sorted((workspace / "shapes" / "test").glob("*.png"))[:2]
+    (tmp_path / "notes.txt").write_text("not an image")
+    result = runner.invoke(app, ["caption", str(images[0]), str(images[1]), str(tmp_path / "notes.txt"),
+                                 "--model", str(trained)])
+    assert result.exit_code == 1
+    lines = [line for line in result.stdout.splitlines() if "\t" in line]
+    assert [line.split("\t")[0] for line in lines] == [str(images[0]), str(images[1])]
+    assert all(line.split("\t")[1] for line in lines)
+    assert "notes.txt" in result.stderr
+
+    result = runner.invoke(app, ["caption", str(workspace / "shapes" / "test"), "--model", str(trained), "--json",
+                                 "--sample", "--top-p", "0.9"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(rows) == 6 and all(set(r) == {"image", "caption"} for r in rows)
+
+
+def test_caption_without_a_model_says_how_to_train_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["caption", "x.png"])
+    assert result.exit_code == 2
+    assert "med train" in result.stderr
+
+
+def test_config_errors_stop_before_any_heavy_work(workspace, tmp_path):
+    bad = yaml.safe_load((workspace / "tiny.yaml").read_text())
+    bad["train"]["batch_sise"] = 4
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    result = runner.invoke(app, ["train", str(tmp_path / "bad.yaml")])
+    assert result.exit_code == 2
+    assert "train.batch_sise" in result.stderr and "train.batch_size" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+    result = runner.invoke(app, ["train", str(workspace / "tiny.yaml"), "--set", "model.vision.name=vit_nope_9"])
+    assert result.exit_code == 2 and "vit_nope_9" in result.stderr
+
+
+@pytest.mark.slow
+def test_two_processes_train_and_evaluate_each_image_once(workspace, tmp_path):
+    """torchrun with 2 CPU processes (gloo): training runs, evaluation sees each held-out image once."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+            "-m", "med_train.cli"]
+    train = subprocess.run([*base, "train", str(workspace / "tiny.yaml"), "--output-dir", str(tmp_path / "runs"),
+                            "--set", "train.max_steps=4", "--set", "train.eval_every=0"],
+                           capture_output=True, text=True, env=env, timeout=600)
+    assert train.returncode == 0, train.stderr[-3000:]
+    run = Path(os.path.realpath(tmp_path / "runs" / "latest"))
+    evaluate = subprocess.run([*base, "eval", "--model", str(run), "--out", str(tmp_path / "ev"), "--json"],
+                              capture_output=True, text=True, env=env, timeout=600)
+    assert evaluate.returncode == 0, evaluate.stderr[-3000:]
+    predictions = json.loads((tmp_path / "ev" / "predictions.json").read_text())
+    assert sorted(p["image_id"] for p in predictions) == sorted(f"test/{i:06d}" for i in range(6))
