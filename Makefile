@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow lint demo bench clean
+.PHONY: install test test-slow lint demo clean
 
 install: $(STAMP)
 
@@ -24,6 +24,14 @@ test-slow: install
 
 lint: install
 	$(BIN)/ruff check med_train tests
+
+# The demo: write the shapes set, train the small captioner (~10 min on a 2-core CPU), score it, caption a few.
+demo: install
+	test -f data/shapes/test/metadata.jsonl || $(BIN)/med data shapes data/shapes
+	$(BIN)/med train configs/shapes.yaml
+	$(BIN)/med eval --split test
+	$(BIN)/med caption data/shapes/test/000000.png data/shapes/test/000001.png data/shapes/test/000002.png \
+		data/shapes/test/000003.png
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -33,6 +33,9 @@ class VisionConfig:
     weights: str | None = None  # a local weights file for the ViT (timm names), overrides `pretrained`
     drop_path_rate: float = 0.0
     grad_checkpointing: bool = False
+    # Position embeddings of a randomly initialised ViT: "timm" (learned, N(0, 0.02)) or "sincos" (learned, starting
+    # from MAE's fixed 2-D sine-cosine table: a small ViT trained from scratch knows where each patch is at once).
+    pos_embed_init: str = "timm"
     # Extra keyword arguments for timm.create_model (e.g. patch_size, embed_dim, depth, num_heads for a tiny ViT).
     kwargs: dict = field(default_factory=dict)
     mean: list[float] | None = None  # None: take the timm model's data config
@@ -92,6 +95,8 @@ class DataConfig:
     hflip: bool = False  # captions say left/right: off by default
     max_image_pixels: int = 89_478_485  # PIL's decompression-bomb limit
     max_bad_fraction: float = 0.5  # stop when more than this fraction of the first rows are bad
+    id_column: str | None = None  # None: `id`, `image_id` or `__key__` if present, else the image path or row number
+    cache_dir: str | None = None  # where `datasets` caches non-streamed data; None: its default (~/.cache)
 
 
 @dataclass
@@ -199,8 +204,15 @@ class _Dumper(yaml.SafeDumper):
         flat = all(not isinstance(v, list | dict) for v in data)
         return self.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flat)
 
+    def represent_text(self, data: str) -> yaml.Node:
+        # PyYAML writes U+0085 raw inside single quotes when allow_unicode is on, and reads it back as a line
+        # break (a space). Double quotes escape every non-printable character.
+        style = None if data.isprintable() else '"'
+        return self.represent_scalar("tag:yaml.org,2002:str", data, style=style)
+
 
 _Dumper.add_representer(list, _Dumper.represent_list)
+_Dumper.add_representer(str, _Dumper.represent_text)
 
 
 def _plain_data(value: Any) -> Any:
@@ -248,7 +260,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.load(text, Loader=_StrictLoader)  # safe: _StrictLoader is a SafeLoader
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML at {_yaml_problem(exc)}") from None
+        raise ConfigError(f"{path}: invalid YAML ({_yaml_problem(exc)})") from None
     if data is None:  # an empty file, or only comments: all defaults
         return {}
     if not isinstance(data, dict):
@@ -325,7 +337,10 @@ class _Where:
             where = self.file or "<defaults>"
         return ConfigError(f"{where}: {key}: {problem}" if key else f"{where}: {problem}", key=key)
 
-    def mismatch(self, key: str, value: Any, tp: Any, hint: str = "") -> ConfigError:
+    def mismatch(self, key: str, value: Any, tp: Any) -> ConfigError:
+        # YAML turns unquoted 2017, 1.0 or yes into numbers and bools.
+        texts = tp is str or (_is_union(tp) and str in typing.get_args(tp))
+        hint = "; quote it to make it a string" if texts and isinstance(value, int | float) else ""
         return self.error(key, f"expected {_describe(tp)}, got {_show(value)} ({type(value).__name__}){hint}")
 
 
@@ -474,8 +489,7 @@ def _convert(value: Any, tp: Any, key: str, where: _Where) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
-        hint = "; quote it to make it a string" if isinstance(value, int | float | bool) else ""
-        raise where.mismatch(key, value, tp, hint)
+        raise where.mismatch(key, value, tp)
     if origin in (list, tuple) or tp in (list, tuple):
         if not isinstance(value, list | tuple):
             raise where.mismatch(key, value, tp)
@@ -582,7 +596,8 @@ _CHECKS: dict[str, _Check] = {
     "generate.temperature": _POSITIVE,
     "generate.batch_size": _POSITIVE,
 }
-_CHOICES: dict[str, tuple[str, ...]] = {"data.format": DATA_FORMATS, "train.mixed_precision": MIXED_PRECISIONS}
+_CHOICES: dict[str, tuple[str, ...]] = {"data.format": DATA_FORMATS, "train.mixed_precision": MIXED_PRECISIONS,
+                                         "model.vision.pos_embed_init": ("timm", "sincos")}
 
 
 def _get(cfg: Config, key: str) -> Any:

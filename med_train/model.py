@@ -40,7 +40,21 @@ def create_vision_encoder(cfg: VisionConfig, load_weights: bool = True) -> nn.Mo
     if not hasattr(model, "forward_features") or not hasattr(model, "num_features"):
         raise ValueError(f"model.vision.name: {cfg.name!r} is not a timm model with forward_features")
     model.set_grad_checkpointing(cfg.grad_checkpointing)
+    if cfg.pos_embed_init == "sincos" and not pretrained:
+        _init_sincos_pos_embed(model)
     return model
+
+
+def _init_sincos_pos_embed(vit: nn.Module) -> None:
+    """MAE's 2-D sine-cosine table for the patch positions (the class token's stays zero)."""
+    from timm.layers import build_sincos2d_pos_embed
+
+    grid = list(vit.patch_embed.grid_size)
+    table = build_sincos2d_pos_embed(grid, vit.pos_embed.shape[-1])  # (H*W, D)
+    prefix = vit.pos_embed.shape[1] - table.shape[0]
+    with torch.no_grad():
+        vit.pos_embed[:, :prefix] = 0
+        vit.pos_embed[0, prefix:] = table
 
 
 def text_config_from_bert(cfg: TextConfig, bert_config) -> TextConfig:
@@ -157,8 +171,30 @@ class Captioner(nn.Module):
         cfg = config_from_dict({"model": meta["model"]}, source=str(meta_path)).model
         model = cls(cfg, load_tokenizer(str(model_dir)), load_weights=False,
                     max_caption_tokens=meta.get("max_caption_tokens", 40))
-        load_model(model, str(model_dir / WEIGHTS_NAME), strict=True, device=map_location)
+        weights = model_dir / WEIGHTS_NAME
+        _check_shapes(model, weights)
+        load_model(model, str(weights), strict=True, device=map_location)
         return model
+
+
+def _check_shapes(model: nn.Module, weights: Path) -> None:
+    """A weights file that does not fit its config is an error listing the keys (never a partial load)."""
+    from safetensors import safe_open
+
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: no such weights file")
+    own = model.state_dict()
+    with safe_open(str(weights), framework="pt") as f:
+        stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    mismatched = [f"{k}: {stored[k]} vs {tuple(own[k].shape)}" for k in own if k in stored
+                  and stored[k] != tuple(own[k].shape)]
+    # the tied output weight is stored once, under either name
+    missing = [k for k in own if k not in stored and k != "text_decoder.cls.predictions.decoder.weight"]
+    unexpected = [k for k in stored if k not in own]
+    if mismatched or missing or unexpected:
+        raise ValueError(f"{weights}: does not match its config ({weights.parent / CONFIG_NAME});\n"
+                         f"  shape mismatches: {mismatched[:20]}\n  missing: {missing[:20]}\n"
+                         f"  unexpected: {unexpected[:20]}")
 
 
 # ---- initialisation from other checkpoints ---------------------------------------------------------------------

@@ -165,3 +165,17 @@ def test_gradient_checkpointing_in_both_towers_gives_the_same_gradients(tokenize
     assert plain.keys() == checkpointed.keys()
     for name in plain:
         torch.testing.assert_close(plain[name], checkpointed[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_weights_that_do_not_match_the_config_fail_with_the_keys(tokenizer, tiny_config, tmp_path):
+    import json
+
+    torch.manual_seed(0)
+    Captioner(tiny_config, tokenizer).save_pretrained(tmp_path / "m")
+    meta_path = tmp_path / "m" / "med_config.json"
+    meta = json.loads(meta_path.read_text())
+    meta["model"]["text"]["intermediate_size"] = 96
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="intermediate.dense.weight") as err:
+        Captioner.from_pretrained(tmp_path / "m")
+    assert "does not match its config" in str(err.value)
