@@ -12,6 +12,7 @@ so a released BLIP caption checkpoint loads directly (`load_blip_checkpoint`, `m
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -155,7 +156,10 @@ class Captioner(nn.Module):
         meta = {"format": FORMAT, "model": asdict(self.cfg), "max_caption_tokens": self.max_caption_tokens}
         (out / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
         self.tokenizer.save_pretrained(out)
-        save_model(self, str(out / WEIGHTS_NAME))  # handles the tied embedding/output weights
+        # a temporary file, then a rename: a run killed mid-write keeps the previous weights
+        tmp = out / f".{WEIGHTS_NAME}.tmp"
+        save_model(self, str(tmp))  # handles the tied embedding/output weights
+        os.replace(tmp, out / WEIGHTS_NAME)
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, map_location: str = "cpu") -> Captioner:
@@ -327,8 +331,14 @@ def export_hf(model: Captioner, out_dir: str | Path) -> None:
     """Write a directory that `transformers.BlipForConditionalGeneration.from_pretrained` (and `BlipProcessor`)
     load, giving the same greedy captions. Only plain ViTs (class token, no register tokens, qkv bias, pre-LN,
     final norm, GELU MLP) have a transformers counterpart; anything else is refused with the reason."""
-    from transformers import (BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor,
-                              BlipTextConfig, BlipVisionConfig)
+    from transformers import (
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+        BlipProcessor,
+        BlipTextConfig,
+        BlipVisionConfig,
+    )
 
     vit = model.visual_encoder
     vision_state = {k: v for k, v in vit.state_dict().items()}

@@ -273,14 +273,14 @@ def train(cfg: Config, config_path: str | Path | None = None, resume: str | Path
                 accelerator.log({f"eval/{k}": v for k, v in scores.items() if isinstance(v, float)},
                                 step=state.step)
             if (t.save_every and state.step % t.save_every == 0) or is_last:
-                _save_checkpoint(accelerator, run_dir, state, loader, t.keep_checkpoints)
+                _save_checkpoint(accelerator, raw_model, run_dir, state, loader, t.keep_checkpoints)
     finally:
         for s, handler in old_handlers.items():
             signal.signal(s, handler)
         progress.close()
 
     if stop_requested["signal"] is not None:
-        _save_checkpoint(accelerator, run_dir, state, loader, t.keep_checkpoints)
+        _save_checkpoint(accelerator, raw_model, run_dir, state, loader, t.keep_checkpoints)
         say(f"stopped by signal {stop_requested['signal']} at step {state.step}; resume with "
             f"`med train --resume {run_dir}`")
     if main:
@@ -293,26 +293,35 @@ def train(cfg: Config, config_path: str | Path | None = None, resume: str | Path
     return run_dir
 
 
-def _save_checkpoint(accelerator, run_dir: Path, state: TrainerState, loader, keep: int) -> None:
-    """Write into a temporary folder, then rename: a checkpoint exists whole or not at all."""
+def _save_checkpoint(accelerator, model, run_dir: Path, state: TrainerState, loader, keep: int) -> None:
+    """Write into a temporary folder, then rename: a checkpoint exists whole or not at all. A failed write (full
+    disk, unwritable folder) stops training with a clear error and leaves the previous checkpoints intact."""
     root = run_dir / CHECKPOINTS
     final = root / f"step_{state.step}"
     tmp = root / f".tmp_step_{state.step}"
-    if accelerator.is_main_process:
+    if final.exists():  # already saved at this step (e.g. a signal right after a periodic save)
+        return
+    state.data = loader.state_dict()  # on every process: it gathers the positions of all of them
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            root.mkdir(parents=True, exist_ok=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        if accelerator.is_main_process:
+            (tmp / STATE_FILE).write_text(json.dumps(state.__dict__))
+            _fsync_tree(tmp)
+            os.replace(tmp, final)
+            for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+            model.save_pretrained(run_dir)  # the last weights, loadable alone
+    except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        root.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    state.data = loader.state_dict()
-    accelerator.save_state(str(tmp))
-    if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps(state.__dict__))
-        _fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-        accelerator.unwrap_model(accelerator._models[0]).save_pretrained(run_dir)
+        previous = checkpoint_dirs(run_dir)
+        raise TrainingError(
+            f"could not write checkpoint {final} ({err.strerror or err}); "
+            + (f"the previous checkpoint {previous[-1]} is intact: free space or fix the folder, then "
+               f"`med train --resume {run_dir}`" if previous else "no earlier checkpoint exists")) from err
     accelerator.wait_for_everyone()
 
 
