@@ -28,7 +28,270 @@ app.add_typer(convert_app, name="convert")
 app.add_typer(export_app, name="export")
 
 
+# ---- med train / eval / caption -----------------------------------------------------------------------------------
+
+ModelOption = Annotated[str | None, typer.Option("--model", help="A run folder or model directory "
+                                                                   "(default: runs/latest).")]
+
+
+def _check_model_name(cfg: Config, source: str) -> None:
+    """An unknown timm name is a config error: caught before data or weights are touched."""
+    import timm
+
+    if not timm.is_model(cfg.model.vision.name):
+        close = timm.list_models(f"*{cfg.model.vision.name.split('_')[0]}*")[:5]
+        typer.echo(f"error: {source}: model.vision.name: unknown timm model {cfg.model.vision.name!r}"
+                   + (f"; did you mean one of {close}?" if close else ""), err=True)
+        raise typer.Exit(code=2)
+
+
+@app.command("train")
+def train_command(
+    config: Annotated[Path | None, typer.Argument(help="A YAML config (not needed with --resume).")] = None,
+    sets: SetOption = None,
+    resume: Annotated[str | None, typer.Option(
+        flag_value="latest", help="Continue a stopped run from its last checkpoint: a run folder, or none for "
+                                  "runs/latest.")] = None,
+    output_dir: Annotated[Path | None, typer.Option(help="Where run folders go (train.output_dir).")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bar; log lines only.")] = False,
+) -> None:
+    """Train a captioner; writes a self-describing run folder and points runs/latest at it."""
+    from med_train.train import resolve_run
+
+    run_dir = None
+    if resume is not None:
+        try:
+            run_dir = resolve_run(None if resume == "latest" else resume, output_dir or "runs")
+        except FileNotFoundError as err:
+            _fail(str(err), 2)
+        cfg = _load_config_or_exit(run_dir / "config.yaml", sets)
+    elif config is None:
+        _fail("give a config file (e.g. configs/shapes.yaml) or --resume RUN_DIR", 2)
+    else:
+        cfg = _load_config_or_exit(config, sets)
+    if output_dir is not None and run_dir is None:
+        cfg.train.output_dir = str(output_dir)
+    cfg.train.quiet = cfg.train.quiet or quiet
+    _check_model_name(cfg, str(config or run_dir / "config.yaml"))
+
+    from med_train.sources import DataError
+    from med_train.train import TrainingError, train
+
+    try:
+        run_dir = train(cfg, config_path=config, resume=run_dir)
+    except (TrainingError, DataError) as err:
+        _fail(str(err))
+    typer.echo(f"run folder: {run_dir}")
+
+
+@app.command("eval")
+def eval_command(
+    model: ModelOption = None,
+    split: Annotated[str | None, typer.Option(help="The held-out split (default: data.eval_split).")] = None,
+    beams: Annotated[int | None, typer.Option(help="Beam size (default: generate.num_beams).")] = None,
+    max_images: Annotated[int | None, typer.Option(help="Score only the first N images.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per batch (default: generate.batch_size).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: RUN/eval-SPLIT).")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="End with one JSON line of the metrics.")] = False,
+    sets: SetOption = None,
+) -> None:
+    """Caption a held-out split and score it: BLEU-1..4, METEOR (with Java), ROUGE-L, CIDEr (+ content scores on
+    the shapes set). Writes metrics.json, predictions.json and gallery.html."""
+    import json
+
+    from med_train.evaluate import evaluate, load_run
+    from med_train.train import resolve_run
+
+    try:
+        run_dir = resolve_run(model)
+    except FileNotFoundError as err:
+        _fail(str(err), 2)
+    try:
+        captioner, cfg = load_run(run_dir, overrides=sets or ())
+    except ConfigError as err:
+        _fail(str(err), 2)
+    from accelerate import Accelerator
+
+    accelerator = Accelerator()
+    captioner.to(accelerator.device)
+    split = split or cfg.data.eval_split
+    out_dir = out or run_dir / f"eval-{split}"
+    scores = evaluate(captioner, cfg, split=split, num_beams=beams, max_images=max_images, batch_size=batch_size,
+                      accelerator=accelerator, out_dir=out_dir)
+    if not accelerator.is_main_process:
+        return
+    _print_scores(scores)
+    typer.echo(f"wrote {out_dir}/metrics.json, predictions.json, gallery.html")
+    if json_output:
+        typer.echo(json.dumps(scores))
+
+
+def _print_scores(scores: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="scores")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in scores.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    Console().print(table)
+
+
+@app.command("caption")
+def caption_command(
+    images: Annotated[list[str], typer.Argument(help="Image files, folders or glob patterns.")],
+    model: ModelOption = None,
+    beams: Annotated[int | None, typer.Option(help="Beam size (default: the run's generate.num_beams).")] = None,
+    sample: Annotated[bool, typer.Option(help="Nucleus sampling instead of beam search.")] = False,
+    top_p: Annotated[float, typer.Option(help="Nucleus size for --sample.")] = 0.9,
+    seed: Annotated[int, typer.Option(help="Random seed for --sample.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 16,
+    json_output: Annotated[bool, typer.Option("--json", help="JSON lines: {\"image\", \"caption\"}.")] = False,
+) -> None:
+    """Print a caption for each image (`path<TAB>caption`). Unreadable files get an error line; the others are
+    still captioned, and the exit code is then 1."""
+    import json
+
+    from med_train.evaluate import caption_files, expand_image_paths, generate_kwargs, load_run
+    from med_train.train import resolve_run
+
+    try:
+        run_dir = resolve_run(model)
+    except FileNotFoundError as err:
+        _fail(str(err), 2)
+    captioner, cfg = load_run(run_dir)
+    kwargs = generate_kwargs(cfg, beams)
+    if sample:
+        import torch
+
+        kwargs = dict(do_sample=True, top_p=top_p, num_beams=1, max_length=cfg.generate.max_length,
+                      min_length=cfg.generate.min_length, repetition_penalty=1.1,
+                      generator=torch.Generator().manual_seed(seed))
+    failed = 0
+    paths = expand_image_paths(images)
+    if not paths:
+        _fail(f"no images found in {' '.join(images)}", 2)
+    for path, caption, error in caption_files(captioner, paths, batch_size=batch_size, **kwargs):
+        if error is not None:
+            failed += 1
+            typer.echo(f"error: {path}: {error}", err=True)
+        elif json_output:
+            typer.echo(json.dumps({"image": path, "caption": caption}))
+        else:
+            typer.echo(f"{path}\t{caption}")
+    if failed:
+        raise typer.Exit(code=1)
+
+
 # ---- med data ... -------------------------------------------------------------------------------------------------
+
+SourceArgument = Annotated[str, typer.Argument(
+    help="A YAML config (its data section), or a data source: hub id, folder, .json annotations, .tar/.parquet.")]
+
+
+def _data_config(source_or_config: str, sets: list[str] | None) -> tuple[Config, bool]:
+    """(config, whether it came from a YAML file): the file's, or the defaults with data.source = the source."""
+    path = Path(source_or_config)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return _load_config_or_exit(path, sets), True
+    cfg = _load_config_or_exit(None, sets)
+    cfg.data.source = source_or_config
+    return cfg, False
+
+
+@data_app.command("shapes")
+def data_shapes(
+    out: Annotated[Path, typer.Argument(help="Folder to write (OUT/train, OUT/test).")],
+    train: Annotated[int, typer.Option(help="Training images.")] = 5000,
+    test: Annotated[int, typer.Option(help="Test images (5 reference captions each).")] = 200,
+    seed: Annotated[int, typer.Option(help="Same seed, same files.")] = 0,
+    image_size: Annotated[int, typer.Option(help="Image side in pixels.")] = 96,
+) -> None:
+    """Write the shapes demo set: 1-3 coloured shapes at five places, captions saying what and where."""
+    from med_train.shapes import generate
+
+    generate(out, train=train, test=test, seed=seed, image_size=image_size)
+    typer.echo(f"wrote {train} training and {test} test images to {out}")
+
+
+@data_app.command("check")
+def data_check(
+    source_or_config: SourceArgument,
+    split: Annotated[str | None, typer.Option(help="Split to read (default: data.train_split).")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="End with one JSON object on the last line.")] = False,
+    tokenizer: Annotated[str | None, typer.Option(help="Tokenizer (hub name or folder) for the coverage check; "
+                                                       "default: the config's, or one trained on the captions.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Read at most this many rows.")] = None,
+    sets: SetOption = None,
+) -> None:
+    """Read a split and report rows, bad rows by reason, caption lengths, tokenizer coverage and images/s."""
+    import json
+
+    from med_train.data import check
+    from med_train.sources import DataError
+    from med_train.tokenizer import load_tokenizer
+
+    cfg, from_file = _data_config(source_or_config, sets)
+    tok, tokenizer_error = None, None
+    name = tokenizer or (cfg.tokenizer.name if from_file and cfg.tokenizer.name != "train" else None)
+    if name:
+        try:
+            tok = load_tokenizer(name)
+        except (OSError, ValueError) as exc:  # e.g. a hub tokenizer while offline: report, train one instead
+            tokenizer_error = f"cannot load tokenizer {name!r}: {exc}"
+    try:
+        report = check(cfg.data, split or cfg.data.train_split, tokenizer=tok, image_size=cfg.model.vision.image_size,
+                       prompt=cfg.model.prompt, max_length=cfg.tokenizer.max_length, limit=limit,
+                       vocab_size=cfg.tokenizer.vocab_size)
+    except DataError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=1) from None
+    if tokenizer_error:
+        report["tokenizer_error"] = tokenizer_error
+    typer.echo(f"{report['source']} [{report['split']}] ({report['format']}): {report['rows']} rows, "
+               f"{report['ok']} ok, {report['bad']} bad {report['bad_reasons'] or ''}")
+    for example in report["examples"][:10]:
+        typer.echo(f"  bad row {example['id']}: {example['reason']} ({example['detail']})")
+    words = report["words"]
+    if words:
+        typer.echo(f"{report['images']} images, {report['captions']} captions of {words['mean']} words "
+                   f"(min {words['min']}, p95 {words['p95']}, max {words['max']}), vocabulary {report['vocabulary']}")
+        tokens = report["tokens"]
+        typer.echo(f"tokenizer ({report['tokenizer']}): unknown-token rate {report['unk_rate']:.2%}, "
+                   f"{tokens['mean']} tokens with the prompt (p95 {tokens['p95']}), "
+                   f"{report['truncated_fraction']:.1%} over max_length {cfg.tokenizer.max_length}")
+    if tokenizer_error:
+        typer.echo(tokenizer_error)
+    typer.echo(f"decode + transform: {report['images_per_s']} images/s")
+    if json_output:
+        typer.echo(json.dumps(report))
+
+
+@data_app.command("pack")
+def data_pack(
+    source_or_config: SourceArgument,
+    out: Annotated[Path, typer.Argument(help="Folder to write: OUT/<split>/<split>-00000.tar|parquet.")],
+    format: Annotated[str, typer.Option("--format", help="webdataset | parquet")] = "webdataset",
+    shard_size: Annotated[int, typer.Option(help="Rows per shard.")] = 1000,
+    split: Annotated[list[str] | None, typer.Option(help="Split to pack (repeatable; default: the train and "
+                                                         "eval splits the source has).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the training split's shuffle.")] = 0,
+    sets: SetOption = None,
+) -> None:
+    """Rewrite a source as shards for fast parallel streaming (one row per image, bad rows left out)."""
+    from med_train.sources import DataError, pack
+
+    if format not in ("webdataset", "parquet"):
+        raise typer.BadParameter(f"must be webdataset or parquet, got {format!r}", param_hint="--format")
+    cfg, _ = _data_config(source_or_config, sets)
+    try:
+        stats = pack(cfg.data, out, fmt=format, shard_size=shard_size, splits=split, seed=seed)
+    except DataError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=1) from None
+    for name, split_stats in stats.items():
+        typer.echo(f"{name}: {split_stats.summary()} -> {out / name}")
 
 
 # ---- med config ... -----------------------------------------------------------------------------------------------
@@ -98,6 +361,50 @@ def export_hf(
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
     typer.echo(f"wrote {out_dir}")
+
+
+# ---- med bench -----------------------------------------------------------------------------------------------------
+
+@app.command("bench")
+def bench_command(
+    config: Annotated[Path | None, typer.Option(help="Take the model sizes and data from this config (default: "
+                                                     "ViT-B/16 + BERT-base on a generated shapes set).")] = None,
+    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the figures to this JSON file.")] = None,
+    quick: Annotated[bool, typer.Option(help="Tiny sizes and one repetition: a smoke run.")] = False,
+    batch_size: Annotated[int | None, typer.Option(help="Images per batch (default: 8 on cpu, 32 on cuda).")] = None,
+    reps: Annotated[int | None, typer.Option(help="Timed repetitions per side (default: 3; --quick: 1).")] = None,
+) -> None:
+    """Measure med_train against transformers' BLIP (same shapes, weights and inputs, interleaved): training and
+    captioning speed, memory, FLOPs against the matmul rate, data-pipeline headroom. Exit code 1 when the greedy
+    captions differ."""
+    import json
+
+    if device not in ("cpu", "cuda"):
+        raise typer.BadParameter(f"must be cpu or cuda, got {device!r}", param_hint="--device")
+    if config is not None and not config.is_file():
+        _fail(f"{config}: no such file", 2)
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise typer.BadParameter("no CUDA device is available", param_hint="--device")
+    from med_train.bench import BenchSettings, format_table, run_bench
+
+    settings = BenchSettings.defaults(device, quick=quick)
+    if config is not None:
+        settings.image_size = None if not quick else settings.image_size  # the config's size
+    if batch_size is not None:
+        settings.batch_size = batch_size
+    if reps is not None:
+        settings.reps = reps
+    results = run_bench(settings, config, say=lambda message: typer.echo(f"bench: {message}", err=True))
+    typer.echo(format_table(results))
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(results, indent=2))
+        typer.echo(f"wrote {json_out}")
+    if not results["greedy_captions_identical"]:
+        _fail("greedy captions differ between med_train and transformers (see above)")
 
 
 if __name__ == "__main__":

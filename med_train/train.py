@@ -146,7 +146,8 @@ def train(cfg: Config, config_path: str | Path | None = None, resume: str | Path
                               log_with=t.trackers or None, project_dir=str(run_dir))
     main = accelerator.is_main_process
     set_seed(t.seed, device_specific=True)
-    say = accelerator.print if not t.quiet else (lambda *a, **k: None)
+    say = accelerator.print if not t.quiet else (lambda *a, **k: None)  # progress notes
+    notice = accelerator.print  # what a user must see even in quiet mode
 
     # -- tokenizer and model
     if resume:
@@ -226,7 +227,7 @@ def train(cfg: Config, config_path: str | Path | None = None, resume: str | Path
                 optimizer.zero_grad(set_to_none=True)
                 state.nonfinite_steps += 1
                 nonfinite_in_a_row += 1
-                say(f"step {state.step + 1}: non-finite loss, update skipped ({state.nonfinite_steps} so far)")
+                notice(f"step {state.step + 1}: non-finite loss, update skipped ({state.nonfinite_steps} so far)")
                 if nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
                     raise TrainingError(
                         f"step {state.step + 1}: {nonfinite_in_a_row} non-finite losses in a row; lower train.lr or "
@@ -281,12 +282,12 @@ def train(cfg: Config, config_path: str | Path | None = None, resume: str | Path
 
     if stop_requested["signal"] is not None:
         _save_checkpoint(accelerator, raw_model, run_dir, state, loader, t.keep_checkpoints)
-        say(f"stopped by signal {stop_requested['signal']} at step {state.step}; resume with "
+        notice(f"stopped by signal {stop_requested['signal']} at step {state.step}; resume with "
             f"`med train --resume {run_dir}`")
     if main:
         raw_model.save_pretrained(run_dir)
         _plot_curves(metrics_path, run_dir / "curves.png")
-        say(stats.summary())
+        notice(f"data: {stats.summary()}")
     if t.trackers:
         accelerator.end_training()
     accelerator.wait_for_everyone()
