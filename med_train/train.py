@@ -153,7 +153,9 @@ def train(cfg: Config, config_path: str | Path | None = None, resume: str | Path
     if resume:
         tokenizer = load_tokenizer(str(run_dir))
     elif cfg.tokenizer.name == "train":
-        tokenizer = build_tokenizer(cfg.tokenizer, data_lib.iter_captions(cfg.data, cfg.data.train_split))
+        # trained on prompt + caption, so that the prompt's words are whole tokens too
+        tokenizer = build_tokenizer(cfg.tokenizer, (cfg.model.prompt + c for c in
+                                                    data_lib.iter_captions(cfg.data, cfg.data.train_split)))
     else:
         tokenizer = build_tokenizer(cfg.tokenizer)
     model = Captioner(cfg.model, tokenizer, load_weights=not resume, max_caption_tokens=cfg.tokenizer.max_length)
@@ -284,6 +286,13 @@ def train(cfg: Config, config_path: str | Path | None = None, resume: str | Path
         _save_checkpoint(accelerator, raw_model, run_dir, state, loader, t.keep_checkpoints)
         notice(f"stopped by signal {stop_requested['signal']} at step {state.step}; resume with "
             f"`med train --resume {run_dir}`")
+    if accelerator.num_processes > 1:  # every process's bad rows, in one report
+        from accelerate.utils import gather_object
+
+        everyone = gather_object([stats.to_dict()])  # a collective: every process calls it
+        if main:
+            for other in everyone[1:]:
+                stats.merge(other)
     if main:
         raw_model.save_pretrained(run_dir)
         _plot_curves(metrics_path, run_dir / "curves.png")
