@@ -172,7 +172,8 @@ def caption_command(
     paths = expand_image_paths(images)
     if not paths:
         _fail(f"no images found in {' '.join(images)}", 2)
-    for path, caption, error in caption_files(captioner, paths, batch_size=batch_size, **kwargs):
+    for path, caption, error in caption_files(captioner, paths, batch_size=batch_size,
+                                              max_pixels=cfg.data.max_image_pixels, **kwargs):
         if error is not None:
             failed += 1
             typer.echo(f"error: {path}: {error}", err=True)

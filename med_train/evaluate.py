@@ -171,9 +171,10 @@ def expand_image_paths(items: Iterable[str]) -> list[str]:
     return paths
 
 
-def caption_files(model, paths: list[str], *, batch_size: int = 16, **kwargs) -> Iterator[tuple[str, str | None,
-                                                                                                 str | None]]:
-    """(path, caption, None) for each readable image, (path, None, error) for the others, in input order."""
+def caption_files(model, paths: list[str], *, batch_size: int = 16, max_pixels: int | None = 89_478_485,
+                  **kwargs) -> Iterator[tuple[str, str | None, str | None]]:
+    """(path, caption, None) for each readable image, (path, None, error) for the others, in input order.
+    Images over `max_pixels` (decompression bombs) are refused before their pixels are decoded."""
     import torch
 
     from med_train.data import build_transform, load_image
@@ -185,7 +186,7 @@ def caption_files(model, paths: list[str], *, batch_size: int = 16, **kwargs) ->
         tensors, errors = [], {}
         for i, path in enumerate(chunk):
             try:
-                tensors.append((i, transform(load_image(path))))
+                tensors.append((i, transform(load_image(path, max_pixels=max_pixels))))
             except Exception as err:  # noqa: BLE001 - a bad file is reported, the others still captioned
                 errors[i] = str(err)
         captions = {}
