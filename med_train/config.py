@@ -36,6 +36,11 @@ class VisionConfig:
     # Position embeddings of a randomly initialised ViT: "timm" (learned, N(0, 0.02)) or "sincos" (learned, starting
     # from MAE's fixed 2-D sine-cosine table: a small ViT trained from scratch knows where each patch is at once).
     pos_embed_init: str = "timm"
+    # The patch embedding: "patch" (timm's, one linear map per patch) or "conv" (a stack of stride-2 3x3
+    # convolutions down to the patch grid, as in "Early convolutions help transformers see better"; patch size a
+    # power of 2). "conv" sees shapes inside a patch better when training from scratch; it has no transformers
+    # BLIP equivalent, so `med export hf` refuses it.
+    stem: str = "patch"
     # Extra keyword arguments for timm.create_model (e.g. patch_size, embed_dim, depth, num_heads for a tiny ViT).
     kwargs: dict = field(default_factory=dict)
     mean: list[float] | None = None  # None: take the timm model's data config
@@ -597,7 +602,8 @@ _CHECKS: dict[str, _Check] = {
     "generate.batch_size": _POSITIVE,
 }
 _CHOICES: dict[str, tuple[str, ...]] = {"data.format": DATA_FORMATS, "train.mixed_precision": MIXED_PRECISIONS,
-                                         "model.vision.pos_embed_init": ("timm", "sincos")}
+                                         "model.vision.pos_embed_init": ("timm", "sincos"),
+                                         "model.vision.stem": ("patch", "conv")}
 
 
 def _get(cfg: Config, key: str) -> Any:

@@ -41,9 +41,29 @@ def create_vision_encoder(cfg: VisionConfig, load_weights: bool = True) -> nn.Mo
     if not hasattr(model, "forward_features") or not hasattr(model, "num_features"):
         raise ValueError(f"model.vision.name: {cfg.name!r} is not a timm model with forward_features")
     model.set_grad_checkpointing(cfg.grad_checkpointing)
+    if cfg.stem == "conv":
+        _use_conv_stem(model)
     if cfg.pos_embed_init == "sincos" and not pretrained:
         _init_sincos_pos_embed(model)
     return model
+
+
+def _use_conv_stem(vit: nn.Module) -> None:
+    """Replace the patch projection (a p x p stride-p convolution) by log2(p) stride-2 3x3 convolutions with GELU
+    between them, widening to the embedding width: the same token grid, better local features from scratch."""
+    proj = vit.patch_embed.proj
+    patch = proj.stride[0]
+    steps = patch.bit_length() - 1
+    if patch != 2**steps or steps < 1:
+        raise ValueError(f"model.vision.stem 'conv' needs a power-of-2 patch size, got {patch}")
+    width = proj.out_channels
+    channels = [proj.in_channels] + [max(16, width // 2 ** (steps - i)) for i in range(1, steps)] + [width]
+    layers: list[nn.Module] = []
+    for i in range(steps):
+        layers.append(nn.Conv2d(channels[i], channels[i + 1], kernel_size=3, stride=2, padding=1))
+        if i < steps - 1:
+            layers.append(nn.GELU())
+    vit.patch_embed.proj = nn.Sequential(*layers)
 
 
 def _init_sincos_pos_embed(vit: nn.Module) -> None:

@@ -372,6 +372,7 @@ _SPECIAL: dict[str, st.SearchStrategy[Any]] = {
     "data.format": st.sampled_from(DATA_FORMATS),
     "train.mixed_precision": st.sampled_from(MIXED_PRECISIONS),
     "model.vision.pos_embed_init": st.sampled_from(["timm", "sincos"]),
+    "model.vision.stem": st.sampled_from(["patch", "conv"]),
     "model.text.hidden_size": st.sampled_from([96, 192, 768]),  # divisible by every head count below
     "model.text.num_attention_heads": st.sampled_from([1, 2, 4, 12]),
     "model.text.max_position_embeddings": st.integers(64, 4096),

@@ -179,3 +179,23 @@ def test_weights_that_do_not_match_the_config_fail_with_the_keys(tokenizer, tiny
     with pytest.raises(ValueError, match="intermediate.dense.weight") as err:
         Captioner.from_pretrained(tmp_path / "m")
     assert "does not match its config" in str(err.value)
+
+
+def test_conv_stem_and_sincos_position_embeddings(tokenizer):
+    from timm.layers import build_sincos2d_pos_embed
+
+    from med_train.model import export_hf
+
+    cfg = tiny_model_config()
+    cfg.vision.stem, cfg.vision.pos_embed_init = "conv", "sincos"
+    torch.manual_seed(0)
+    model = Captioner(cfg, tokenizer)
+    stem = model.visual_encoder.patch_embed.proj
+    assert [m.stride for m in stem if isinstance(m, torch.nn.Conv2d)] == [(2, 2)] * 3  # patch 8 = 2 x 2 x 2
+    assert model.encode_images(_images()).shape == (3, 1 + 16, 48)
+    table = build_sincos2d_pos_embed([4, 4], 48)
+    torch.testing.assert_close(model.visual_encoder.pos_embed[0, 1:].detach(), table)
+    model(_images(), CAPTIONS).backward()
+    assert stem[0].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="not a plain ViT"):
+        export_hf(model, "/nonexistent")
