@@ -185,6 +185,29 @@ def caption_command(
         raise typer.Exit(code=1)
 
 
+@app.command("race")
+def race_command(
+    config: Annotated[Path, typer.Argument(help="A config with a shapes-like data source (e.g. configs/shapes.yaml).")],
+    budget: Annotated[float, typer.Option(help="Training seconds for each model.")] = 600.0,
+    eval_every: Annotated[float, typer.Option(help="Evaluate every this many training seconds.")] = 120.0,
+    eval_images: Annotated[int, typer.Option(help="Held-out images per evaluation.")] = 200,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the results here.")] = None,
+    sets: SetOption = None,
+) -> None:
+    """Time to quality: med_train against transformers' BLIP with the same sizes, recipe, batches and budget."""
+    cfg = _load_config_or_exit(config, sets)
+    _check_model_name(cfg, str(config))
+    from med_train.race import format_race, race, write_race
+
+    try:
+        results = race(cfg, budget_s=budget, eval_every_s=eval_every, eval_images=eval_images)
+    except ValueError as err:
+        _fail(str(err), 2)
+    typer.echo(format_race(results))
+    if json_out is not None:
+        write_race(results, json_out)
+
+
 # ---- med data ... -------------------------------------------------------------------------------------------------
 
 SourceArgument = Annotated[str, typer.Argument(
@@ -375,6 +398,8 @@ def bench_command(
     quick: Annotated[bool, typer.Option(help="Tiny sizes and one repetition: a smoke run.")] = False,
     batch_size: Annotated[int | None, typer.Option(help="Images per batch (default: 8 on cpu, 32 on cuda).")] = None,
     reps: Annotated[int | None, typer.Option(help="Timed repetitions per side (default: 3; --quick: 1).")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's); 1 is steadier on a "
+                                                     "machine shared with other jobs.")] = None,
 ) -> None:
     """Measure med_train against transformers' BLIP (same shapes, weights and inputs, interleaved): training and
     captioning speed, memory, FLOPs against the matmul rate, data-pipeline headroom. Exit code 1 when the greedy
@@ -383,8 +408,8 @@ def bench_command(
 
     if device not in ("cpu", "cuda"):
         raise typer.BadParameter(f"must be cpu or cuda, got {device!r}", param_hint="--device")
-    if config is not None and not config.is_file():
-        _fail(f"{config}: no such file", 2)
+    if config is not None:
+        _load_config_or_exit(config, None)  # a bad file fails here, before minutes of setup
     import torch
 
     if device == "cuda" and not torch.cuda.is_available():
@@ -392,12 +417,13 @@ def bench_command(
     from med_train.bench import BenchSettings, format_table, run_bench
 
     settings = BenchSettings.defaults(device, quick=quick)
-    if config is not None:
-        settings.image_size = None if not quick else settings.image_size  # the config's size
+    if config is not None and not quick:
+        settings.image_size = None  # the config's
     if batch_size is not None:
         settings.batch_size = batch_size
     if reps is not None:
         settings.reps = reps
+    settings.threads = threads
     results = run_bench(settings, config, say=lambda message: typer.echo(f"bench: {message}", err=True))
     typer.echo(format_table(results))
     if json_out is not None:
