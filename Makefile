@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow lint demo clean
+.PHONY: install test test-slow lint bench demo clean
 
 install: $(STAMP)
 
@@ -24,6 +24,10 @@ test-slow: install
 
 lint: install
 	$(BIN)/ruff check med_train tests
+
+# med_train against transformers' BLIP on this machine (a few minutes on a 2-core CPU); README "Speed".
+bench: install
+	$(BIN)/med bench --json runs/bench.json
 
 # The demo: write the shapes set, train the small captioner (~10 min on a 2-core CPU), score it, caption a few.
 demo: install

@@ -115,7 +115,8 @@ def build_optimizer(model, cfg: Config, device_type: str):
     param_groups = [{"params": params, "weight_decay": 0.0 if no_decay else t.weight_decay,
                      "lr": (t.vision_lr if is_vision and t.vision_lr is not None else t.lr)}
                     for (is_vision, no_decay), params in sorted(groups.items())]
-    return torch.optim.AdamW(param_groups, lr=t.lr, betas=(0.9, 0.999), fused=device_type == "cuda")
+    # fused AdamW (one kernel for all parameters) exists on CUDA and CPU; elsewhere the per-tensor loop
+    return torch.optim.AdamW(param_groups, lr=t.lr, betas=(0.9, 0.999), fused=device_type in ("cuda", "cpu"))
 
 
 def lr_factor(step: int, cfg: Config) -> float:

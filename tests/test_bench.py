@@ -1,0 +1,103 @@
+"""`med bench`: a quick run through the real CLI, and the measuring pieces on their own."""
+
+import json
+import math
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from med_train.bench import bert_layout_tokenizer, interleaved, peak_increase
+from med_train.cli import app
+
+runner = CliRunner()
+PAIRS = ("train", "greedy", "beam3", "greedy_decode", "beam3_decode")
+
+
+def test_quick_bench_writes_every_figure(tmp_path):
+    out = tmp_path / "bench.json"
+    threads = torch.get_num_threads()
+    try:  # one thread: steady on a shared machine
+        result = runner.invoke(app, ["bench", "--quick", "--threads", "1", "--json", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    assert result.exit_code == 0, result.output
+    assert "greedy captions identical: yes" in result.output
+    figures = json.loads(out.read_text())
+
+    for label in PAIRS:
+        rates = figures[f"{label}_images_per_s"]
+        assert all(math.isfinite(rates[side]) and rates[side] > 0 for side in ("ours", "peer")), label
+        assert figures[f"{label}_speedup"] == pytest.approx(rates["ours"] / rates["peer"], rel=0.01), label
+    memory = figures["train_memory_mb"]
+    assert memory["ours"] > 0 and memory["peer"] > 0
+    assert figures["memory_ratio"] == pytest.approx(memory["ours"] / memory["peer"], rel=0.01)
+
+    # same weights and the same batch reached both models: equal first-step losses and greedy captions
+    losses = figures["train_loss_first_step"]
+    assert losses["ours"] == pytest.approx(losses["peer"], abs=1e-4)
+    assert figures["greedy_captions_identical"] and figures["greedy_mismatches"] == []
+    assert figures["greedy_decode_captions_identical"]
+    assert 0.0 <= figures["beam3_captions_same_fraction"] <= 1.0
+
+    gflop, rate = figures["train_gflop_per_image"], figures["matmul_gflops"]
+    assert gflop > 0 and rate > 0
+    assert figures["matmul_fraction"] == pytest.approx(gflop * figures["train_images_per_s"]["ours"] / rate,
+                                                       rel=0.05, abs=1e-3)
+    assert figures["data_images_per_s"] > 0
+    assert figures["data_headroom"] == pytest.approx(
+        figures["data_images_per_s"] / figures["train_images_per_s"]["ours"], rel=0.02)
+    assert figures["mfu"] is None and figures["time_to_quality_bar"] is None  # CPU; measured elsewhere
+
+    machine, settings = figures["machine"], figures["settings"]
+    assert machine["torch"] == torch.__version__ and machine["torch_threads"] == 1 and machine["cpu"]
+    assert machine["device_name"].startswith("cpu")
+    assert settings["batch_size"] == 4 and settings["vocab_size"] == 402 and settings["quick"]
+    assert settings["optimizer"]["peer"] == "AdamW fused"
+
+
+def test_interleaved_alternates_the_order_and_reports_medians():
+    calls = []
+
+    def side(name, seconds):
+        def call():
+            calls.append(name)
+            time.sleep(seconds)
+        return call
+
+    medians = interleaved({"ours": side("ours", 0.002), "peer": side("peer", 0.03)}, reps=3, device="cpu")
+    assert calls == ["ours", "peer"] + ["ours", "peer", "peer", "ours", "ours", "peer"]
+    assert 0.002 <= medians["ours"] < 0.03 <= medians["peer"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc")
+def test_peak_increase_sees_a_short_lived_allocation():
+    def allocate():
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, resident, then freed
+        return float(block[-1])
+
+    grown = peak_increase(allocate, "cpu")
+    assert grown is not None and grown >= 60 * 2**20
+    assert peak_increase(lambda: None, "cpu") < 16 * 2**20
+
+
+def test_bert_layout_tokenizer_has_berts_ids(tmp_path):
+    tok = bert_layout_tokenizer(tmp_path, 30522, ["picture", "red", "circle"])
+    assert len(tok) == 30524
+    assert (tok.pad_token_id, tok.unk_token_id, tok.cls_token_id, tok.sep_token_id, tok.mask_token_id) == (
+        0, 100, 101, 102, 103)
+    assert (tok.bos_token_id, tok.enc_token_id) == (30522, 30523)
+    ids = tok("a picture of a red circle")["input_ids"]
+    assert ids[0] == 101 and ids[-1] == 102 and tok.unk_token_id not in ids
+    assert tok.decode(ids, skip_special_tokens=True) == "a picture of a red circle"
+    with pytest.raises(ValueError, match="vocab_size"):
+        bert_layout_tokenizer(tmp_path / "small", 50, [])
+
+
+def test_bench_refuses_an_unknown_device_and_a_missing_config(tmp_path):
+    result = runner.invoke(app, ["bench", "--device", "tpu"])
+    assert result.exit_code == 2 and "cpu or cuda" in result.output
+    result = runner.invoke(app, ["bench", "--config", str(tmp_path / "nope.yaml")])
+    assert result.exit_code == 2 and "nope.yaml" in result.output
