@@ -41,6 +41,10 @@ class VisionConfig:
     # power of 2). "conv" sees shapes inside a patch better when training from scratch; it has no transformers
     # BLIP equivalent, so `med export hf` refuses it.
     stem: str = "patch"
+    # Add a 2-D sine-cosine position table (learned from there) to the image tokens the decoder reads, so that
+    # cross-attention sees where each token is even after the ViT's blocks have mixed its input position in.
+    # Not in BLIP; `med export hf` refuses it.
+    decoder_pos_embed: bool = False
     # Extra keyword arguments for timm.create_model (e.g. patch_size, embed_dim, depth, num_heads for a tiny ViT).
     kwargs: dict = field(default_factory=dict)
     mean: list[float] | None = None  # None: take the timm model's data config

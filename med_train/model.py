@@ -67,15 +67,18 @@ def _use_conv_stem(vit: nn.Module) -> None:
 
 
 def _init_sincos_pos_embed(vit: nn.Module) -> None:
-    """MAE's 2-D sine-cosine table for the patch positions (the class token's stays zero)."""
+    _fill_sincos(vit.pos_embed, vit)
+
+
+def _fill_sincos(param: torch.Tensor, vit: nn.Module) -> None:
+    """MAE's 2-D sine-cosine table for the patch positions (the class token's row stays zero). param (1, 1+N, D)"""
     from timm.layers import build_sincos2d_pos_embed
 
-    grid = list(vit.patch_embed.grid_size)
-    table = build_sincos2d_pos_embed(grid, vit.pos_embed.shape[-1])  # (H*W, D)
-    prefix = vit.pos_embed.shape[1] - table.shape[0]
+    table = build_sincos2d_pos_embed(list(vit.patch_embed.grid_size), param.shape[-1])  # (H*W, D)
+    prefix = param.shape[1] - table.shape[0]
     with torch.no_grad():
-        vit.pos_embed[:, :prefix] = 0
-        vit.pos_embed[0, prefix:] = table
+        param[:, :prefix] = 0
+        param[0, prefix:] = table
 
 
 def text_config_from_bert(cfg: TextConfig, bert_config) -> TextConfig:
@@ -112,6 +115,10 @@ class Captioner(nn.Module):
         if load_weights and cfg.text.init.startswith("blip:"):
             load_blip_checkpoint(self, cfg.text.init.removeprefix("blip:"))
 
+        self.image_pos_embed = None
+        if cfg.vision.decoder_pos_embed:
+            self.image_pos_embed = nn.Parameter(torch.zeros_like(self.visual_encoder.pos_embed))
+            _fill_sincos(self.image_pos_embed, self.visual_encoder)
         self.prompt_length = prompt_length(tokenizer, cfg.prompt)
         prompt_ids = torch.tensor(tokenizer(cfg.prompt)["input_ids"][:-1])  # drop [SEP]: the caption follows
         prompt_ids[0] = tokenizer.bos_token_id
@@ -131,7 +138,10 @@ class Captioner(nn.Module):
         return mean, std
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        return self.visual_encoder.forward_features(images)  # (B, 1+N, D)
+        image_embeds = self.visual_encoder.forward_features(images)  # (B, 1+N, D)
+        if self.image_pos_embed is not None:
+            image_embeds = image_embeds + self.image_pos_embed
+        return image_embeds
 
     def tokenize(self, captions: list[str]) -> dict:
         enc = encode_captions(self.tokenizer, captions, self.cfg.prompt, self.max_caption_tokens)
@@ -361,6 +371,8 @@ def export_hf(model: Captioner, out_dir: str | Path) -> None:
     )
 
     vit = model.visual_encoder
+    if model.image_pos_embed is not None:
+        raise ValueError("model.vision.decoder_pos_embed has no transformers BLIP equivalent: not a plain ViT")
     vision_state = {k: v for k, v in vit.state_dict().items()}
     expected = {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight",
                 "norm.bias"}

@@ -199,3 +199,19 @@ def test_conv_stem_and_sincos_position_embeddings(tokenizer):
     assert stem[0].weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="not a plain ViT"):
         export_hf(model, "/nonexistent")
+
+
+def test_decoder_position_embeddings_are_added_to_the_image_tokens(tokenizer):
+    from med_train.model import export_hf
+
+    cfg = tiny_model_config()
+    cfg.vision.decoder_pos_embed = True
+    torch.manual_seed(0)
+    model = Captioner(cfg, tokenizer).eval()
+    images = _images()
+    plain = model.visual_encoder.forward_features(images)
+    added = model.encode_images(images) - plain
+    torch.testing.assert_close(added[0], model.image_pos_embed[0].detach())
+    assert added[0, 0].abs().sum() == 0 and added[0, 1:].abs().sum() > 0  # class token row stays zero
+    with pytest.raises(ValueError, match="not a plain ViT"):
+        export_hf(model, "/nonexistent")
