@@ -375,16 +375,19 @@ def _plot_curves(metrics_path: Path, out: Path) -> None:
     train_rows = [r for r in records if "loss" in r]
     eval_rows = [r for r in records if "eval" in r]
     names = sorted({k for r in eval_rows for k, v in r["eval"].items() if isinstance(v, float)})
-    fig, axes = plt.subplots(1, 1 + bool(names), figsize=(11 if names else 6, 4))
-    axes = axes if names else [axes]
+    # CIDEr runs to 10, the other scores to 1: each gets its own panel
+    panels = [[n for n in names if n == "CIDEr"], [n for n in names if n != "CIDEr"]]
+    panels = [p for p in panels if p]
+    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(5 + 5 * len(panels), 4), squeeze=False)
+    axes = axes[0]
     axes[0].plot([r["step"] for r in train_rows], [r["loss"] for r in train_rows])
     axes[0].set(title="training loss", xlabel="step")
-    for name in names:
-        axes[1].plot([r["step"] for r in eval_rows], [r["eval"].get(name) for r in eval_rows], marker="o",
-                     label=name)
-    if names:
-        axes[1].set(title="validation", xlabel="step")
-        axes[1].legend(fontsize=7)
+    for ax, group in zip(axes[1:], panels, strict=True):
+        for name in group:
+            ax.plot([r["step"] for r in eval_rows], [r["eval"].get(name) for r in eval_rows], marker="o",
+                    label=name)
+        ax.set(title="validation", xlabel="step")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
