@@ -96,9 +96,10 @@ class Captioner(nn.Module):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.max_caption_tokens = max_caption_tokens
-        self.visual_encoder = create_vision_encoder(cfg.vision, load_weights)
+        from_blip = cfg.text.init.startswith("blip:")  # the ViT's weights come from the BLIP checkpoint too
+        self.visual_encoder = create_vision_encoder(cfg.vision, load_weights and not from_blip)
         bert_state = None
-        if load_weights and cfg.text.init not in ("random",) and not cfg.text.init.startswith("blip:"):
+        if load_weights and cfg.text.init != "random" and not from_blip:
             bert_state, bert_config = _load_bert(cfg.text.init)
             cfg.text = text_config_from_bert(cfg.text, bert_config)
         t = cfg.text
@@ -112,7 +113,7 @@ class Captioner(nn.Module):
         self.text_decoder.set_gradient_checkpointing(t.grad_checkpointing)
         if bert_state is not None:
             load_bert_into_decoder(self.text_decoder, bert_state)
-        if load_weights and cfg.text.init.startswith("blip:"):
+        if load_weights and from_blip:
             load_blip_checkpoint(self, cfg.text.init.removeprefix("blip:"))
 
         self.image_pos_embed = None
