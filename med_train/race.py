@@ -5,11 +5,12 @@
 Both models are built at the config's sizes (the peer is `BlipForConditionalGeneration` with a plain ViT of the
 same width, depth, heads, patch and image size, and the same decoder), see the same batches (one batch is fetched,
 then each model takes its step on it), use the same optimizer settings and loss (prompt masked, label smoothing),
-and each gets the same wall-clock budget of training time. Each model's cosine schedule spans the steps it can take
-in that budget (measured over a few calibration steps), so neither is cut off mid-schedule. Steps alternate, so
-noise from a shared machine hits both alike. Every `eval_every_s` seconds of its own training time a model
-captions the held-out images greedily and is scored (CIDEr, BLEU-4, content scores); evaluation time is not
-training time. The result: each model's scores over time and the time it first met QUALITY_BAR (None if never).
+and each gets the same wall-clock budget of training time (one untimed warm-up step aside). Each model's cosine
+schedule spans the steps it can take in that budget (measured over a few calibration steps), so neither is cut
+off mid-schedule. Steps alternate, and so does which model goes first on a batch, so noise from a shared machine
+hits both alike. Every `eval_every_s` seconds of its own training time a model captions the held-out images
+greedily and is scored (CIDEr, BLEU-4, content scores); evaluation time is not training time. The result: each
+model's scores over time and the time it first met QUALITY_BAR (None if never).
 """
 
 from __future__ import annotations
@@ -115,10 +116,16 @@ def race(cfg: Config, *, budget_s: float = 600.0, eval_every_s: float = 120.0, e
         return time.perf_counter() - start, float(loss.detach())
 
     # calibration: step times at the warm-up learning rate, then each model's schedule fits its budget
+    def order(i):  # who goes first on a batch alternates: the first to touch a fresh batch pays for it
+        return list(models) if i % 2 == 0 else list(reversed(models))
+
     spent = {name: 0.0 for name in models}
-    for _ in range(calibration_steps):
+    warm = next(batches)
+    for name in models:  # one untimed step each: first-call costs are not step times
+        step(name, warm)
+    for i in range(calibration_steps):
         batch = next(batches)
-        for name in models:
+        for name in order(i):
             spent[name] += step(name, batch)[0]
     step_s = {name: spent[name] / calibration_steps for name in models}
     schedules = {}
@@ -130,7 +137,7 @@ def race(cfg: Config, *, budget_s: float = 600.0, eval_every_s: float = 120.0, e
 
     results = {name: {"step_s": step_s[name], "curve": [], "time_to_bar_s": None} for name in models}
     next_eval = dict.fromkeys(models, eval_every_s)
-    steps_done = dict.fromkeys(models, calibration_steps)
+    steps_done = dict.fromkeys(models, calibration_steps + 1)
     last_loss = dict.fromkeys(models, float("nan"))
 
     def score(name):
@@ -144,9 +151,11 @@ def race(cfg: Config, *, budget_s: float = 600.0, eval_every_s: float = 120.0, e
         say(f"{name} @ {spent[name]:.0f}s: loss {last_loss[name]:.3f}, CIDEr {scores.get('CIDEr', 0):.2f}, "
             f"exact {scores.get('content_exact', 0):.2f}, position {scores.get('content_position', 0):.2f}")
 
+    i = 0
     while any(spent[n] < budget_s for n in models):
         batch = next(batches)
-        for name in models:
+        i += 1
+        for name in order(i):
             if spent[name] >= budget_s:
                 continue
             seconds, last_loss[name] = step(name, batch, schedules[name])
