@@ -195,8 +195,14 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 
 def config_to_yaml(cfg: Config) -> str:
     """The whole resolved config as YAML text; `load_config` reads it back to an equal Config."""
-    # A huge width keeps long strings on one line.
-    return yaml.dump(config_to_dict(cfg), Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=1 << 30)
+    # A huge width keeps long strings on one line. PyYAML writes some line-break characters (U+0085, U+2028,
+    # U+2029) raw even inside double quotes when allow_unicode is on, and reads them back as spaces: if the text
+    # does not read back equal, write it again with every non-ASCII character escaped.
+    data = config_to_dict(cfg)
+    text = yaml.dump(data, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=1 << 30)
+    if yaml.safe_load(text) != data:
+        text = yaml.dump(data, Dumper=_Dumper, sort_keys=False, allow_unicode=False, width=1 << 30)
+    return text
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -489,3 +489,12 @@ def test_property_any_value_loads_or_fails_naming_its_key(tmp_path: Path, key: s
         assert load_config(path) == cfg
         save_config(cfg, tmp_path / "saved.yaml")
         assert load_config(tmp_path / "saved.yaml") == cfg
+
+
+def test_line_break_characters_survive_the_round_trip(tmp_path):
+    # found by hypothesis: PyYAML writes U+0085 raw with allow_unicode and reads it back as a space
+    cfg = load_config(None, ["data.caption_column=0\x85", "model.prompt=une photo de \u2028é "])
+    save_config(cfg, tmp_path / "c.yaml")
+    again = load_config(tmp_path / "c.yaml")
+    assert again.data.caption_column == "0\x85"
+    assert again.model.prompt == "une photo de \u2028é "
