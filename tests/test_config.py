@@ -442,7 +442,8 @@ def valid_overrides(draw: st.DrawFn) -> tuple[dict[str, Any], dict[str, Any], li
 @given(valid_overrides())
 def test_property_valid_overrides_load_and_round_trip(tmp_path: Path, case: tuple) -> None:
     chosen, in_file, sets = case
-    path = write(tmp_path / "c.yaml", yaml.safe_dump(nested(in_file), allow_unicode=True))
+    # escaped input: PyYAML writes U+0085 raw with allow_unicode and reads it back as a space
+    path = write(tmp_path / "c.yaml", yaml.safe_dump(nested(in_file)))
     cfg = load_config(path, sets)
     defaults = Config()
     for key in LEAF_TYPES:
