@@ -161,13 +161,13 @@ def caption_command(
     except FileNotFoundError as err:
         _fail(str(err), 2)
     captioner, cfg = load_run(run_dir)
-    kwargs = generate_kwargs(cfg, beams)
-    if sample:
+    if sample:  # BLIP's nucleus sampling: top-p with a mild repetition penalty
         import torch
 
-        kwargs = dict(do_sample=True, top_p=top_p, num_beams=1, max_length=cfg.generate.max_length,
-                      min_length=cfg.generate.min_length, repetition_penalty=1.1,
-                      generator=torch.Generator().manual_seed(seed))
+        cfg.generate.do_sample, cfg.generate.top_p, cfg.generate.repetition_penalty = True, top_p, 1.1
+    kwargs = generate_kwargs(cfg, beams)
+    if sample:
+        kwargs["generator"] = torch.Generator().manual_seed(seed)
     failed = 0
     paths = expand_image_paths(images)
     if not paths:

@@ -190,7 +190,8 @@ def train(cfg: Config, config_path: str | Path | None = None, resume: str | Path
         accelerator.load_state(str(done[-1]))
         state = TrainerState(**json.loads((done[-1] / STATE_FILE).read_text()))
         loader.load_state_dict(state.data)
-        _truncate_metrics(run_dir / "metrics.jsonl", state.step)
+        if main:  # one writer: the file is shared by every process
+            _truncate_metrics(run_dir / "metrics.jsonl", state.step)
         say(f"resuming {run_dir} from step {state.step}")
     if t.trackers:
         accelerator.init_trackers(run_dir.name, config={"lr": t.lr, "batch_size": t.batch_size})
