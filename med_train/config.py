@@ -124,6 +124,7 @@ class TrainConfig:
     clip_grad_norm: float | None = 1.0
     mixed_precision: str = "no"  # no | bf16 | fp16
     freeze_vision: bool = False
+    compile: bool = False  # torch.compile the training forward (inductor; needs a C++ compiler on the CPU)
     log_every: int = 10
     eval_every: int = 0  # 0: only at the end
     eval_images: int = 200  # held-out images scored during training

@@ -181,6 +181,8 @@ def train(cfg: Config, config_path: str | Path | None = None, resume: str | Path
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     raw_model = accelerator.unwrap_model(model)
+    if t.compile:  # the training forward only: evaluation and checkpoints use raw_model
+        model = torch.compile(model)
 
     state = TrainerState()
     if resume:
@@ -376,8 +378,9 @@ def _plot_curves(metrics_path: Path, out: Path) -> None:
     train_rows = [r for r in records if "loss" in r]
     eval_rows = [r for r in records if "eval" in r]
     names = sorted({k for r in eval_rows for k, v in r["eval"].items() if isinstance(v, float)})
-    # CIDEr runs to 10, the other scores to 1: each gets its own panel
-    panels = [[n for n in names if n == "CIDEr"], [n for n in names if n != "CIDEr"]]
+    # CIDEr runs to 10, the other scores to 1; content accuracies (shapes sets) apart, so no colour repeats
+    panels = [[n for n in names if n == "CIDEr"], [n for n in names if n != "CIDEr" and not n.startswith("content_")],
+              [n for n in names if n.startswith("content_")]]
     panels = [p for p in panels if p]
     fig, axes = plt.subplots(1, 1 + len(panels), figsize=(5 + 5 * len(panels), 4), squeeze=False)
     axes = axes[0]
@@ -387,7 +390,7 @@ def _plot_curves(metrics_path: Path, out: Path) -> None:
         for name in group:
             ax.plot([r["step"] for r in eval_rows], [r["eval"].get(name) for r in eval_rows], marker="o",
                     label=name)
-        ax.set(title="validation", xlabel="step")
+        ax.set(title="content accuracy" if group[0].startswith("content_") else "validation", xlabel="step")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=100)

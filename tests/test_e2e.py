@@ -81,6 +81,27 @@ def test_resume_gives_the_losses_of_an_uninterrupted_run(trained, workspace):
         assert r["loss"] == pytest.approx(want[r["step"]], rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.slow
+def test_compiled_training_gives_the_losses_of_eager_training(trained, workspace):
+    """train.compile: torch.compile (inductor) on the training forward; the same tokenizer, data and initial
+    weights (no dropout in TINY) give the same losses, to float32 rounding."""
+    from torch._dynamo.utils import counters
+
+    losses, frames = {}, {}
+    for compiled in (False, True):
+        counters.clear()
+        out = workspace / f"compile-{compiled}"
+        result = runner.invoke(app, ["train", str(workspace / "tiny.yaml"), "--output-dir", str(out),
+                                     "--set", f"train.compile={str(compiled).lower()}", "--set", "train.max_steps=3",
+                                     "--set", f"tokenizer.name={trained}"])
+        assert result.exit_code == 0, result.output
+        losses[compiled] = [r["loss"] for r in _metrics(Path(os.path.realpath(out / "latest"))) if "loss" in r]
+        frames[compiled] = counters["frames"]["ok"]  # frames torch.compile captured
+    assert frames == {False: 0, True: frames[True]} and frames[True] > 0
+    assert len(losses[True]) == 3
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
 def test_eval_writes_metrics_predictions_and_gallery(trained, tmp_path):
     result = runner.invoke(app, ["eval", "--model", str(trained), "--out", str(tmp_path / "ev"), "--beams", "1",
                                  "--json"])
