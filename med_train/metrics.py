@@ -414,7 +414,13 @@ def meteor_corpus(predictions: Mapping[K, str], references: Mapping[K, Sequence[
                 out = [""]
             if not all(out):
                 errors.seek(0)
-                raise RuntimeError(f"METEOR ({jar}) stopped answering: {errors.read().decode()[-1000:]}")
+                asked = line if len(line) < 400 else f"{line[:100]} ... {line[-300:]}"  # the prediction is last
+                try:
+                    status = f"exit status {proc.wait(timeout=5)}"
+                except subprocess.TimeoutExpired:
+                    status = "still running"
+                raise RuntimeError(f"METEOR ({jar}) stopped answering to {asked!r} ({status}): "
+                                   f"{errors.read().decode()[-1000:]}")
             return out
 
         try:

@@ -295,7 +295,9 @@ def test_meteor_unavailable_is_reported_and_skipped(monkeypatch, caplog):
 @pytest.mark.skipif(shutil.which("java") is None, reason="needs java")
 def test_meteor_failure_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(metrics, "meteor_available", lambda: (True, str(tmp_path / "missing.jar")))
-    with pytest.raises(RuntimeError, match="stopped answering.*missing.jar"):
+    # names the jar, what it was asked and how it ended
+    with pytest.raises(RuntimeError, match=r"missing\.jar\) stopped answering to "
+                                           r"'SCORE \|\|\| a dog runs \|\|\| a dog' \(exit status 1\)"):
         meteor_corpus({"a": "a dog"}, {"a": ["a dog runs"]})
 
 
