@@ -402,7 +402,7 @@ def meteor_corpus(predictions: Mapping[K, str], references: Mapping[K, Sequence[
     with tempfile.TemporaryFile() as errors:
         # cwd: the jar finds data/paraphrase-en.gz there. It writes nothing, so a read-only install is fine.
         proc = subprocess.Popen(command, cwd=Path(jar).parent, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=errors)
+                                stderr=errors, start_new_session=True)
         assert proc.stdin is not None and proc.stdout is not None
 
         def ask(line: str, answers: int = 1) -> list[str]:

@@ -133,8 +133,8 @@ def lr_factor(step: int, cfg: Config) -> float:
 def train(cfg: Config, config_path: str | Path | None = None, resume: str | Path | None = None) -> Path:
     """Train `cfg` (or resume the run folder `resume`); returns the run folder."""
     import torch
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import broadcast_object_list, set_seed
 
     from med_train import data as data_lib
     from med_train.evaluate import evaluate
@@ -142,7 +142,14 @@ def train(cfg: Config, config_path: str | Path | None = None, resume: str | Path
     from med_train.tokenizer import build_tokenizer, load_tokenizer
 
     t = cfg.train
-    run_dir = Path(resume) if resume else new_run_dir(cfg, config_path)
+    if resume:
+        run_dir = Path(resume)
+    else:  # one name for every process: each picking its own could differ by a second, or by a "-2" suffix
+        process = PartialState()
+        chosen = [str(new_run_dir(cfg, config_path)) if process.is_main_process else None]
+        if process.num_processes > 1:
+            broadcast_object_list(chosen)
+        run_dir = Path(chosen[0])
     accelerator = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum_steps,
                               log_with=t.trackers or None, project_dir=str(run_dir))
     main = accelerator.is_main_process
@@ -154,9 +161,16 @@ def train(cfg: Config, config_path: str | Path | None = None, resume: str | Path
     if resume:
         tokenizer = load_tokenizer(str(run_dir))
     elif cfg.tokenizer.name == "train":
-        # trained on prompt + caption, so that the prompt's words are whole tokens too
-        tokenizer = build_tokenizer(cfg.tokenizer, (cfg.model.prompt + c for c in
-                                                    data_lib.iter_captions(cfg.data, cfg.data.train_split)))
+        # trained on prompt + caption, so that the prompt's words are whole tokens too. By the main process only:
+        # the trainer can break ties differently in each process, and every process must use the same vocabulary
+        if main:
+            tokenizer = build_tokenizer(cfg.tokenizer, (cfg.model.prompt + c for c in
+                                                        data_lib.iter_captions(cfg.data, cfg.data.train_split)))
+            run_dir.mkdir(parents=True, exist_ok=True)
+            tokenizer.save_pretrained(str(run_dir))
+        accelerator.wait_for_everyone()
+        if not main:
+            tokenizer = load_tokenizer(str(run_dir))
     else:
         tokenizer = build_tokenizer(cfg.tokenizer)
     model = Captioner(cfg.model, tokenizer, load_weights=not resume, max_caption_tokens=cfg.tokenizer.max_length)
@@ -322,6 +336,7 @@ def _save_checkpoint(accelerator, model, run_dir: Path, state: TrainerState, loa
             root.mkdir(parents=True, exist_ok=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()  # every process's files are in before the folder is renamed
         if accelerator.is_main_process:
             (tmp / STATE_FILE).write_text(json.dumps(state.__dict__))
             _fsync_tree(tmp)
@@ -330,7 +345,8 @@ def _save_checkpoint(accelerator, model, run_dir: Path, state: TrainerState, loa
                 shutil.rmtree(old, ignore_errors=True)
             model.save_pretrained(run_dir)  # the last weights, loadable alone
     except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if accelerator.is_main_process:  # the others may still be writing their part
+            shutil.rmtree(tmp, ignore_errors=True)
         previous = checkpoint_dirs(run_dir)
         raise TrainingError(
             f"could not write checkpoint {final} ({err.strerror or err}); "
