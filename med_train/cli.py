@@ -112,7 +112,9 @@ def eval_command(
         _fail(str(err), 2)
     from accelerate import Accelerator
 
-    accelerator = Accelerator()
+    from med_train.train import cpu_processes
+
+    accelerator = Accelerator(cpu=cpu_processes())
     captioner.to(accelerator.device)
     split = split or cfg.data.eval_split
     out_dir = out or run_dir / f"eval-{split}"

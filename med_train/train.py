@@ -50,6 +50,14 @@ class TrainerState:
 
 # ---- the run folder --------------------------------------------------------------------------------------------
 
+def cpu_processes() -> bool:
+    """True when torchrun (or accelerate launch) started several processes on a machine without CUDA: accelerate
+    then needs `cpu=True` to join them with gloo, and without it silently runs each process as a whole run."""
+    import torch
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
 def new_run_dir(cfg: Config, config_path: str | Path | None) -> Path:
     stem = Path(config_path).stem if config_path else "run"
     name = cfg.train.run_name or f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -145,12 +153,12 @@ def train(cfg: Config, config_path: str | Path | None = None, resume: str | Path
     if resume:
         run_dir = Path(resume)
     else:  # one name for every process: each picking its own could differ by a second, or by a "-2" suffix
-        process = PartialState()
+        process = PartialState(cpu=cpu_processes())
         chosen = [str(new_run_dir(cfg, config_path)) if process.is_main_process else None]
         if process.num_processes > 1:
             broadcast_object_list(chosen)
         run_dir = Path(chosen[0])
-    accelerator = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum_steps,
+    accelerator = Accelerator(cpu=cpu_processes(), mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum_steps,
                               log_with=t.trackers or None, project_dir=str(run_dir))
     main = accelerator.is_main_process
     set_seed(t.seed, device_specific=True)

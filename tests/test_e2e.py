@@ -166,6 +166,10 @@ def test_two_processes_train_and_evaluate_each_image_once(workspace, tmp_path):
                            capture_output=True, text=True, env=env, timeout=600)
     assert train.returncode == 0, train.stderr[-3000:]
     run = Path(os.path.realpath(tmp_path / "runs" / "latest"))
+    # one run of two joined processes (accelerate saves each one's RNG), not two single-process runs in one folder
+    assert sorted(p.name for p in (run / "checkpoints" / "step_4").glob("random_states_*")) == [
+        "random_states_0.pkl", "random_states_1.pkl"]
+    assert [p.name for p in (tmp_path / "runs").iterdir() if p.name != "latest"] == [run.name]
     evaluate = subprocess.run([*base, "eval", "--model", str(run), "--out", str(tmp_path / "ev"), "--json"],
                               capture_output=True, text=True, env=env, timeout=600)
     assert evaluate.returncode == 0, evaluate.stderr[-3000:]
