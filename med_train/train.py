@@ -158,8 +158,9 @@ def train(cfg: Config, config_path: str | Path | None = None, resume: str | Path
         if process.num_processes > 1:
             broadcast_object_list(chosen)
         run_dir = Path(chosen[0])
-    accelerator = Accelerator(cpu=cpu_processes(), mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum_steps,
-                              log_with=t.trackers or None, project_dir=str(run_dir))
+    accelerator = Accelerator(cpu=cpu_processes(), mixed_precision=t.mixed_precision,
+                              gradient_accumulation_steps=t.grad_accum_steps, log_with=t.trackers or None,
+                              project_dir=str(run_dir))
     main = accelerator.is_main_process
     set_seed(t.seed, device_specific=True)
     say = accelerator.print if not t.quiet else (lambda *a, **k: None)  # progress notes
