@@ -150,15 +150,16 @@ def train(cfg: Config, config_path: str | Path | None = None, resume: str | Path
     from med_train.tokenizer import build_tokenizer, load_tokenizer
 
     t = cfg.train
+    cpu = cpu_processes()
     if resume:
         run_dir = Path(resume)
     else:  # one name for every process: each picking its own could differ by a second, or by a "-2" suffix
-        process = PartialState(cpu=cpu_processes())
+        process = PartialState(cpu=cpu)
         chosen = [str(new_run_dir(cfg, config_path)) if process.is_main_process else None]
         if process.num_processes > 1:
             broadcast_object_list(chosen)
         run_dir = Path(chosen[0])
-    accelerator = Accelerator(cpu=cpu_processes(), mixed_precision=t.mixed_precision,
+    accelerator = Accelerator(cpu=cpu, mixed_precision=t.mixed_precision,
                               gradient_accumulation_steps=t.grad_accum_steps, log_with=t.trackers or None,
                               project_dir=str(run_dir))
     main = accelerator.is_main_process
