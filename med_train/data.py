@@ -330,9 +330,9 @@ class CaptionLoader:
     loader makes a full pass on every `iter()`. `stats` counts rows and bad rows (held-out: the latest pass)."""
 
     def __init__(self, stream: CaptionStream, *, batch_size: int, collate: Callable, num_workers: int,
-                 seed: int = 0, stats: BadRowStats | None = None) -> None:
+                 seed: int = 0, stats: BadRowStats | None = None, pin_memory: bool = False) -> None:
         self.stream, self.batch_size, self.collate = stream, batch_size, collate
-        self.num_workers, self.seed = num_workers, seed
+        self.num_workers, self.seed, self.pin_memory = num_workers, seed, pin_memory
         self.shared_stats = stats  # the caller's counter, added to as well
         self.stats = BadRowStats()
         self.positions: dict[int, tuple[int, int, int]] = {}  # worker -> position after its last batch
@@ -353,7 +353,8 @@ class CaptionLoader:
         self.stream.start = dict(self.positions)
         loader = torch.utils.data.DataLoader(
             _MetaStream(self.stream), batch_size=self.batch_size, num_workers=self.num_workers,
-            collate_fn=_MetaCollate(self.collate), generator=torch.Generator().manual_seed(self.seed + self.batches))
+            collate_fn=_MetaCollate(self.collate), generator=torch.Generator().manual_seed(self.seed + self.batches),
+            pin_memory=self.pin_memory)
         tally = _Tally(self.stream.cfg, self.stream.split, self.stats, self.shared_stats)
         for batch in loader:
             meta = batch.pop("_meta")
@@ -408,9 +409,10 @@ def build_dataset(cfg: DataConfig, split: str, *, train: bool, image_size: int, 
 def build_dataloader(cfg: DataConfig, split: str, *, train: bool, batch_size: int, image_size: int, mean, std,
                      tokenizer=None, prompt: str = "", max_length: int = 40, seed: int = 0, num_processes: int = 1,
                      process_index: int = 0, stats: BadRowStats | None = None, epochs: int | None = None,
-                     num_workers: int | None = None) -> CaptionLoader:
+                     num_workers: int | None = None, pin_memory: bool = False) -> CaptionLoader:
     """Training (`train=True`, endless unless `epochs`) or held-out batches for this process. Do not hand the
-    result to `accelerator.prepare`: it is sharded already (module docstring)."""
+    result to `accelerator.prepare`: it is sharded already (module docstring). `pin_memory` (for a CUDA device):
+    batches arrive in page-locked memory, so `.to(device, non_blocking=True)` copies them asynchronously."""
     if train and tokenizer is None:
         raise ValueError("a training loader needs the tokenizer")
     stream = build_dataset(cfg, split, train=train, image_size=image_size, mean=mean, std=std, seed=seed,
@@ -418,7 +420,7 @@ def build_dataloader(cfg: DataConfig, split: str, *, train: bool, batch_size: in
     collate = make_collate(tokenizer, prompt, max_length) if train else EvalCollate()
     workers = cfg.num_workers if num_workers is None else num_workers
     return CaptionLoader(stream, batch_size=batch_size, collate=collate, num_workers=workers, seed=seed,
-                         stats=stats)
+                         stats=stats, pin_memory=pin_memory)
 
 
 def iter_captions(cfg: DataConfig, split: str, limit: int | None = None) -> Iterator[str]:

@@ -67,7 +67,7 @@ def evaluate(model, cfg: Config, *, split: str | None = None, num_beams: int | N
         cfg.data, split, train=False, batch_size=batch_size or cfg.generate.batch_size,
         image_size=model.cfg.vision.image_size, mean=mean, std=std, tokenizer=model.tokenizer,
         prompt=model.cfg.prompt, max_length=cfg.tokenizer.max_length, seed=cfg.train.seed,
-        num_processes=num_processes, process_index=process_index)
+        num_processes=num_processes, process_index=process_index, pin_memory=device.type == "cuda")
     per_process = None if max_images is None else -(-max_images // num_processes)
     kwargs = generate_kwargs(cfg, num_beams)
     if kwargs.get("do_sample"):
@@ -81,7 +81,7 @@ def evaluate(model, cfg: Config, *, split: str | None = None, num_beams: int | N
         for batch in loader:
             if per_process is not None and seen >= per_process:
                 break
-            images = batch["images"].to(device)
+            images = batch["images"].to(device, non_blocking=True)
             captions = model.generate(images, **kwargs)
             for i, caption in enumerate(captions):
                 record = {"id": batch["ids"][i], "caption": caption, "references": batch["references"][i]}

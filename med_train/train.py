@@ -199,7 +199,8 @@ def train(cfg: Config, config_path: str | Path | None = None, resume: str | Path
     loader = data_lib.build_dataloader(
         cfg.data, cfg.data.train_split, train=True, batch_size=t.batch_size, image_size=cfg.model.vision.image_size,
         mean=mean, std=std, tokenizer=tokenizer, prompt=cfg.model.prompt, max_length=cfg.tokenizer.max_length,
-        seed=t.seed, num_processes=accelerator.num_processes, process_index=accelerator.process_index, stats=stats)
+        seed=t.seed, num_processes=accelerator.num_processes, process_index=accelerator.process_index, stats=stats,
+        pin_memory=accelerator.device.type == "cuda")
 
     optimizer = build_optimizer(model, cfg, accelerator.device.type)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
@@ -238,34 +239,34 @@ def train(cfg: Config, config_path: str | Path | None = None, resume: str | Path
     batches = iter(loader)  # endless: the loader moves through epochs itself and remembers its position
     try:
         while state.step < t.max_steps and stop_requested["signal"] is None:
-            step_loss, skipped = 0.0, False
+            micro_losses = []
             for _ in range(t.grad_accum_steps):
                 fetch_start = time.perf_counter()
                 batch = next(batches)
                 window["wait"] += time.perf_counter() - fetch_start
-                images = batch["images"].to(accelerator.device, non_blocking=True)
+                images = batch["images"].to(accelerator.device, non_blocking=True)  # pinned on CUDA: async
                 with accelerator.accumulate(model), accelerator.autocast():
-                    loss = model(images, input_ids=batch["input_ids"].to(accelerator.device),
-                                 attention_mask=batch["attention_mask"].to(accelerator.device),
-                                 labels=batch["labels"].to(accelerator.device))
-                    if not torch.isfinite(loss.detach()):
-                        skipped = True  # keep the micro-batch loop in step; drop this update below
-                    accelerator.backward(loss if not skipped else loss * 0.0)
-                step_loss += float(loss.detach()) / t.grad_accum_steps
+                    loss = model(images, **{k: batch[k].to(accelerator.device, non_blocking=True)
+                                            for k in ("input_ids", "attention_mask", "labels")})
+                    # always backward, even a non-finite loss: every process must join the gradient all-reduce
+                    accelerator.backward(loss)
+                micro_losses.append(loss.detach().float())
                 window["images"] += images.shape[0] * accelerator.num_processes
+            # clipped in place; a tensor, read only when logged
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.clip_grad_norm) if t.clip_grad_norm else None
+            step_loss, skipped = _step_loss(accelerator, micro_losses, grad_norm)  # the step's one host-device sync
             if skipped:
                 optimizer.zero_grad(set_to_none=True)
                 state.nonfinite_steps += 1
                 nonfinite_in_a_row += 1
-                notice(f"step {state.step + 1}: non-finite loss, update skipped ({state.nonfinite_steps} so far)")
+                notice(f"step {state.step + 1}: non-finite loss or gradients, update skipped ({state.nonfinite_steps} so far)")
                 if nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
                     raise TrainingError(
-                        f"step {state.step + 1}: {nonfinite_in_a_row} non-finite losses in a row; lower train.lr or "
+                        f"step {state.step + 1}: {nonfinite_in_a_row} non-finite steps in a row; lower train.lr or "
                         f"check the data, then resume from the last good checkpoint with --resume {run_dir}")
                 continue
             nonfinite_in_a_row = 0
-            if t.clip_grad_norm:
-                window["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), t.clip_grad_norm))
+            window["grad_norm"] = grad_norm
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -279,7 +280,8 @@ def train(cfg: Config, config_path: str | Path | None = None, resume: str | Path
                 elapsed = time.perf_counter() - window["start"]
                 record = {"step": state.step, "epoch": state.epoch, "loss": window["loss"] / window["n"],
                           "lr": scheduler.get_last_lr()[0], "images_per_s": window["images"] / elapsed,
-                          "data_wait": window["wait"] / elapsed, "grad_norm": window["grad_norm"]}
+                          "data_wait": window["wait"] / elapsed,
+                          "grad_norm": None if window["grad_norm"] is None else float(window["grad_norm"])}
                 progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
                                      img_s=f"{record['images_per_s']:.1f}")
                 if main:
@@ -329,6 +331,22 @@ def train(cfg: Config, config_path: str | Path | None = None, resume: str | Path
         accelerator.end_training()
     accelerator.wait_for_everyone()
     return run_dir
+
+
+def _step_loss(accelerator, micro_losses: list, grad_norm) -> tuple[float, bool]:
+    """(the step's mean loss on this process, whether any process saw a non-finite micro-batch loss or gradient
+    norm). The skip decision is shared: gradients are all-reduced, so a NaN in one process's backward reaches every
+    process's gradients, and all of them must drop the update. One device-to-host read for both numbers."""
+    import torch
+
+    losses = torch.stack(micro_losses)
+    bad = (~torch.isfinite(losses)).sum().float()
+    if grad_norm is not None:
+        bad = bad + (~torch.isfinite(grad_norm)).float()
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, reduction="sum")
+    mean, bad = torch.stack([losses.mean(), bad]).tolist()
+    return mean, bad > 0
 
 
 def _save_checkpoint(accelerator, model, run_dir: Path, state: TrainerState, loader, keep: int) -> None:

@@ -319,6 +319,15 @@ def test_training_loader_is_endless_with_full_batches(sources, tokenizer):
     assert loaders[0].epoch == 3  # the epoch of the last delivered example (epochs count from 0)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
+def test_batches_for_a_gpu_come_in_pinned_memory(sources, tokenizer):
+    """Page-locked batches: the trainer's `.to(device, non_blocking=True)` is then an asynchronous copy."""
+    for pin in (True, False):
+        batch = next(iter(loader_for(sources["parquet"], tokenizer, pin_memory=pin)))
+        assert batch["images"].is_pinned() == pin and batch["input_ids"].is_pinned() == pin
+        assert batch["ids"] and isinstance(batch["ids"][0], str)  # the non-tensor fields pass through
+
+
 @pytest.mark.parametrize("streaming,workers", [(False, 0), (False, 2), (True, 0), (True, 2)])
 def test_resume_neither_replays_nor_skips(sources, tokenizer, streaming, workers):
     cfg = with_(sources["webdataset"], streaming=streaming, shuffle_buffer=3)

@@ -175,3 +175,42 @@ def test_two_processes_train_and_evaluate_each_image_once(workspace, tmp_path):
     assert evaluate.returncode == 0, evaluate.stderr[-3000:]
     predictions = json.loads((tmp_path / "ev" / "predictions.json").read_text())
     assert sorted(p["image_id"] for p in predictions) == sorted(f"test/{i:06d}" for i in range(6))
+
+
+NAN_ON_RANK_1 = """
+import os, sys
+from med_train.cli import app
+from med_train.model import Captioner
+
+real_forward, calls = Captioner.forward, {"n": 0}
+
+def forward(self, *args, **kwargs):  # the second micro-batch of process 1 only has a NaN loss
+    calls["n"] += 1
+    loss = real_forward(self, *args, **kwargs)
+    return loss * float("nan") if os.environ["RANK"] == "1" and calls["n"] == 2 else loss
+
+Captioner.forward = forward
+app(args=sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_a_nan_in_one_process_skips_the_step_in_every_process(workspace, tmp_path):
+    """Gradients are all-reduced, so one process's NaN reaches all: every process must drop that update."""
+    import torch
+
+    from med_train.model import Captioner
+
+    (tmp_path / "nan_on_rank_1.py").write_text(NAN_ON_RANK_1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             "29534", str(tmp_path / "nan_on_rank_1.py"), "train", str(workspace / "tiny.yaml"),
+                             "--output-dir", str(tmp_path / "runs"), "--set", "train.max_steps=3",
+                             "--set", "train.eval_every=0", "--set", "train.save_every=3",
+                             "--set", "train.clip_grad_norm=null"],  # no grad norm: the losses alone decide
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = Path(os.path.realpath(tmp_path / "runs" / "latest"))
+    state = json.loads((run / "checkpoints" / "step_3" / "trainer_state.json").read_text())
+    assert state["nonfinite_steps"] == 1 and state["step"] == 3
+    assert all(torch.isfinite(p).all() for p in Captioner.from_pretrained(run).parameters())

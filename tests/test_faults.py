@@ -2,6 +2,7 @@
 
 import errno
 import json
+import math
 import os
 import random
 import signal
@@ -122,8 +123,44 @@ def test_non_finite_losses_are_skipped_and_counted_then_stop_the_run(config_file
     cfg = load_config(config_file, ["train.max_steps=8", "train.save_every=2", f"train.output_dir={tmp_path}/b"])
     calls["n"] = -3  # three good steps first
     bad_calls.difference_update({-2, -1, 0})
-    with pytest.raises(TrainingError, match=r"step 4: 4 non-finite losses in a row.*--resume"):
+    with pytest.raises(TrainingError, match=r"step 4: 4 non-finite steps in a row.*--resume"):
         train(cfg, config_file)
+
+
+def test_a_finite_loss_with_non_finite_gradients_is_skipped_too(config_file, tmp_path, monkeypatch):
+    """fp16 overflow and the like: the loss is finite but a gradient is not; with clipping on, the step is dropped
+    rather than writing NaN into the weights."""
+    import torch
+
+    from med_train.model import Captioner
+
+    class InfiniteGradient(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * float("inf")
+
+    real_forward = Captioner.forward
+    calls = {"n": 0}
+
+    def forward(self, *args, **kwargs):
+        calls["n"] += 1
+        loss = real_forward(self, *args, **kwargs)
+        return InfiniteGradient.apply(loss) if calls["n"] == 2 else loss
+
+    monkeypatch.setattr(Captioner, "forward", forward)
+    cfg = load_config(config_file, ["train.max_steps=3", "train.save_every=3", "train.clip_grad_norm=1.0",
+                                    f"train.output_dir={tmp_path}"])
+    run = train(cfg, config_file)
+    state = json.loads((checkpoint_dirs(run)[-1] / "trainer_state.json").read_text())
+    assert state["nonfinite_steps"] == 1 and state["step"] == 3
+    assert all(torch.isfinite(p).all() for p in Captioner.from_pretrained(run).parameters())
+    norms = [json.loads(line)["grad_norm"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert len(norms) == 3 and all(isinstance(n, float) and math.isfinite(n) and n > 0 for n in norms)
 
 
 def test_a_failed_checkpoint_write_is_a_clear_error_and_keeps_the_previous(config_file, tmp_path, monkeypatch):
