@@ -2,7 +2,8 @@
 (through `export_hf`) and inputs, in one process.
 
     med bench                                  # ViT-B/16 224 px + BERT-base (vocab 30524), fp32, batch 8, CPU
-    med bench --device cuda                    # 384 px, bf16 autocast for both, batch 32
+    med bench --device cuda                    # 384 px, bf16 autocast for both, batch 32, BLIP's data recipe
+    med bench --compile                        # both training steps through torch.compile
     med bench --config configs/shapes.yaml     # that config's model sizes and data
     med bench --quick --json bench.json        # tiny sizes, one repetition (what the test runs)
 
@@ -22,7 +23,13 @@ are random (no hub): the speed of a model does not depend on its values. Figures
   exposes every matmul) and the achieved fraction of this machine's dense matmul rate, measured here
   (`matmul_fraction`; on a GPU also `mfu`, against the datasheet peak);
 - the data pipeline's images/s (decode + train transform + collate, the configured workers) against what
-  training consumes (`data_headroom`).
+  training consumes (`data_headroom`). Without a config the pipeline is the default one on the CPU (2 workers);
+  with `--device cuda` it is BLIP's COCO recipe (configs/coco_karpathy_base.yaml: RandAugment, 8 workers, or
+  fewer where the machine has fewer cores), what a GPU run of that recipe feeds the model with.
+
+With `compile=True` both models' training forward runs through `torch.compile` (the first step compiles it and is
+not timed); the captioning figures stay eager. Peak memory is then the weights, the optimizer state and the
+high-water increase over a later step, since the compiler's own allocations in the first step are not training's.
 """
 
 from __future__ import annotations
@@ -60,8 +67,11 @@ class BenchSettings:
     threads: int | None = None  # torch intra-op threads; None: torch's default
     max_length: int = 20
     min_length: int = 5
-    data_batches: int = 6  # timed data-pipeline batches (after the first, which starts the workers)
+    data_batches: int = 6  # timed data-pipeline batches, at least 2 per worker (after each worker's first)
     matmul_size: int = 2048
+    workers: int | None = None  # data-pipeline workers; None: the config's (or, generated data, see defaults)
+    randaugment: bool | None = None  # None: the config's
+    compile: bool = False  # torch.compile both training steps
     quick: bool = False  # tiny sizes: a smoke run for the tests
 
     @classmethod
@@ -69,8 +79,9 @@ class BenchSettings:
         if quick:
             return cls(device=device, batch_size=4, image_size=32, reps=1, data_batches=2, matmul_size=256,
                        quick=True)
-        if device == "cuda":
-            return cls(device=device, batch_size=32, image_size=384, bf16=True, matmul_size=8192)
+        if device == "cuda":  # BLIP's COCO recipe: 384 px, 32 images per GPU, RandAugment, 8 loader workers
+            return cls(device=device, batch_size=32, image_size=384, bf16=True, matmul_size=8192,
+                       workers=min(8, os.cpu_count() or 1), randaugment=True)
         return cls(device=device)
 
 
@@ -97,6 +108,10 @@ def bench_config(settings: BenchSettings, config_path: str | Path | None, workdi
         cfg.data.source, cfg.data.format = str(workdir / "shapes"), "imagefolder"
         if settings.quick:
             cfg.data.num_workers = 0
+    if settings.workers is not None:
+        cfg.data.num_workers = settings.workers
+    if settings.randaugment is not None:
+        cfg.data.randaugment = settings.randaugment
     if cfg.data.cache_dir is None:
         cfg.data.cache_dir = str(workdir / "datasets-cache")  # keep the user's cache clean
     return cfg
@@ -138,17 +153,21 @@ def bert_layout_tokenizer(folder: Path, vocab_size: int, words: list[str]):
 
 
 def data_throughput(cfg: Config, settings: BenchSettings, tokenizer, mean, std) -> tuple[float, dict]:
-    """(images/s of the training data pipeline with the configured workers, its first batch). The first batch
-    (worker start-up, opening the table) is not timed; the next `data_batches` are."""
+    """(images/s of the training data pipeline with the configured workers, its first batch). The first round
+    (one batch from each worker: start-up, opening the table) is not timed, since the workers start together and
+    their first batches arrive at once; the next max(`data_batches`, 2 x workers) batches are."""
     from med_train.data import build_dataloader
 
     loader = build_dataloader(cfg.data, cfg.data.train_split, train=True, batch_size=settings.batch_size,
                               image_size=cfg.model.vision.image_size, mean=mean, std=std, tokenizer=tokenizer,
                               prompt=cfg.model.prompt, max_length=cfg.tokenizer.max_length, seed=0)
-    batches = iter(loader)
+    workers = max(1, cfg.data.num_workers)
+    batches = iter(loader)  # endless: the timed batches may run into later epochs of the same rows
     first = next(batches)
+    for _ in range(workers - 1):
+        next(batches)
     start, images = time.perf_counter(), 0
-    for _ in range(settings.data_batches):
+    for _ in range(max(settings.data_batches, 2 * workers)):
         images += next(batches)["images"].shape[0]
     seconds = time.perf_counter() - start
     batches.close()  # stops the workers of the endless loader
@@ -242,6 +261,11 @@ def peak_increase(fn: Callable[[], object], device: str) -> int | None:
     return (_status_kb("VmHWM") - base) * 1024
 
 
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return sum(v.untyped_storage().nbytes() for state in optimizer.state.values() for v in state.values()
+               if isinstance(v, torch.Tensor))
+
+
 def parameter_bytes(model: torch.nn.Module) -> int:
     storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
     return sum(storages.values())  # tied weights counted once
@@ -322,6 +346,7 @@ def run_bench(settings: BenchSettings, config_path: str | Path | None = None,
     optimizers = build_optimizers(ours, peer, cfg, device)
     results: dict = {
         "settings": {**asdict(settings), "image_size": cfg.model.vision.image_size, "vision": cfg.model.vision.name,
+                     "workers": cfg.data.num_workers, "randaugment": cfg.data.randaugment,
                      "vision_kwargs": cfg.model.vision.kwargs, "text": asdict(cfg.model.text),
                      "vocab_size": len(tokenizer), "config": str(config_path) if config_path else None,
                      "data_source": "shapes set, generated" if generated_data(settings, config_path)
@@ -347,6 +372,7 @@ def run_bench(settings: BenchSettings, config_path: str | Path | None = None,
     results["mfu"] = round(flops * train_rate["ours"] / peak, 3) if peak and device == "cuda" else None
     results["data_images_per_s"] = round(data_rate, 1)
     results["data_workers"] = cfg.data.num_workers
+    results["data_randaugment"] = cfg.data.randaugment
     results["data_headroom"] = round(data_rate / train_rate["ours"], 2)
     # Time to the demo's quality bar takes two trainings on the shapes set: `med race` (race.py) measures it.
     # The key stays so that one JSON can carry both once a run joins them; never estimated here.
@@ -428,7 +454,11 @@ def _training(ours, peer, optimizers: dict, images, text: dict, settings: BenchS
     ours.train()
     peer.train()
     losses: dict[str, float] = {}
-    loss_fns = {"ours": lambda: ours(images, **text), "peer": lambda: peer(pixel_values=images, **text).loss}
+    forward = {"ours": ours, "peer": peer}
+    if settings.compile:
+        forward = {name: torch.compile(model) for name, model in forward.items()}
+    loss_fns = {"ours": lambda: forward["ours"](images, **text),
+                "peer": lambda: forward["peer"](pixel_values=images, **text).loss}
 
     def step(name: str, counter=None) -> Callable[[], None]:
         def call() -> None:
@@ -442,12 +472,24 @@ def _training(ours, peer, optimizers: dict, images, text: dict, settings: BenchS
         return call
 
     counter = FlopCounterMode(display=False)
-    increase = {"ours": peak_increase(step("ours"), device),  # the first steps are also the warm-up
-                "peer": peak_increase(step("peer", counter), device)}
+    state_bytes = {name: 0 for name in SIDES}
+    if settings.compile:
+        with torch.no_grad(), autocast():  # the first-step losses on equal weights, and the FLOPs, from eager runs
+            losses.update(ours=float(ours(images, **text)), peer=float(peer(pixel_values=images, **text).loss))
+        with counter, autocast():
+            peer(pixel_values=images, **text).loss.backward()
+        peer.zero_grad(set_to_none=True)
+        for name in SIDES:  # the first compiled step compiles: its memory is not training's
+            step(name)()
+            state_bytes[name] = optimizer_state_bytes(optimizers[name])
+        increase = {name: peak_increase(step(name), device) for name in SIDES}
+    else:  # the first steps are also the warm-up
+        increase = {"ours": peak_increase(step("ours"), device), "peer": peak_increase(step("peer", counter), device)}
     seconds = interleaved({name: step(name) for name in SIDES}, settings.reps, device, warmup=False)
     results: dict = {}
     _rates(results, "train", images.shape[0], seconds)
-    memory = {name: None if increase[name] is None else round((parameter_bytes(model) + increase[name]) / 2**20, 1)
+    memory = {name: None if increase[name] is None
+              else round((parameter_bytes(model) + state_bytes[name] + increase[name]) / 2**20, 1)
               for name, model in (("ours", ours), ("peer", peer))}
     results.update(train_memory_mb=memory,
                    memory_ratio=None if None in memory.values() else round(memory["ours"] / memory["peer"], 3),
@@ -461,7 +503,7 @@ def _training(ours, peer, optimizers: dict, images, text: dict, settings: BenchS
 def format_table(results: dict) -> str:
     """The figures as a plain-text table (what the README shows)."""
     s, m = results["settings"], results["machine"]
-    precision = "bf16 autocast" if s["bf16"] else "fp32"
+    precision = ("bf16 autocast" if s["bf16"] else "fp32") + (", training compiled" if s["compile"] else "")
     lines = [f"med bench: {s['vision']} {s['image_size']} px + MED {s['text']['hidden_size']}x"
              f"{s['text']['num_hidden_layers']} (vocab {s['vocab_size']}), batch {s['batch_size']}, {precision}, "
              f"median of {s['reps']}",
@@ -490,7 +532,8 @@ def format_table(results: dict) -> str:
     lines += ["",
               f"model FLOPs per training image {results['train_gflop_per_image']} GFLOP; dense matmul rate "
               f"{results['matmul_gflops']} GFLOP/s" + (f"; MFU {results['mfu']}" if results["mfu"] else ""),
-              f"data pipeline {results['data_images_per_s']} images/s with {results['data_workers']} workers = "
+              f"data pipeline {results['data_images_per_s']} images/s with {results['data_workers']} workers"
+              f"{' and RandAugment' if results['data_randaugment'] else ''} = "
               f"{results['data_headroom']}x what training consumes",
               f"first-step loss: ours {losses['ours']:.5f}, peer {losses['peer']:.5f}; beam-3 captions equal: "
               f"{results['beam3_captions_same_fraction']:.0%}",

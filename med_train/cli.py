@@ -402,6 +402,11 @@ def bench_command(
     reps: Annotated[int | None, typer.Option(help="Timed repetitions per side (default: 3; --quick: 1).")] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's); 1 is steadier on a "
                                                      "machine shared with other jobs.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Data-pipeline workers (default: the config's; with "
+                                                     "--device cuda and no config, BLIP's 8, at most one per "
+                                                     "core).", min=0)] = None,
+    compile: Annotated[bool, typer.Option("--compile", help="Run both training steps through torch.compile "
+                                                            "(the compiling step is not timed).")] = False,
 ) -> None:
     """Measure med_train against transformers' BLIP (same shapes, weights and inputs, interleaved): training and
     captioning speed, memory, FLOPs against the matmul rate, data-pipeline headroom. Exit code 1 when the greedy
@@ -420,12 +425,15 @@ def bench_command(
 
     settings = BenchSettings.defaults(device, quick=quick)
     if config is not None and not quick:
-        settings.image_size = None  # the config's
+        settings.image_size = settings.workers = settings.randaugment = None  # the config's
     if batch_size is not None:
         settings.batch_size = batch_size
     if reps is not None:
         settings.reps = reps
     settings.threads = threads
+    settings.compile = compile
+    if workers is not None:
+        settings.workers = workers
     results = run_bench(settings, config, say=lambda message: typer.echo(f"bench: {message}", err=True))
     typer.echo(format_table(results))
     if json_out is not None:
