@@ -49,6 +49,7 @@ from pathlib import Path
 import torch
 
 from med_train.config import Config, load_config
+from med_train.model import normalize_images
 from med_train.tokenizer import load_tokenizer
 
 # Dense bf16 tensor-core peaks from the vendor datasheets (FLOP/s), for MFU; other GPUs get no MFU.
@@ -152,14 +153,14 @@ def bert_layout_tokenizer(folder: Path, vocab_size: int, words: list[str]):
     return load_tokenizer(str(folder))
 
 
-def data_throughput(cfg: Config, settings: BenchSettings, tokenizer, mean, std) -> tuple[float, dict]:
+def data_throughput(cfg: Config, settings: BenchSettings, tokenizer) -> tuple[float, dict]:
     """(images/s of the training data pipeline with the configured workers, its first batch). The first round
     (one batch from each worker: start-up, opening the table) is not timed, since the workers start together and
     their first batches arrive at once; the next max(`data_batches`, 2 x workers) batches are."""
     from med_train.data import build_dataloader
 
     loader = build_dataloader(cfg.data, cfg.data.train_split, train=True, batch_size=settings.batch_size,
-                              image_size=cfg.model.vision.image_size, mean=mean, std=std, tokenizer=tokenizer,
+                              image_size=cfg.model.vision.image_size, tokenizer=tokenizer,
                               prompt=cfg.model.prompt, max_length=cfg.tokenizer.max_length, seed=0)
     workers = max(1, cfg.data.num_workers)
     batches = iter(loader)  # endless: the timed batches may run into later epochs of the same rows
@@ -339,7 +340,7 @@ def run_bench(settings: BenchSettings, config_path: str | Path | None = None,
         say(f"building the models (vocab {len(tokenizer)}) and exporting ours to transformers")
         ours, peer = build_models(cfg, tokenizer, workdir, device)
         say("measuring the data pipeline")
-        data_rate, batch = data_throughput(cfg, settings, tokenizer, *ours.image_mean_std())
+        data_rate, batch = data_throughput(cfg, settings, tokenizer)
 
     matmul_dtype = torch.bfloat16 if settings.bf16 else torch.float32
     rates = [matmul_rate(device, matmul_dtype, settings.matmul_size)]
@@ -354,13 +355,16 @@ def run_bench(settings: BenchSettings, config_path: str | Path | None = None,
                      "optimizer": {name: _adamw_kind(opt, device) for name, opt in optimizers.items()}},
         "machine": machine_info(device)}
     autocast = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if settings.bf16 else nullcontext
+    # ours takes the loader's uint8 images and normalises them on the device; the peer, like transformers'
+    # BlipProcessor users, gets float pixels normalised beforehand (the same values), outside its timing
     images = batch["images"].to(device)
+    pixels = normalize_images(images, *ours.image_mean_std())
     text = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")}
 
     say("captioning")  # first, while both models hold the same weights
-    results.update(_captioning(ours, peer, images, tokenizer, settings, autocast))
+    results.update(_captioning(ours, peer, images, pixels, tokenizer, settings, autocast))
     say("training steps")
-    results.update(_training(ours, peer, optimizers, images, text, settings, autocast))
+    results.update(_training(ours, peer, optimizers, images, pixels, text, settings, autocast))
 
     rates.append(matmul_rate(device, matmul_dtype, settings.matmul_size))
     rate, train_rate = max(rates), results["train_images_per_s"]
@@ -380,7 +384,7 @@ def run_bench(settings: BenchSettings, config_path: str | Path | None = None,
     return results
 
 
-def _captioning(ours, peer, images, tokenizer, settings: BenchSettings, autocast) -> dict:
+def _captioning(ours, peer, images, pixels, tokenizer, settings: BenchSettings, autocast) -> dict:
     """Captioning images/s, end to end and decoding alone, greedy and beam 3, and the caption checks."""
     from med_train import decode
 
@@ -402,7 +406,7 @@ def _captioning(ours, peer, images, tokenizer, settings: BenchSettings, autocast
         return call
 
     def peer_end_to_end(beams: int) -> torch.Tensor:
-        return peer.generate(pixel_values=images, input_ids=prompt_sep.clone(), num_beams=beams, do_sample=False,
+        return peer.generate(pixel_values=pixels, input_ids=prompt_sep.clone(), num_beams=beams, do_sample=False,
                              **lengths)
 
     def ours_decode(beams: int, embeds: torch.Tensor) -> torch.Tensor:
@@ -446,7 +450,7 @@ def _captioning(ours, peer, images, tokenizer, settings: BenchSettings, autocast
     return results
 
 
-def _training(ours, peer, optimizers: dict, images, text: dict, settings: BenchSettings, autocast) -> dict:
+def _training(ours, peer, optimizers: dict, images, pixels, text: dict, settings: BenchSettings, autocast) -> dict:
     """Training-step images/s, peak memory, first-step losses and the model FLOPs per image."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -458,7 +462,7 @@ def _training(ours, peer, optimizers: dict, images, text: dict, settings: BenchS
     if settings.compile:
         forward = {name: torch.compile(model) for name, model in forward.items()}
     loss_fns = {"ours": lambda: forward["ours"](images, **text),
-                "peer": lambda: forward["peer"](pixel_values=images, **text).loss}
+                "peer": lambda: forward["peer"](pixel_values=pixels, **text).loss}
 
     def step(name: str, counter=None) -> Callable[[], None]:
         def call() -> None:
@@ -475,9 +479,9 @@ def _training(ours, peer, optimizers: dict, images, text: dict, settings: BenchS
     state_bytes = {name: 0 for name in SIDES}
     if settings.compile:
         with torch.no_grad(), autocast():  # the first-step losses on equal weights, and the FLOPs, from eager runs
-            losses.update(ours=float(ours(images, **text)), peer=float(peer(pixel_values=images, **text).loss))
+            losses.update(ours=float(ours(images, **text)), peer=float(peer(pixel_values=pixels, **text).loss))
         with counter, autocast():
-            peer(pixel_values=images, **text).loss.backward()
+            peer(pixel_values=pixels, **text).loss.backward()
         peer.zero_grad(set_to_none=True)
         for name in SIDES:  # the first compiled step compiles: its memory is not training's
             step(name)()

@@ -1,11 +1,14 @@
 """Batches for training and evaluation: rows -> clean -> transform -> tokenise, sharded, resumable.
 
-    loader = build_dataloader(cfg.data, "train", train=True, batch_size=32, image_size=224, mean=mean, std=std,
+    loader = build_dataloader(cfg.data, "train", train=True, batch_size=32, image_size=224,
                               tokenizer=tok, prompt="a picture of ", max_length=40, seed=42,
                               num_processes=accelerator.num_processes, process_index=accelerator.process_index)
     accelerator.register_for_checkpointing(loader)   # NOT accelerator.prepare(loader): see "Sharding" below
     for step, batch in zip(range(start_step, max_steps), loader):   # a training loader never ends
         loss = model(batch["images"].to(device), batch["input_ids"].to(device), ...)
+
+Images come as uint8 (B, 3, S, S): the model normalises them on its device (`med_train.model.normalize_images`),
+which keeps float work out of the loader workers and quarters the bytes copied to a GPU.
 
 Sharding (one mechanism, ours): every (process, dataloader worker) pair is a "slot"; slot = process_index *
 num_workers + worker_id. A non-streamed split is permuted per epoch with a seed shared by all processes and slot s
@@ -64,10 +67,10 @@ _LOGGED_BAD_ROWS = 100  # bad rows logged one by one; later ones are only counte
 
 # ---- transforms ----------------------------------------------------------------------------------------------------
 
-def build_transform(*, train: bool, image_size: int, mean, std, crop_scale_min: float = 0.5,
-                    randaugment: bool = False, hflip: bool = False) -> Callable:
-    """PIL RGB -> normalised (3, S, S) tensor. Train: RandomResizedCrop(scale=(crop_scale_min, 1), bicubic), then
-    optional RandAugment and flip; eval: a bicubic resize to S x S."""
+def build_transform(*, train: bool, image_size: int, crop_scale_min: float = 0.5, randaugment: bool = False,
+                    hflip: bool = False) -> Callable:
+    """PIL RGB -> uint8 (3, S, S) tensor (normalised later, by the model). Train: RandomResizedCrop(scale=
+    (crop_scale_min, 1), bicubic), then optional RandAugment and flip; eval: a bicubic resize to S x S."""
     bicubic = T.InterpolationMode.BICUBIC
     if train:
         steps = [T.RandomResizedCrop(image_size, scale=(crop_scale_min, 1.0), interpolation=bicubic)]
@@ -77,7 +80,7 @@ def build_transform(*, train: bool, image_size: int, mean, std, crop_scale_min: 
             steps.append(T.RandomHorizontalFlip())
     else:
         steps = [T.Resize((image_size, image_size), interpolation=bicubic)]
-    return T.Compose([*steps, T.ToTensor(), T.Normalize(mean=list(mean), std=list(std))])
+    return T.Compose([*steps, T.PILToTensor()])
 
 
 class CaptionRandAugment(T.RandAugment):
@@ -396,17 +399,17 @@ class CaptionLoader:
 
 # ---- entry points ---------------------------------------------------------------------------------------------------
 
-def build_dataset(cfg: DataConfig, split: str, *, train: bool, image_size: int, mean, std,
+def build_dataset(cfg: DataConfig, split: str, *, train: bool, image_size: int,
                   stats: BadRowStats | None = None, seed: int = 0, num_processes: int = 1, process_index: int = 0,
                   epochs: int | None = 1) -> CaptionStream:
     """The examples of `split` for this process (see CaptionStream); `epochs=None` runs forever."""
-    transform = build_transform(train=train, image_size=image_size, mean=mean, std=std,
-                                crop_scale_min=cfg.crop_scale_min, randaugment=cfg.randaugment, hflip=cfg.hflip)
+    transform = build_transform(train=train, image_size=image_size, crop_scale_min=cfg.crop_scale_min,
+                                randaugment=cfg.randaugment, hflip=cfg.hflip)
     return CaptionStream(cfg, split, train=train, transform=transform, seed=seed, num_processes=num_processes,
                          process_index=process_index, epochs=epochs, stats=stats)
 
 
-def build_dataloader(cfg: DataConfig, split: str, *, train: bool, batch_size: int, image_size: int, mean, std,
+def build_dataloader(cfg: DataConfig, split: str, *, train: bool, batch_size: int, image_size: int,
                      tokenizer=None, prompt: str = "", max_length: int = 40, seed: int = 0, num_processes: int = 1,
                      process_index: int = 0, stats: BadRowStats | None = None, epochs: int | None = None,
                      num_workers: int | None = None, pin_memory: bool = False) -> CaptionLoader:
@@ -415,7 +418,7 @@ def build_dataloader(cfg: DataConfig, split: str, *, train: bool, batch_size: in
     batches arrive in page-locked memory, so `.to(device, non_blocking=True)` copies them asynchronously."""
     if train and tokenizer is None:
         raise ValueError("a training loader needs the tokenizer")
-    stream = build_dataset(cfg, split, train=train, image_size=image_size, mean=mean, std=std, seed=seed,
+    stream = build_dataset(cfg, split, train=train, image_size=image_size, seed=seed,
                            num_processes=num_processes, process_index=process_index, epochs=epochs)
     collate = make_collate(tokenizer, prompt, max_length) if train else EvalCollate()
     workers = cfg.num_workers if num_workers is None else num_workers
@@ -441,7 +444,7 @@ def check(cfg: DataConfig, split: str, *, tokenizer=None, image_size: int = 224,
     decode + eval-transform speed in images/s. Source rows are counted as stored (held-out rows ungrouped)."""
     from med_train.tokenizer import train_tokenizer
 
-    transform = build_transform(train=False, image_size=image_size, mean=(0.5,) * 3, std=(0.5,) * 3)
+    transform = build_transform(train=False, image_size=image_size)
     stats, captions, keys, seconds, root = BadRowStats(), [], set(), 0.0, image_root(cfg)
     for n, (label, raw) in enumerate(iter_table(open_split(cfg, split), split)):
         if limit is not None and n >= limit:

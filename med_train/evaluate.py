@@ -62,10 +62,9 @@ def evaluate(model, cfg: Config, *, split: str | None = None, num_beams: int | N
     num_processes = accelerator.num_processes if accelerator else 1
     process_index = accelerator.process_index if accelerator else 0
     device = accelerator.device if accelerator else model.device
-    mean, std = model.image_mean_std()
     loader = data_lib.build_dataloader(
         cfg.data, split, train=False, batch_size=batch_size or cfg.generate.batch_size,
-        image_size=model.cfg.vision.image_size, mean=mean, std=std, tokenizer=model.tokenizer,
+        image_size=model.cfg.vision.image_size, tokenizer=model.tokenizer,
         prompt=model.cfg.prompt, max_length=cfg.tokenizer.max_length, seed=cfg.train.seed,
         num_processes=num_processes, process_index=process_index, pin_memory=device.type == "cuda")
     per_process = None if max_images is None else -(-max_images // num_processes)
@@ -81,14 +80,13 @@ def evaluate(model, cfg: Config, *, split: str | None = None, num_beams: int | N
         for batch in loader:
             if per_process is not None and seen >= per_process:
                 break
-            images = batch["images"].to(device, non_blocking=True)
-            captions = model.generate(images, **kwargs)
+            captions = model.generate(batch["images"].to(device, non_blocking=True), **kwargs)
             for i, caption in enumerate(captions):
                 record = {"id": batch["ids"][i], "caption": caption, "references": batch["references"][i]}
                 if batch.get("objects") and batch["objects"][i] is not None:
                     record["objects"] = batch["objects"][i]
                 if out_dir is not None:
-                    record["thumbnail"] = _thumbnail(images[i], mean, std)
+                    record["thumbnail"] = _thumbnail(batch["images"][i])
                 records.append(record)
             seen += len(captions)
     model.train(was_training)
@@ -116,14 +114,11 @@ def evaluate(model, cfg: Config, *, split: str | None = None, num_beams: int | N
     return scores
 
 
-def _thumbnail(image, mean, std, size: int = 128) -> str:
-    """A normalised image tensor back to a small JPEG, base64 for the gallery page."""
+def _thumbnail(image, size: int = 128) -> str:
+    """A uint8 (3, H, W) image tensor as a small JPEG, base64 for the gallery page."""
     from PIL import Image
 
-    pixels = image.float().cpu() * image.new_tensor(std).float().cpu()[:, None, None] + \
-        image.new_tensor(mean).float().cpu()[:, None, None]
-    array = (pixels.clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
-    picture = Image.fromarray(array)
+    picture = Image.fromarray(image.permute(1, 2, 0).numpy())
     picture.thumbnail((size, size))
     buffer = io.BytesIO()
     picture.save(buffer, format="JPEG", quality=85)
@@ -179,8 +174,7 @@ def caption_files(model, paths: list[str], *, batch_size: int = 16, max_pixels: 
 
     from med_train.data import build_transform, load_image
 
-    mean, std = model.image_mean_std()
-    transform = build_transform(train=False, image_size=model.cfg.vision.image_size, mean=mean, std=std)
+    transform = build_transform(train=False, image_size=model.cfg.vision.image_size)
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]
         tensors, errors = [], {}

@@ -88,6 +88,17 @@ def text_config_from_bert(cfg: TextConfig, bert_config) -> TextConfig:
         "layer_norm_eps")}})
 
 
+def normalize_images(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 (B, 3, H, W) pixels -> (pixels / 255 - mean) / std in float32, on the images' device; float images
+    are taken as normalised already and returned as they are. The data pipeline hands over uint8 (a quarter of the
+    bytes to copy to the GPU, and no float work in the loader workers), so this runs on the accelerator."""
+    if images.dtype != torch.uint8:
+        return images
+    mean = torch.as_tensor(mean, dtype=torch.float32, device=images.device)[:, None, None]
+    std = torch.as_tensor(std, dtype=torch.float32, device=images.device)[:, None, None]
+    return images.float().div_(255).sub_(mean).div_(std)
+
+
 class Captioner(nn.Module):
     def __init__(self, cfg: ModelConfig, tokenizer, load_weights: bool = True, max_caption_tokens: int = 40):
         """`load_weights=False` builds the architecture only (the weights come from a checkpoint next).
@@ -120,6 +131,9 @@ class Captioner(nn.Module):
         if cfg.vision.decoder_pos_embed:
             self.image_pos_embed = nn.Parameter(torch.zeros_like(self.visual_encoder.pos_embed))
             _fill_sincos(self.image_pos_embed, self.visual_encoder)
+        mean, std = self.image_mean_std()  # uint8 images are normalised on the model's device (normalize_images)
+        self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std, dtype=torch.float32), persistent=False)
         self.prompt_length = prompt_length(tokenizer, cfg.prompt)
         prompt_ids = torch.tensor(tokenizer(cfg.prompt)["input_ids"][:-1])  # drop [SEP]: the caption follows
         prompt_ids[0] = tokenizer.bos_token_id
@@ -139,6 +153,9 @@ class Captioner(nn.Module):
         return mean, std
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 1+N, D) image tokens of uint8 images as the data pipeline delivers them (normalised here, on the
+        model's device) or of float images already normalised (`normalize_images`)."""
+        images = normalize_images(images, self.pixel_mean, self.pixel_std)
         image_embeds = self.visual_encoder.forward_features(images)  # (B, 1+N, D)
         if self.image_pos_embed is not None:
             image_embeds = image_embeds + self.image_pos_embed

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from med_train.config import Config
+from med_train.model import normalize_images
 
 # The demo's quality bar (issue: the demo and its quality), on the shapes test split, greedy.
 QUALITY_BAR = {"CIDEr": 3.5, "Bleu_4": 0.55, "content_colour": 0.9, "content_size": 0.8, "content_shape": 0.6,
@@ -68,13 +69,16 @@ class PeerCaptioner(nn.Module):
     def image_mean_std(self):
         return self._mean_std
 
+    def pixels(self, images):
+        return normalize_images(images, *self._mean_std)  # the same float pixels ours computes
+
     def forward(self, images, *, input_ids, attention_mask, labels):
-        return self.hf(pixel_values=images, input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        return self.hf(pixel_values=self.pixels(images), input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
 
     @torch.no_grad()
     def generate(self, images, *, num_beams=1, max_length=20, min_length=5, **_):
         prompt = self.prompt_ids.expand(images.shape[0], -1).clone()
-        ids = self.hf.generate(pixel_values=images, input_ids=prompt, num_beams=num_beams, max_length=max_length,
+        ids = self.hf.generate(pixel_values=self.pixels(images), input_ids=prompt, num_beams=num_beams, max_length=max_length,
                                min_length=min_length, do_sample=False)
         return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids[:, prompt.shape[1]:]]
 
@@ -91,12 +95,11 @@ def race(cfg: Config, *, budget_s: float = 600.0, eval_every_s: float = 120.0, e
     tokenizer = build_tokenizer(cfg.tokenizer, (cfg.model.prompt + c for c in
                                                 data_lib.iter_captions(cfg.data, cfg.data.train_split)))
     ours = Captioner(cfg.model, tokenizer, max_caption_tokens=cfg.tokenizer.max_length)
-    mean, std = ours.image_mean_std()
-    peer = PeerCaptioner(cfg.model, tokenizer, (mean, std))
+    peer = PeerCaptioner(cfg.model, tokenizer, ours.image_mean_std())
     models = {"med_train": ours, "transformers": peer}
     loader = data_lib.build_dataloader(
         cfg.data, cfg.data.train_split, train=True, batch_size=cfg.train.batch_size,
-        image_size=cfg.model.vision.image_size, mean=mean, std=std, tokenizer=tokenizer, prompt=cfg.model.prompt,
+        image_size=cfg.model.vision.image_size, tokenizer=tokenizer, prompt=cfg.model.prompt,
         max_length=cfg.tokenizer.max_length, seed=cfg.train.seed)
     batches = iter(loader)
     optimizers = {name: build_optimizer(m, cfg, "cpu") for name, m in models.items()}

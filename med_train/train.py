@@ -186,7 +186,6 @@ def train(cfg: Config, config_path: str | Path | None = None, resume: str | Path
     model = Captioner(cfg.model, tokenizer, load_weights=not resume, max_caption_tokens=cfg.tokenizer.max_length)
     if t.freeze_vision:
         model.visual_encoder.requires_grad_(False)
-    mean, std = model.image_mean_std()
     if main and not resume:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -198,7 +197,7 @@ def train(cfg: Config, config_path: str | Path | None = None, resume: str | Path
     stats = data_lib.BadRowStats()
     loader = data_lib.build_dataloader(
         cfg.data, cfg.data.train_split, train=True, batch_size=t.batch_size, image_size=cfg.model.vision.image_size,
-        mean=mean, std=std, tokenizer=tokenizer, prompt=cfg.model.prompt, max_length=cfg.tokenizer.max_length,
+        tokenizer=tokenizer, prompt=cfg.model.prompt, max_length=cfg.tokenizer.max_length,
         seed=t.seed, num_processes=accelerator.num_processes, process_index=accelerator.process_index, stats=stats,
         pin_memory=accelerator.device.type == "cuda")
 

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+import torchvision.transforms as T
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -40,7 +41,6 @@ from med_train.sources import (
 from med_train.tokenizer import prompt_length
 
 N_TRAIN, N_TEST = 12, 4
-MEAN, STD = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)  # tensors keep pixel / 255, so a pixel identifies its row
 
 
 def colour(i: int) -> tuple[int, int, int]:
@@ -166,7 +166,7 @@ def with_(cfg: DataConfig, **changes) -> DataConfig:
 
 
 def pixel_row(image: torch.Tensor) -> tuple[int, ...]:
-    return tuple(round(v) for v in (image.mean(dim=(1, 2)) * 255).tolist())
+    return tuple(round(v) for v in image.float().mean(dim=(1, 2)).tolist())
 
 
 # ---- sources --------------------------------------------------------------------------------------------------------
@@ -176,7 +176,7 @@ def pixel_row(image: torch.Tensor) -> tuple[int, ...]:
 def test_every_source_yields_the_same_rows(sources, kind, streaming):
     cfg = with_(sources[kind], streaming=streaming)
     stats = BadRowStats()
-    train = list(build_dataset(cfg, "train", train=True, image_size=8, mean=MEAN, std=STD, stats=stats))
+    train = list(build_dataset(cfg, "train", train=True, image_size=8, stats=stats))
     assert {(e["id"], e["caption"]) for e in train} == EXPECTED_TRAIN and len(train) == N_TRAIN
     for e in train:  # each image is its own row's (solid colour survives the random crop)
         assert e["image"].shape == (3, 8, 8)
@@ -184,7 +184,7 @@ def test_every_source_yields_the_same_rows(sources, kind, streaming):
     assert (stats.rows, stats.bad) == (N_TRAIN, 0)
     if kind == "csv":
         return
-    test = list(build_dataset(cfg, "test", train=False, image_size=8, mean=MEAN, std=STD))
+    test = list(build_dataset(cfg, "test", train=False, image_size=8))
     assert {e["id"]: sorted(e["references"]) for e in test} == EXPECTED_TEST  # one row per image, all refs
     assert all(pixel_row(e["image"]) == pytest.approx(colour(100 + int(e["id"][1:])), abs=1) for e in test)
 
@@ -192,7 +192,7 @@ def test_every_source_yields_the_same_rows(sources, kind, streaming):
 def test_iter_captions_and_missing_split(sources):
     assert sorted(iter_captions(sources["parquet"], "train")) == sorted(c for _, c in EXPECTED_TRAIN)
     with pytest.raises(DataError, match="no split 'validation'.*found: train, test"):
-        build_dataset(sources["parquet"], "validation", train=False, image_size=8, mean=MEAN, std=STD)
+        build_dataset(sources["parquet"], "validation", train=False, image_size=8)
 
 
 def test_pack_round_trips(sources, tmp_path):
@@ -202,9 +202,9 @@ def test_pack_round_trips(sources, tmp_path):
         assert (stats["train"].ok, stats["test"].ok) == (N_TRAIN, N_TEST)
         assert len(list((out / "train").iterdir())) == 3  # 12 rows in shards of 5
         cfg = DataConfig(source=str(out), cache_dir=sources["parquet"].cache_dir, streaming=True)
-        train = list(build_dataset(cfg, "train", train=True, image_size=8, mean=MEAN, std=STD))
+        train = list(build_dataset(cfg, "train", train=True, image_size=8))
         assert {(e["id"], e["caption"]) for e in train} == EXPECTED_TRAIN
-        test = list(build_dataset(cfg, "test", train=False, image_size=8, mean=MEAN, std=STD))
+        test = list(build_dataset(cfg, "test", train=False, image_size=8))
         assert {e["id"]: sorted(e["references"]) for e in test} == EXPECTED_TEST
     with pytest.raises(DataError, match="not empty"):  # stale shards would be read with the new ones
         pack(sources["blip_json"], tmp_path / "parquet", fmt="parquet")
@@ -246,7 +246,7 @@ def bad_source(tmp_path_factory) -> DataConfig:
 def test_bad_rows_are_skipped_counted_and_named(bad_source, streaming):
     stats = BadRowStats()
     cfg = with_(bad_source, streaming=streaming)
-    good = list(build_dataset(cfg, "train", train=True, image_size=8, mean=MEAN, std=STD, stats=stats))
+    good = list(build_dataset(cfg, "train", train=True, image_size=8, stats=stats))
     assert sorted(e["id"] for e in good) == [f"g{i}" for i in range(6)]
     assert (stats.rows, stats.ok, stats.bad, dict(stats.bad_reasons)) == (12, 6, 6, BAD_REASONS)
     by_id = {e["id"]: e for e in stats.examples}
@@ -256,7 +256,7 @@ def test_bad_rows_are_skipped_counted_and_named(bad_source, streaming):
 
 
 def test_bad_rows_reach_the_loader_stats_from_workers(bad_source, tokenizer, caplog):
-    loader = build_dataloader(bad_source, "train", train=True, batch_size=4, image_size=8, mean=MEAN, std=STD,
+    loader = build_dataloader(bad_source, "train", train=True, batch_size=4, image_size=8,
                               tokenizer=tokenizer, prompt="a picture of ", max_length=16, epochs=1,
                               num_workers=2)
     assert sum(len(b["ids"]) for b in loader) == 6
@@ -267,13 +267,13 @@ def test_bad_rows_reach_the_loader_stats_from_workers(bad_source, tokenizer, cap
 def test_a_mostly_bad_source_stops_with_its_name(bad_source):
     cfg = with_(bad_source, max_bad_fraction=0.25)
     with pytest.raises(DataError, match=f"{bad_source.source}.*mostly bad.*6 bad"):
-        list(build_dataset(cfg, "train", train=True, image_size=8, mean=MEAN, std=STD))
+        list(build_dataset(cfg, "train", train=True, image_size=8))
 
 
 def test_an_endless_stream_of_a_mostly_bad_source_stops(bad_source, tokenizer):
     """No pass ever ends, so the check runs on the first 100 rows (here: about 8 passes over 12 rows)."""
     loader = build_dataloader(with_(bad_source, max_bad_fraction=0.25), "train", train=True, batch_size=4,
-                              image_size=8, mean=MEAN, std=STD, tokenizer=tokenizer, num_workers=0)
+                              image_size=8, tokenizer=tokenizer, num_workers=0)
     with pytest.raises(DataError, match="mostly bad"):
         for _ in zip(range(1000), loader, strict=False):
             pass
@@ -293,7 +293,7 @@ def test_data_check_json_reports_the_fixture(bad_source):
 # ---- sharding and resume --------------------------------------------------------------------------------------------
 
 def loader_for(cfg, tokenizer, **kw):
-    args = dict(train=True, batch_size=3, image_size=8, mean=MEAN, std=STD, tokenizer=tokenizer, prompt="a ",
+    args = dict(train=True, batch_size=3, image_size=8, tokenizer=tokenizer, prompt="a ",
                 max_length=16, seed=7, epochs=1, num_workers=2)
     return build_dataloader(cfg, "train", **{**args, **kw})
 
@@ -389,7 +389,7 @@ rank = dist.get_rank()
 cfg = DataConfig(source=sys.argv[1], streaming=True, shuffle_buffer=4, cache_dir=sys.argv[3])
 tok = train_tokenizer(["a picture number 1"], vocab_size=100)
 def loader():
-    return build_dataloader(cfg, "train", train=True, batch_size=2, image_size=8, mean=(0,) * 3, std=(1,) * 3,
+    return build_dataloader(cfg, "train", train=True, batch_size=2, image_size=8,
                             tokenizer=tok, max_length=16, seed=3, epochs=1, num_workers=2, num_processes=2,
                             process_index=rank)
 first = loader()
@@ -507,15 +507,21 @@ def test_load_image_from_files_bytes_and_cells(tmp_path):
     assert bomb.value.reason == "image_too_large"
 
 
-def test_transforms():
-    image = Image.new("RGB", (40, 30), (255, 0, 0))
+def test_transforms_give_uint8_pixels_and_the_model_normalises_them():
+    from med_train.model import normalize_images
+
+    image = Image.new("RGB", (40, 30), (255, 0, 51))
     mean, std = (0.5, 0.25, 0.5), (0.5, 0.25, 0.5)
     for train in (True, False):
-        out = build_transform(train=train, image_size=16, mean=mean, std=std, randaugment=False)(image)
-        assert out.shape == (3, 16, 16)
-        assert out[:, 8, 8].tolist() == pytest.approx([1.0, -1.0, -1.0])  # (x - mean) / std
-    augment = build_transform(train=True, image_size=16, mean=mean, std=std, randaugment=True, hflip=True)
-    assert augment(image).shape == (3, 16, 16)
+        out = build_transform(train=train, image_size=16, randaugment=False)(image)
+        assert out.shape == (3, 16, 16) and out.dtype == torch.uint8
+        assert out[:, 8, 8].tolist() == [255, 0, 51]
+        # what torchvision's ToTensor + Normalize gave before: (x / 255 - mean) / std, in float32
+        reference = T.Normalize(mean, std)(T.ToTensor()(image.resize((16, 16))))
+        assert torch.equal(normalize_images(out[None], mean, std)[0], reference)
+        assert normalize_images(reference, mean, std) is reference  # float input: normalised already
+    augment = build_transform(train=True, image_size=16, randaugment=True, hflip=True)
+    assert augment(image).shape == (3, 16, 16) and augment(image).dtype == torch.uint8
     from med_train.data import CaptionRandAugment
 
     ops = CaptionRandAugment()._augmentation_space(31, (16, 16))

@@ -42,6 +42,26 @@ def test_loss_changes_with_the_image(tokenizer, tiny_config):
     assert not torch.allclose(model(_images(seed=0), CAPTIONS), model(_images(seed=1), CAPTIONS))
 
 
+def test_uint8_images_are_normalised_with_the_models_mean_and_std(tokenizer, tiny_config, tmp_path):
+    """The data pipeline hands over uint8 pixels; the model normalises them with the config's mean and std (kept
+    through save and load), and float images are taken as normalised already."""
+    from dataclasses import replace
+
+    cfg = replace(tiny_config, vision=replace(tiny_config.vision, mean=[0.2, 0.4, 0.6], std=[0.1, 0.3, 0.5]))
+    torch.manual_seed(0)
+    model = Captioner(cfg, tokenizer).eval()
+    pixels = torch.randint(0, 256, (2, 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    by_hand = (pixels.double() / 255 - torch.tensor([0.2, 0.4, 0.6]).double()[:, None, None]) / \
+        torch.tensor([0.1, 0.3, 0.5]).double()[:, None, None]
+    expected = model.visual_encoder.forward_features(by_hand.float())
+    torch.testing.assert_close(model.encode_images(pixels), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.encode_images(by_hand.float()), expected)
+    model.save_pretrained(tmp_path / "m")
+    loaded = Captioner.from_pretrained(tmp_path / "m").eval()
+    torch.testing.assert_close(loaded.encode_images(pixels), model.encode_images(pixels))
+    assert loaded.pixel_mean.tolist() == pytest.approx([0.2, 0.4, 0.6])
+
+
 def test_generate_returns_captions_without_the_prompt(tokenizer, tiny_config):
     torch.manual_seed(0)
     model = Captioner(tiny_config, tokenizer).eval()

@@ -144,8 +144,8 @@ def test_shapes_command_writes_a_set_the_data_layer_reads(tmp_path):
     result = CliRunner().invoke(app, ["data", "shapes", str(out), "--train", "6", "--test", "3", "--seed", "5"])
     assert result.exit_code == 0, result.output
     cfg = DataConfig(source=str(out), cache_dir=str(tmp_path / "cache"))
-    held_out = list(build_dataset(cfg, "test", train=False, image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3))
+    held_out = list(build_dataset(cfg, "test", train=False, image_size=32))
     assert len(held_out) == 3 and all(len(e["references"]) == 5 for e in held_out)
     assert all(set(e["objects"][0]) == set(ATTRIBUTES) for e in held_out)
-    train = list(build_dataset(cfg, "train", train=True, image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3))
+    train = list(build_dataset(cfg, "train", train=True, image_size=32))
     assert len(train) == 6 and train[0]["image"].shape == (3, 32, 32)
