@@ -32,6 +32,14 @@ app.add_typer(export_app, name="export")
 
 ModelOption = Annotated[str | None, typer.Option("--model", help="A run folder or model directory "
                                                                    "(default: runs/latest).")]
+PrecisionOption = Annotated[str, typer.Option(help="fp32, or bf16 (autocast: on a GPU, and on CPUs with bf16 "
+                                                   "instructions, about 1.5x faster captioning).")]
+PRECISIONS = ("fp32", "bf16")
+
+
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise typer.BadParameter(f"must be fp32 or bf16, got {precision!r}", param_hint="--precision")
 
 
 def _check_model_name(cfg: Config, source: str) -> None:
@@ -93,6 +101,7 @@ def eval_command(
     batch_size: Annotated[int | None, typer.Option(help="Images per batch (default: generate.batch_size).")] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (default: RUN/eval-SPLIT).")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="End with one JSON line of the metrics.")] = False,
+    precision: PrecisionOption = "fp32",
     sets: SetOption = None,
 ) -> None:
     """Caption a held-out split and score it: BLEU-1..4, METEOR (with Java), ROUGE-L, CIDEr (+ content scores on
@@ -102,6 +111,7 @@ def eval_command(
     from med_train.evaluate import evaluate, load_run
     from med_train.train import resolve_run
 
+    _check_precision(precision)
     try:
         run_dir = resolve_run(model)
     except FileNotFoundError as err:
@@ -119,7 +129,7 @@ def eval_command(
     split = split or cfg.data.eval_split
     out_dir = out or run_dir / f"eval-{split}"
     scores = evaluate(captioner, cfg, split=split, num_beams=beams, max_images=max_images, batch_size=batch_size,
-                      accelerator=accelerator, out_dir=out_dir)
+                      accelerator=accelerator, out_dir=out_dir, precision=precision)
     if not accelerator.is_main_process:
         return
     _print_scores(scores)
@@ -150,31 +160,43 @@ def caption_command(
     seed: Annotated[int, typer.Option(help="Random seed for --sample.")] = 0,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 16,
     json_output: Annotated[bool, typer.Option("--json", help="JSON lines: {\"image\", \"caption\"}.")] = False,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: cuda when there is one).")] = None,
+    precision: PrecisionOption = "fp32",
 ) -> None:
     """Print a caption for each image (`path<TAB>caption`). Unreadable files get an error line; the others are
     still captioned, and the exit code is then 1."""
     import json
 
+    import torch
+
     from med_train.evaluate import caption_files, expand_image_paths, generate_kwargs, load_run
     from med_train.train import resolve_run
 
+    _check_precision(precision)
+    try:
+        target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as err:
+        raise typer.BadParameter(str(err), param_hint="--device") from None
+    if target.type not in ("cpu", "cuda"):
+        raise typer.BadParameter(f"must be cpu, cuda or cuda:N, got {device!r}", param_hint="--device")
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise typer.BadParameter("no CUDA device is available", param_hint="--device")
     try:
         run_dir = resolve_run(model)
     except FileNotFoundError as err:
         _fail(str(err), 2)
     captioner, cfg = load_run(run_dir)
+    captioner.to(target)
     if sample:  # BLIP's nucleus sampling: top-p with a mild repetition penalty
-        import torch
-
         cfg.generate.do_sample, cfg.generate.top_p, cfg.generate.repetition_penalty = True, top_p, 1.1
     kwargs = generate_kwargs(cfg, beams)
     if sample:
-        kwargs["generator"] = torch.Generator().manual_seed(seed)
+        kwargs["generator"] = torch.Generator(device=target).manual_seed(seed)
     failed = 0
     paths = expand_image_paths(images)
     if not paths:
         _fail(f"no images found in {' '.join(images)}", 2)
-    for path, caption, error in caption_files(captioner, paths, batch_size=batch_size,
+    for path, caption, error in caption_files(captioner, paths, batch_size=batch_size, precision=precision,
                                               max_pixels=cfg.data.max_image_pixels, **kwargs):
         if error is not None:
             failed += 1

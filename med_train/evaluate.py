@@ -50,8 +50,10 @@ def generate_kwargs(cfg: Config, num_beams: int | None = None) -> dict:
 
 def evaluate(model, cfg: Config, *, split: str | None = None, num_beams: int | None = None,
              max_images: int | None = None, batch_size: int | None = None, accelerator=None,
-             out_dir: str | Path | None = None, gallery_size: int = 50, quiet: bool = False) -> dict:
-    """Caption the held-out split (each image once, across processes when launched so) and score it."""
+             out_dir: str | Path | None = None, gallery_size: int = 50, quiet: bool = False,
+             precision: str | None = None) -> dict:
+    """Caption the held-out split (each image once, across processes when launched so) and score it. Precision:
+    "fp32" or "bf16" (autocast); None: the accelerator's mixed precision (what training runs with)."""
     import torch
     from accelerate.utils import gather_object
 
@@ -75,7 +77,10 @@ def evaluate(model, cfg: Config, *, split: str | None = None, num_beams: int | N
     records, seen = [], 0
     was_training = model.training
     model.eval()
-    autocast = accelerator.autocast() if accelerator else torch.autocast(device.type, enabled=False)
+    if precision is None and accelerator is not None:
+        autocast = accelerator.autocast()
+    else:
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     with torch.no_grad(), autocast:
         for batch in loader:
             if per_process is not None and seen >= per_process:
@@ -167,9 +172,10 @@ def expand_image_paths(items: Iterable[str]) -> list[str]:
 
 
 def caption_files(model, paths: list[str], *, batch_size: int = 16, max_pixels: int | None = 89_478_485,
-                  **kwargs) -> Iterator[tuple[str, str | None, str | None]]:
-    """(path, caption, None) for each readable image, (path, None, error) for the others, in input order.
-    Images over `max_pixels` (decompression bombs) are refused before their pixels are decoded."""
+                  precision: str = "fp32", **kwargs) -> Iterator[tuple[str, str | None, str | None]]:
+    """(path, caption, None) for each readable image, (path, None, error) for the others, in input order, on the
+    model's device (`precision="bf16"`: under bf16 autocast). Images over `max_pixels` (decompression bombs) are
+    refused before their pixels are decoded."""
     import torch
 
     from med_train.data import build_transform, load_image
@@ -186,6 +192,8 @@ def caption_files(model, paths: list[str], *, batch_size: int = 16, max_pixels: 
         captions = {}
         if tensors:
             images = torch.stack([t for _, t in tensors]).to(model.device)
-            captions = dict(zip([i for i, _ in tensors], model.generate(images, **kwargs), strict=True))
+            with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                texts = model.generate(images, **kwargs)
+            captions = dict(zip([i for i, _ in tensors], texts, strict=True))
         for i, path in enumerate(chunk):
             yield path, captions.get(i), errors.get(i)

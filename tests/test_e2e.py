@@ -135,6 +135,50 @@ def test_caption_prints_a_line_per_image_and_reports_bad_files(trained, workspac
     assert len(rows) == 6 and all(set(r) == {"image", "caption"} for r in rows)
 
 
+def test_bf16_precision_captions_and_evaluates_under_autocast(trained, workspace, tmp_path, monkeypatch):
+    import torch
+
+    from med_train.model import Captioner
+
+    seen, real_generate = [], Captioner.generate
+
+    def generate(self, images, **kwargs):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return real_generate(self, images, **kwargs)
+
+    monkeypatch.setattr(Captioner, "generate", generate)
+    images = [str(p) for p in sorted((workspace / "shapes" / "test").glob("*.png"))[:2]]
+    for precision, autocast in (("fp32", False), ("bf16", True)):
+        seen.clear()
+        result = runner.invoke(app, ["caption", *images, "--model", str(trained), "--device", "cpu",
+                                     "--precision", precision])
+        assert result.exit_code == 0, result.output
+        lines = [line.split("\t") for line in result.stdout.splitlines()]
+        assert [line[0] for line in lines] == images and all(line[1] for line in lines)
+        assert seen and all(enabled == autocast for enabled, _ in seen), precision
+    assert all(dtype == torch.bfloat16 for _, dtype in seen)
+
+    seen.clear()
+    result = runner.invoke(app, ["eval", "--model", str(trained), "--out", str(tmp_path / "ev"), "--beams", "1",
+                                 "--precision", "bf16", "--json"])
+    assert result.exit_code == 0, result.output
+    assert isinstance(json.loads(result.output.strip().splitlines()[-1])["CIDEr"], float)
+    assert seen and all(enabled and dtype == torch.bfloat16 for enabled, dtype in seen)
+
+
+def test_caption_refuses_an_unknown_precision_or_device(trained, workspace):
+    import torch
+
+    image = str(next((workspace / "shapes" / "test").glob("*.png")))
+    result = runner.invoke(app, ["caption", image, "--model", str(trained), "--precision", "fp16"])
+    assert result.exit_code == 2 and "fp32 or bf16" in result.output
+    result = runner.invoke(app, ["caption", image, "--model", str(trained), "--device", "tpu"])
+    assert result.exit_code == 2 and "--device" in result.output
+    if not torch.cuda.is_available():
+        result = runner.invoke(app, ["caption", image, "--model", str(trained), "--device", "cuda"])
+        assert result.exit_code == 2 and "no CUDA device" in result.output
+
+
 def test_caption_without_a_model_says_how_to_train_one(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(app, ["caption", "x.png"])
