@@ -73,13 +73,14 @@ class PeerCaptioner(nn.Module):
         return normalize_images(images, *self._mean_std)  # the same float pixels ours computes
 
     def forward(self, images, *, input_ids, attention_mask, labels):
-        return self.hf(pixel_values=self.pixels(images), input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        return self.hf(pixel_values=self.pixels(images), input_ids=input_ids, attention_mask=attention_mask,
+                       labels=labels).loss
 
     @torch.no_grad()
     def generate(self, images, *, num_beams=1, max_length=20, min_length=5, **_):
         prompt = self.prompt_ids.expand(images.shape[0], -1).clone()
-        ids = self.hf.generate(pixel_values=self.pixels(images), input_ids=prompt, num_beams=num_beams, max_length=max_length,
-                               min_length=min_length, do_sample=False)
+        ids = self.hf.generate(pixel_values=self.pixels(images), input_ids=prompt, num_beams=num_beams,
+                               max_length=max_length, min_length=min_length, do_sample=False)
         return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids[:, prompt.shape[1]:]]
 
 

@@ -258,7 +258,8 @@ def train(cfg: Config, config_path: str | Path | None = None, resume: str | Path
                 optimizer.zero_grad(set_to_none=True)
                 state.nonfinite_steps += 1
                 nonfinite_in_a_row += 1
-                notice(f"step {state.step + 1}: non-finite loss or gradients, update skipped ({state.nonfinite_steps} so far)")
+                notice(f"step {state.step + 1}: non-finite loss or gradients, update skipped "
+                       f"({state.nonfinite_steps} so far)")
                 if nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
                     raise TrainingError(
                         f"step {state.step + 1}: {nonfinite_in_a_row} non-finite steps in a row; lower train.lr or "
