@@ -12,8 +12,8 @@
 Repetitions alternate between the two models (ours, peer, then peer, ours, ...) so that noise from a shared
 machine hits both alike; each figure is the median over repetitions, after an untimed warm-up per side. Weights
 are random (no hub): the speed of a model does not depend on its values. Figures, ours and the peer's:
-- training step (forward, backward, AdamW step) images/s and peak memory: the weights plus the high-water
-  increase over the first step (gradients, optimizer state, activations, temporaries), from CUDA's
+- training step (forward, backward, AdamW step) images/s and peak memory in a steady-state step (the second): the
+  weights and AdamW's state plus the step's high-water increase (activations, gradients, temporaries), from CUDA's
   max_memory_allocated or, on the CPU, the kernel's resident high-water mark (VmHWM, reset just before the step,
   after handing freed heap memory back with malloc_trim). Ours uses `train.build_optimizer` (what `med train`
   runs); the peer the same parameter groups in fused AdamW, the transformers Trainer's default;
@@ -28,8 +28,7 @@ are random (no hub): the speed of a model does not depend on its values. Figures
   fewer where the machine has fewer cores), what a GPU run of that recipe feeds the model with.
 
 With `compile=True` both models' training forward runs through `torch.compile` (the first step compiles it and is
-not timed); the captioning figures stay eager. Peak memory is then the weights, the optimizer state and the
-high-water increase over a later step, since the compiler's own allocations in the first step are not training's.
+not timed); the captioning figures stay eager.
 """
 
 from __future__ import annotations
@@ -476,26 +475,25 @@ def _training(ours, peer, optimizers: dict, images, pixels, text: dict, settings
         return call
 
     counter = FlopCounterMode(display=False)
-    state_bytes = {name: 0 for name in SIDES}
     if settings.compile:
         with torch.no_grad(), autocast():  # the first-step losses on equal weights, and the FLOPs, from eager runs
             losses.update(ours=float(ours(images, **text)), peer=float(peer(pixel_values=pixels, **text).loss))
         with counter, autocast():
             peer(pixel_values=pixels, **text).loss.backward()
         peer.zero_grad(set_to_none=True)
-        for name in SIDES:  # the first compiled step compiles: its memory is not training's
-            step(name)()
-            state_bytes[name] = optimizer_state_bytes(optimizers[name])
-        increase = {name: peak_increase(step(name), device) for name in SIDES}
-    else:  # the first steps are also the warm-up
-        increase = {"ours": peak_increase(step("ours"), device), "peer": peak_increase(step("peer", counter), device)}
+    # The first step of each side warms up (and compiles, with `compile`) and creates AdamW's state; the peak is
+    # measured over the next, a steady-state step: weights and optimizer state, plus what the step adds on top
+    step("ours")()
+    step("peer", None if settings.compile else counter)()
+    state_bytes = {name: optimizer_state_bytes(optimizers[name]) for name in SIDES}
+    increase = {name: peak_increase(step(name), device) for name in SIDES}
     seconds = interleaved({name: step(name) for name in SIDES}, settings.reps, device, warmup=False)
     results: dict = {}
     _rates(results, "train", images.shape[0], seconds)
-    memory = {name: None if increase[name] is None
-              else round((parameter_bytes(model) + state_bytes[name] + increase[name]) / 2**20, 1)
-              for name, model in (("ours", ours), ("peer", peer))}
-    results.update(train_memory_mb=memory,
+    static = {name: parameter_bytes(model) + state_bytes[name] for name, model in (("ours", ours), ("peer", peer))}
+    memory = {name: None if increase[name] is None else round((static[name] + increase[name]) / 2**20, 1)
+              for name in SIDES}
+    results.update(train_memory_mb=memory, train_weights_and_state_mb={k: round(v / 2**20, 1) for k, v in static.items()},
                    memory_ratio=None if None in memory.values() else round(memory["ours"] / memory["peer"], 3),
                    train_loss_first_step=losses,
                    train_gflop_per_image=round(counter.get_total_flops() / images.shape[0] / 1e9, 3))
