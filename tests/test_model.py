@@ -235,3 +235,82 @@ def test_decoder_position_embeddings_are_added_to_the_image_tokens(tokenizer):
     assert added[0, 0].abs().sum() == 0 and added[0, 1:].abs().sum() > 0  # class token row stays zero
     with pytest.raises(ValueError, match="not a plain ViT"):
         export_hf(model, "/nonexistent")
+
+
+# ---- the ViT's MLP: one stored activation instead of two ---------------------------------------------------------
+
+def _vit(**kwargs):
+    from med_train.config import VisionConfig
+    from med_train.model import create_vision_encoder
+
+    torch.manual_seed(0)
+    return create_vision_encoder(VisionConfig(name="vit_tiny_patch16_224", image_size=32, kwargs=dict(
+        patch_size=8, embed_dim=48, depth=2, num_heads=3, **kwargs)), load_weights=False)
+
+
+def _plain_copy(vit):
+    """The same weights through timm's own MLP forward (fc1 -> GELU -> fc2)."""
+    import copy
+
+    from timm.layers import Mlp
+
+    from med_train.model import LeanMlp
+
+    plain = copy.deepcopy(vit)
+    for block in plain.blocks:
+        assert isinstance(block.mlp, LeanMlp)
+        mlp = Mlp(48, 192, 48)
+        mlp.fc1, mlp.fc2 = block.mlp.fc1, block.mlp.fc2
+        block.mlp = mlp
+    return plain
+
+
+def test_gelu_linear_gradients_are_exact():
+    from med_train.model import gelu_linear
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 3, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(5, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(gelu_linear, (h, w, b))
+    assert torch.autograd.gradcheck(gelu_linear, (h, w, None))
+    assert torch.autograd.gradcheck(lambda h: gelu_linear(h, w.detach(), b.detach()), (h,))
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_lean_mlp_vit_matches_timms_forward_and_gradients(bf16):
+    vit = _vit()
+    plain = _plain_copy(vit)
+    images = _images(n=2, size=32)
+    grads = []
+    for model in (vit, plain):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model.forward_features(images)
+        (out.float() ** 2).mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+        assert all(p.grad.dtype == torch.float32 for p in model.parameters())
+    assert grads[0].keys() == grads[1].keys() and vit.state_dict().keys() == plain.state_dict().keys()
+    for name in grads[0]:
+        tolerance = dict(rtol=2e-2, atol=2e-3) if bf16 else {}
+        torch.testing.assert_close(grads[0][name], grads[1][name], **tolerance, msg=name)
+
+
+def test_lean_mlp_stores_the_hidden_activation_once():
+    vit = _vit()
+    plain = _plain_copy(vit)
+    images = _images(n=2, size=32)
+    saved = []
+    for model in (vit, plain):
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        storages = {}
+
+        def pack(t, params=params, storages=storages):
+            if t.untyped_storage().data_ptr() not in params:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model.forward_features(images).sum().backward()
+        saved.append(sum(storages.values()))
+    hidden = 2 * 17 * 192 * 4  # images x tokens (16 patches + class) x MLP width x fp32 bytes, per block
+    assert saved[1] - saved[0] == 2 * hidden  # one hidden activation fewer in each of the 2 blocks
