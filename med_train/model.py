@@ -42,9 +42,12 @@ def create_vision_encoder(cfg: VisionConfig, load_weights: bool = True) -> nn.Mo
     if not hasattr(model, "forward_features") or not hasattr(model, "num_features"):
         raise ValueError(f"model.vision.name: {cfg.name!r} is not a timm model with forward_features")
     model.set_grad_checkpointing(cfg.grad_checkpointing)
-    for block in getattr(model, "blocks", ()):
+    blocks = getattr(model, "blocks", None)
+    for i, block in enumerate(blocks if isinstance(blocks, nn.Sequential) else ()):
         if LeanMlp.fits(getattr(block, "mlp", None)):
             block.mlp = LeanMlp(block.mlp)
+        if LeanBlock.fits(block):
+            blocks[i] = LeanBlock(block)
     if cfg.stem == "conv":
         _use_conv_stem(model)
     if cfg.pos_embed_init == "sincos" and not pretrained:
@@ -87,6 +90,40 @@ def gelu_linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return _GeluLinear.apply(h, weight, bias)
 
 
+class _LayerNormLinear(torch.autograd.Function):
+    """linear(layer_norm(x), weight, bias) that keeps x (which the norm's backward needs anyway), not the normed
+    copy, for the linear's backward: the norm is recomputed there. Autocast as in `_GeluLinear`."""
+
+    @staticmethod
+    def forward(ctx, x, norm_weight, norm_bias, eps, weight, bias):
+        shape = (x.shape[-1],)
+        normed, mean, rstd = torch.native_layer_norm(x, shape, norm_weight, norm_bias, eps)
+        ctx.save_for_backward(x, mean, rstd, norm_weight, norm_bias, weight)
+        ctx.eps, ctx.has_bias = eps, bias is not None
+        return F.linear(normed, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, mean, rstd, norm_weight, norm_bias, weight = ctx.saved_tensors
+        shape, dtype = (x.shape[-1],), grad_y.dtype
+        normed = torch.native_layer_norm(x, shape, norm_weight, norm_bias, ctx.eps)[0]  # as in the forward
+        flat_grad = grad_y.reshape(-1, grad_y.shape[-1])
+        grad_weight = grad_bias = None
+        if ctx.needs_input_grad[4]:
+            grad_weight = (flat_grad.t() @ normed.to(dtype).reshape(-1, shape[0])).to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[5]:
+            grad_bias = flat_grad.sum(0).to(weight.dtype)
+        grad_normed = (grad_y @ weight.to(dtype)).to(normed.dtype)
+        grad_x, grad_norm_weight, grad_norm_bias = torch.ops.aten.native_layer_norm_backward(
+            grad_normed, x, shape, mean, rstd, norm_weight, norm_bias, list(ctx.needs_input_grad[:3]))
+        return grad_x, grad_norm_weight, grad_norm_bias, None, grad_weight, grad_bias
+
+
+def layer_norm_linear(x: torch.Tensor, norm: nn.LayerNorm, linear: nn.Linear) -> torch.Tensor:
+    """`linear(norm(x))`, storing one activation for backward instead of two."""
+    return _LayerNormLinear.apply(x, norm.weight, norm.bias, norm.eps, linear.weight, linear.bias)
+
+
 class LeanMlp(nn.Module):
     """timm's ViT MLP (fc1 -> exact GELU -> fc2), computed the same way with `gelu_linear`: its backward keeps the
     hidden activation once instead of twice (about a fifth of a ViT-B's activation memory in training). Same
@@ -108,6 +145,46 @@ class LeanMlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop2(gelu_linear(self.fc1(x), self.fc2.weight, self.fc2.bias))
+
+
+class LeanBlock(nn.Module):
+    """timm's ViT block (pre-norm attention, then pre-norm MLP) computed the same way, with each LayerNorm folded
+    into the linear after it (`layer_norm_linear`) and the MLP's GELU into fc2 (`gelu_linear`): backward keeps the
+    block's input and hidden activations once each, not also their normed and activated copies. Same submodules,
+    so the same state-dict keys; gradient checkpointing and drop-path work as in timm."""
+
+    PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        for name in self.PARTS:
+            setattr(self, name, getattr(block, name))
+
+    @staticmethod
+    def fits(block) -> bool:
+        """timm's plain Block: affine LayerNorms, fused attention without q/k norms, gate or output norm, and an
+        MLP that LeanMlp takes."""
+        from timm.models.vision_transformer import Attention, Block
+
+        if type(block) is not Block or type(block.attn) is not Attention or not isinstance(block.mlp, LeanMlp):
+            return False
+        a = block.attn
+        norms = all(isinstance(n, nn.LayerNorm) and not getattr(n, "_fast_norm", False) and n.weight is not None
+                    and n.bias is not None and len(n.normalized_shape) == 1 for n in (block.norm1, block.norm2))
+        return norms and a.fused_attn and getattr(a, "gate", None) is None and all(
+            isinstance(m, nn.Identity) for m in (a.q_norm, a.k_norm, a.norm))
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
+        a, (b, n, _) = self.attn, x.shape
+        qkv = layer_norm_linear(x, self.norm1, a.qkv).reshape(b, n, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                                  dropout_p=a.attn_drop.p if self.training else 0.0)
+        attended = a.proj_drop(a.proj(attended.transpose(1, 2).reshape(b, n, a.attn_dim)))
+        x = x + self.drop_path1(self.ls1(attended))
+        mlp = self.mlp
+        hidden = mlp.drop2(gelu_linear(layer_norm_linear(x, self.norm2, mlp.fc1), mlp.fc2.weight, mlp.fc2.bias))
+        return x + self.drop_path2(self.ls2(hidden))
 
 
 def _use_conv_stem(vit: nn.Module) -> None:

@@ -249,23 +249,20 @@ def _vit(**kwargs):
 
 
 def _plain_copy(vit):
-    """The same weights through timm's own MLP forward (fc1 -> GELU -> fc2)."""
-    import copy
+    """timm's own ViT (Block, Attention, Mlp forwards) with the same weights: the keys are the same."""
+    import timm
 
-    from timm.layers import Mlp
+    from med_train.model import LeanBlock
 
-    from med_train.model import LeanMlp
-
-    plain = copy.deepcopy(vit)
-    for block in plain.blocks:
-        assert isinstance(block.mlp, LeanMlp)
-        mlp = Mlp(48, 192, 48)
-        mlp.fc1, mlp.fc2 = block.mlp.fc1, block.mlp.fc2
-        block.mlp = mlp
+    assert all(isinstance(block, LeanBlock) for block in vit.blocks)
+    plain = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, patch_size=8, embed_dim=48, depth=2,
+                              num_heads=3)
+    plain.load_state_dict(vit.state_dict())
+    assert type(plain.blocks[0]).__name__ == "Block"
     return plain
 
 
-def test_gelu_linear_gradients_are_exact():
+def test_gelu_linear_and_layer_norm_linear_gradients_are_exact():
     from med_train.model import gelu_linear
 
     g = torch.Generator().manual_seed(0)
@@ -276,9 +273,19 @@ def test_gelu_linear_gradients_are_exact():
     assert torch.autograd.gradcheck(gelu_linear, (h, w, None))
     assert torch.autograd.gradcheck(lambda h: gelu_linear(h, w.detach(), b.detach()), (h,))
 
+    from med_train.model import _LayerNormLinear
+
+    def fused(x, norm_weight, norm_bias, weight, bias):  # layer_norm_linear's function, on plain tensors
+        return _LayerNormLinear.apply(x, norm_weight, norm_bias, 1e-6, weight, bias)
+
+    tensors = (h, torch.rand(8, dtype=torch.float64, generator=g).add(0.5).requires_grad_(),
+               torch.randn(8, dtype=torch.float64, generator=g).requires_grad_(),
+               torch.randn(5, 8, dtype=torch.float64, generator=g).requires_grad_(), b)
+    assert torch.autograd.gradcheck(fused, tensors)
+
 
 @pytest.mark.parametrize("bf16", [False, True])
-def test_lean_mlp_vit_matches_timms_forward_and_gradients(bf16):
+def test_lean_vit_matches_timms_forward_and_gradients(bf16):
     vit = _vit()
     plain = _plain_copy(vit)
     images = _images(n=2, size=32)
@@ -295,7 +302,7 @@ def test_lean_mlp_vit_matches_timms_forward_and_gradients(bf16):
         torch.testing.assert_close(grads[0][name], grads[1][name], **tolerance, msg=name)
 
 
-def test_lean_mlp_stores_the_hidden_activation_once():
+def test_lean_blocks_store_each_activation_once():
     vit = _vit()
     plain = _plain_copy(vit)
     images = _images(n=2, size=32)
@@ -312,5 +319,6 @@ def test_lean_mlp_stores_the_hidden_activation_once():
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             model.forward_features(images).sum().backward()
         saved.append(sum(storages.values()))
-    hidden = 2 * 17 * 192 * 4  # images x tokens (16 patches + class) x MLP width x fp32 bytes, per block
-    assert saved[1] - saved[0] == 2 * hidden  # one hidden activation fewer in each of the 2 blocks
+    hidden, normed = 2 * 17 * 192 * 4, 2 * 17 * 48 * 4  # images x tokens x width x fp32 bytes
+    # per block: the activated hidden copy and the two normed copies of the block's input are not kept
+    assert saved[1] - saved[0] == 2 * (hidden + 2 * normed)
