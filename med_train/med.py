@@ -27,6 +27,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import BertConfig
 
+from med_train.ops import gelu_linear
+
 
 def med_config(**kwargs) -> BertConfig:
     """A BertConfig carrying BLIP's extra keys: `encoder_width` (image-token width), `add_cross_attention`."""
@@ -179,24 +181,21 @@ class BertAttention(nn.Module):
 
 
 class BertIntermediate(nn.Module):
+    """The feed-forward block's first half: dense, then BERT's exact (erf) GELU (applied in BertLayer.feed_forward)."""
+
     def __init__(self, config):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.intermediate_act_fn = nn.GELU()  # BERT's exact (erf) GELU
-
-    def forward(self, hidden_states):
-        return self.intermediate_act_fn(self.dense(hidden_states))
 
 
 class BertOutput(nn.Module):
+    """The second half: dense, dropout, residual, LayerNorm (BertLayer.feed_forward)."""
+
     def __init__(self, config):
         super().__init__()
         self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
-
-    def forward(self, hidden_states, input_tensor):
-        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
 
 
 class BertLayer(nn.Module):
@@ -225,8 +224,14 @@ class BertLayer(nn.Module):
                                                           encoder_attention_mask, past_key_value=cross_kv)
         else:
             cross_kv = None
-        layer_output = self.output(self.intermediate(hidden_states), hidden_states)
-        return layer_output, self_kv, cross_kv
+        return self.feed_forward(hidden_states), self_kv, cross_kv
+
+    def feed_forward(self, hidden_states):
+        """intermediate (dense, GELU), then output (dense, dropout, residual, LayerNorm), with the GELU folded into
+        the output's dense (`gelu_linear`: the wide hidden activation is kept once for backward, not twice)."""
+        out = self.output
+        wide = gelu_linear(self.intermediate.dense(hidden_states), out.dense.weight, out.dense.bias)
+        return out.LayerNorm(out.dropout(wide) + hidden_states)
 
 
 class BertEncoder(nn.Module):

@@ -263,7 +263,7 @@ def _plain_copy(vit):
 
 
 def test_gelu_linear_and_layer_norm_linear_gradients_are_exact():
-    from med_train.model import gelu_linear
+    from med_train.ops import gelu_linear
 
     g = torch.Generator().manual_seed(0)
     h = torch.randn(2, 3, 8, dtype=torch.float64, generator=g, requires_grad=True)
@@ -273,7 +273,7 @@ def test_gelu_linear_and_layer_norm_linear_gradients_are_exact():
     assert torch.autograd.gradcheck(gelu_linear, (h, w, None))
     assert torch.autograd.gradcheck(lambda h: gelu_linear(h, w.detach(), b.detach()), (h,))
 
-    from med_train.model import _LayerNormLinear
+    from med_train.ops import _LayerNormLinear
 
     def fused(x, norm_weight, norm_bias, weight, bias):  # layer_norm_linear's function, on plain tensors
         return _LayerNormLinear.apply(x, norm_weight, norm_bias, 1e-6, weight, bias)
@@ -322,3 +322,31 @@ def test_lean_blocks_store_each_activation_once():
     hidden, normed = 2 * 17 * 192 * 4, 2 * 17 * 48 * 4  # images x tokens x width x fp32 bytes
     # per block: the activated hidden copy and the two normed copies of the block's input are not kept
     assert saved[1] - saved[0] == 2 * (hidden + 2 * normed)
+
+
+def test_decoder_feed_forward_matches_the_plain_one_with_gradients(tokenizer, tiny_config, monkeypatch):
+    """BertLayer.feed_forward (GELU folded into the output dense) against dense -> GELU -> dense -> dropout ->
+    residual -> LayerNorm written out, on the whole captioning loss."""
+    import torch.nn.functional as F
+
+    from med_train.med import BertLayer
+
+    def plain(self, hidden_states):
+        out = self.output
+        wide = out.dense(F.gelu(self.intermediate.dense(hidden_states)))
+        return out.LayerNorm(out.dropout(wide) + hidden_states)
+
+    grads, losses = [], []
+    for patch in (False, True):
+        if patch:
+            monkeypatch.setattr(BertLayer, "feed_forward", plain)
+        torch.manual_seed(0)
+        model = Captioner(tiny_config, tokenizer).eval()
+        loss = model(_images(), CAPTIONS)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad for n, p in model.text_decoder.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(losses[0], losses[1])
+    assert grads[0].keys() == grads[1].keys() and any("intermediate.dense" in n for n in grads[0])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
