@@ -48,6 +48,13 @@ def generate_kwargs(cfg: Config, num_beams: int | None = None) -> dict:
     return kwargs
 
 
+def precision_autocast(device, precision: str | None):
+    """bf16 autocast on `device` for precision "bf16"; a disabled one for "fp32" (or None)."""
+    import torch
+
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def evaluate(model, cfg: Config, *, split: str | None = None, num_beams: int | None = None,
              max_images: int | None = None, batch_size: int | None = None, accelerator=None,
              out_dir: str | Path | None = None, gallery_size: int = 50, quiet: bool = False,
@@ -77,10 +84,7 @@ def evaluate(model, cfg: Config, *, split: str | None = None, num_beams: int | N
     records, seen = [], 0
     was_training = model.training
     model.eval()
-    if precision is None and accelerator is not None:
-        autocast = accelerator.autocast()
-    else:
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    autocast = accelerator.autocast() if precision is None and accelerator else precision_autocast(device, precision)
     with torch.no_grad(), autocast:
         for batch in loader:
             if per_process is not None and seen >= per_process:
@@ -192,7 +196,7 @@ def caption_files(model, paths: list[str], *, batch_size: int = 16, max_pixels: 
         captions = {}
         if tensors:
             images = torch.stack([t for _, t in tensors]).to(model.device)
-            with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            with precision_autocast(model.device, precision):
                 texts = model.generate(images, **kwargs)
             captions = dict(zip([i for i, _ in tensors], texts, strict=True))
         for i, path in enumerate(chunk):
