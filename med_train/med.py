@@ -59,6 +59,33 @@ class DecoderCache:
 
 
 @dataclass
+class Packing:
+    """Where the real tokens of a right- or left-padded (B, T) batch are. With a packing, the decoder layers run their
+    per-token work (projections, feed-forward, LayerNorms) on the N real tokens only, as (N, H); attention scatters
+    them back to (B, T) with zeros at the padding, which the attention mask hides. Exact for every real token:
+    padding is never a key, and its own outputs are dropped. In BLIP-length batches a third of the slots are
+    padding."""
+
+    index: torch.Tensor  # (N,) flat positions b * T + t of the real tokens
+    batch: int
+    length: int
+
+    @classmethod
+    def from_mask(cls, attention_mask: torch.Tensor) -> Packing:
+        return cls(attention_mask.flatten().nonzero().squeeze(1), *attention_mask.shape)
+
+    def unpad(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, ...) -> (N, ...)"""
+        return x.flatten(0, 1).index_select(0, self.index)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, ...) -> (B, T, ...), zeros at the padding."""
+        rest = x.shape[1:]
+        return x.new_zeros(self.batch * self.length, *rest).index_copy(0, self.index, x).view(
+            self.batch, self.length, *rest)
+
+
+@dataclass
 class BertModelOutput:
     last_hidden_state: torch.Tensor
     pooler_output: torch.Tensor | None = None
@@ -83,12 +110,17 @@ class BertEmbeddings(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.register_buffer("position_ids", torch.arange(config.max_position_embeddings)[None], persistent=False)
 
-    def forward(self, input_ids=None, position_ids=None, inputs_embeds=None, past_key_values_length: int = 0):
+    def forward(self, input_ids=None, position_ids=None, inputs_embeds=None, past_key_values_length: int = 0,
+                sparse_grad: bool = False):
+        """`sparse_grad=True`: the word embeddings' gradient is the looked-up rows only, not a dense (vocab, H)
+        tensor. For a table tied to an LM head that is in the same loss: the head's dense gradient absorbs those
+        rows in place, so neither the zero-filled table-sized gradient nor the sum of the two is ever made."""
         seq_length = (input_ids if input_ids is not None else inputs_embeds[..., 0]).shape[1]
         if position_ids is None:  # positions continue after the cached tokens
             position_ids = self.position_ids[:, past_key_values_length : past_key_values_length + seq_length]
         if inputs_embeds is None:
-            inputs_embeds = self.word_embeddings(input_ids)
+            table = self.word_embeddings
+            inputs_embeds = F.embedding(input_ids, table.weight, table.padding_idx, sparse=sparse_grad)
         embeddings = inputs_embeds + self.position_embeddings(position_ids)
         return self.dropout(self.LayerNorm(embeddings))
 
@@ -117,14 +149,18 @@ class BertSelfAttention(nn.Module):
         return x.view(b, t, self.num_attention_heads, self.attention_head_size).transpose(1, 2)  # (B, nh, T, hs)
 
     def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
-                past_key_value=None, is_causal: bool = False):
-        """Returns (context (B, T, H), key/value pair to cache or None).
+                past_key_value=None, is_causal: bool = False, packing: Packing | None = None):
+        """Returns (context (B, T, H), key/value pair to cache or None); with a `packing`, hidden states and
+        context are the real tokens only, (N, H).
 
         `attention_mask` is an additive bias broadcastable to (B, nh, T, S), or None. `past_key_value` holds the
         cached (K, V): for self-attention the new K/V are appended; for cross-attention they are reused as is.
         `is_causal` lets SDPA build the causal mask itself (no padding, no cache).
         """
-        query = self.transpose_for_scores(self.query(hidden_states))  # (B, nh, T, hs)
+        def heads(projected):  # (B, T, H) or packed (N, H) -> (B, nh, T, hs)
+            return self.transpose_for_scores(projected if packing is None else packing.pad(projected))
+
+        query = heads(self.query(hidden_states))  # (B, nh, T, hs)
         if self.is_cross_attention:
             if past_key_value is not None:
                 key, value = past_key_value
@@ -133,8 +169,8 @@ class BertSelfAttention(nn.Module):
                 value = self.transpose_for_scores(self.value(encoder_hidden_states))
             attention_mask = encoder_attention_mask
         else:
-            key = self.transpose_for_scores(self.key(hidden_states))
-            value = self.transpose_for_scores(self.value(hidden_states))
+            key = heads(self.key(hidden_states))
+            value = heads(self.value(hidden_states))
             if past_key_value is not None:
                 key = torch.cat([past_key_value[0], key], dim=2)
                 value = torch.cat([past_key_value[1], value], dim=2)
@@ -151,7 +187,7 @@ class BertSelfAttention(nn.Module):
         if group > 1:
             context = context.view(-1, nh, group, t, hs).transpose(1, 2).reshape(b, nh, t, hs)
         context = context.transpose(1, 2).reshape(b, t, self.all_head_size)  # (B, T, H)
-        return context, (key, value)
+        return (context if packing is None else packing.unpad(context)), (key, value)
 
 
 class BertSelfOutput(nn.Module):
@@ -174,9 +210,9 @@ class BertAttention(nn.Module):
         self.output = BertSelfOutput(config)
 
     def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
-                past_key_value=None, is_causal: bool = False):
+                past_key_value=None, is_causal: bool = False, packing: Packing | None = None):
         context, key_value = self.self(hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask,
-                                       past_key_value, is_causal)
+                                       past_key_value, is_causal, packing)
         return self.output(context, hidden_states), key_value
 
 
@@ -211,17 +247,19 @@ class BertLayer(nn.Module):
         self.output = BertOutput(config)
 
     def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
-                self_kv=None, cross_kv=None, mode: str = "multimodal", is_causal: bool = False):
-        """Returns (hidden_states, self K/V, cross K/V or None)."""
+                self_kv=None, cross_kv=None, mode: str = "multimodal", is_causal: bool = False,
+                packing: Packing | None = None):
+        """Returns (hidden_states, self K/V, cross K/V or None). With a `packing`, hidden states are (N, H)."""
         hidden_states, self_kv = self.attention(hidden_states, attention_mask, past_key_value=self_kv,
-                                                is_causal=is_causal)
+                                                is_causal=is_causal, packing=packing)
         if mode == "multimodal":
             if not hasattr(self, "crossattention"):
                 raise ValueError("mode='multimodal' needs a decoder built with add_cross_attention=True")
             if encoder_hidden_states is None and cross_kv is None:
                 raise ValueError("mode='multimodal' needs encoder_hidden_states (the image tokens)")
             hidden_states, cross_kv = self.crossattention(hidden_states, None, encoder_hidden_states,
-                                                          encoder_attention_mask, past_key_value=cross_kv)
+                                                          encoder_attention_mask, past_key_value=cross_kv,
+                                                          packing=packing)
         else:
             cross_kv = None
         return self.feed_forward(hidden_states), self_kv, cross_kv
@@ -243,7 +281,7 @@ class BertEncoder(nn.Module):
 
     def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
                 cache: DecoderCache | None = None, use_cache: bool = False, mode: str = "multimodal",
-                is_causal: bool = False):
+                is_causal: bool = False, packing: Packing | None = None):
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         use_cache = use_cache and not checkpointing  # a cache is for decoding, never for a checkpointed backward
         new_self_kv, new_cross_kv = [], []
@@ -251,7 +289,7 @@ class BertEncoder(nn.Module):
             self_kv = cache.self_kv[i] if cache is not None and cache.self_kv else None
             cross_kv = cache.cross_kv[i] if cache is not None and cache.cross_kv else None
             args = (hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask, self_kv, cross_kv,
-                    mode, is_causal)
+                    mode, is_causal, packing)
             if checkpointing:
                 # Non-reentrant checkpointing recomputes the layer in backward; BLIP's reentrant version was broken.
                 hidden_states, self_kv, cross_kv = checkpoint(layer_module, *args, use_reentrant=False)
@@ -302,10 +340,14 @@ class BertModel(nn.Module):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
                 encoder_hidden_states=None, encoder_attention_mask=None, cache: DecoderCache | None = None,
-                use_cache: bool | None = None, is_decoder: bool = False, mode: str = "multimodal"):
+                use_cache: bool | None = None, is_decoder: bool = False, mode: str = "multimodal",
+                pack_padding: bool = False, sparse_grad: bool = False):
+        """`pack_padding=True` (with an `attention_mask`, no cache): the layers run on the real tokens only (see
+        `Packing`); the last hidden state is zero at the padding instead of a value nobody should use."""
         past_length = len(cache) if cache is not None else 0
         embedding_output = self.embeddings(input_ids=input_ids, position_ids=position_ids,
-                                           inputs_embeds=inputs_embeds, past_key_values_length=past_length)
+                                           inputs_embeds=inputs_embeds, past_key_values_length=past_length,
+                                           sparse_grad=sparse_grad)
         batch, seq_length = embedding_output.shape[:2]
         dtype = embedding_output.dtype
 
@@ -326,11 +368,17 @@ class BertModel(nn.Module):
                                                  device=encoder_attention_mask.device).masked_fill(
                 encoder_attention_mask == 0, torch.finfo(dtype).min)[:, None, None, :]
 
+        packing = None
+        if pack_padding and attention_mask is not None and cache is None and not use_cache:
+            packing = Packing.from_mask(attention_mask)
+            embedding_output = packing.unpad(embedding_output)
         sequence_output, cache = self.encoder(
             embedding_output, attention_mask=extended_attention_mask,
             encoder_hidden_states=encoder_hidden_states if mode == "multimodal" else None,
             encoder_attention_mask=encoder_attention_mask, cache=cache, use_cache=bool(use_cache), mode=mode,
-            is_causal=is_causal)
+            is_causal=is_causal, packing=packing)
+        if packing is not None:
+            sequence_output = packing.pad(sequence_output)
         pooled_output = self.pooler(sequence_output) if self.pooler is not None else None
         return BertModelOutput(last_hidden_state=sequence_output, pooler_output=pooled_output, cache=cache)
 
@@ -408,10 +456,16 @@ class BertLMHeadModel(nn.Module):
         `output_logits=False` (with labels) skips the full (B, T, V) logits and runs the LM head only on the
         positions that have a target: the same loss for less work.
         """
+        # Only the targets' hidden states are read when the full logits are not wanted: padding can be skipped.
+        target_only = labels is not None and not output_logits and not return_logits
+        # With a loss, the (tied) LM head's dense gradient takes the embedding rows' sparse one in place
+        # (torch.compile keeps the dense lookup: it does not trace sparse gradients).
+        tied = self.cls.predictions.decoder.weight is self.bert.embeddings.word_embeddings.weight
+        sparse_grad = labels is not None and tied and torch.is_grad_enabled() and not torch.compiler.is_compiling()
         outputs = self.bert(input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             encoder_hidden_states=encoder_hidden_states,
                             encoder_attention_mask=encoder_attention_mask, cache=cache, use_cache=use_cache,
-                            is_decoder=is_decoder, mode=mode)
+                            is_decoder=is_decoder, mode=mode, pack_padding=target_only, sparse_grad=sparse_grad)
         sequence_output = outputs.last_hidden_state  # (B, T, H)
         if return_logits:
             return self.cls(sequence_output)[:, :-1, :].contiguous()

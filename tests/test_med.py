@@ -208,6 +208,52 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_target_only_loss_skips_padding_with_the_same_gradients(checkpointing):
+    """`output_logits=False` runs the layers on the real tokens only (med.Packing): the same loss and gradients
+    (weights and image tokens) as the padded batch, with the feed-forward seeing mask.sum() rows, not B * T."""
+    ours, _ = _pair()
+    ids, mask, labels, images = _inputs()
+    images = images.requires_grad_()
+    ours.train()
+    ours.set_gradient_checkpointing(checkpointing)
+    rows = []
+    ours.bert.encoder.layer[0].intermediate.dense.register_forward_hook(
+        lambda module, args, out: rows.append(args[0].shape[:-1].numel()))
+
+    def loss_and_grads(output_logits):
+        ours.zero_grad()
+        images.grad = None
+        loss = ours(ids, mask, encoder_hidden_states=images, labels=labels, output_logits=output_logits).loss
+        loss.backward()
+        return [loss.detach()] + [p.grad.clone() for p in ours.parameters()] + [images.grad.clone()]
+
+    padded = loss_and_grads(True)
+    assert rows[0] == B * T
+    packed = loss_and_grads(False)
+    assert rows[-1] == int(mask.sum()) < B * T
+    for a, b in zip(padded, packed, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("output_logits", [True, False])
+def test_gradients_match_transformers_and_stay_dense(output_logits):
+    """The training loss's gradients equal transformers' for every weight, the tied word embeddings included
+    (their lookup's gradient is sparse and folds into the LM head's dense one), over two accumulated backward
+    passes; every .grad is a dense tensor, as fused AdamW and DDP need."""
+    ours, ref = _pair()
+    ids, mask, labels, images = _inputs()
+    ours.train()
+    ref.train()
+    for _ in range(2):  # gradient accumulation: the second pass adds to the first
+        ref(input_ids=ids, attention_mask=mask, encoder_hidden_states=images, labels=labels).loss.backward()
+        ours(ids, mask, encoder_hidden_states=images, labels=labels, output_logits=output_logits).loss.backward()
+    ref_grads = dict(ref.named_parameters())
+    for name, param in ours.named_parameters():
+        assert param.grad is not None and param.grad.layout == torch.strided, name
+        torch.testing.assert_close(param.grad, ref_grads[name].grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_dropout_is_active_in_training_only():
     torch.manual_seed(0)
     model = BertLMHeadModel(med_config(vocab_size=V, hidden_size=H, encoder_width=W_IMG, intermediate_size=64,
