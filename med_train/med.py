@@ -9,7 +9,10 @@ differs from BLIP's code, on purpose:
   image for the whole decode; a query batch that is a multiple of the image batch, e.g. beams, shares them
   without copies);
 - gradient checkpointing works;
-- with labels, the LM head runs only where there is a target (`output_logits=False` skips the full logits).
+- with labels, the LM head runs only where there is a target (`output_logits=False` skips the full logits), and
+  then the layers run on the real tokens only (`Packing`: padding is neither computed nor kept for backward);
+- with labels, the tied word embeddings' lookup has a sparse gradient, which the LM head's dense one absorbs in
+  place (no zero-filled vocabulary-sized gradient is made per step).
 
     config = med_config(vocab_size=30524, encoder_width=768)  # a transformers.BertConfig
     decoder = BertLMHeadModel(config)
@@ -458,6 +461,9 @@ class BertLMHeadModel(nn.Module):
         """
         # Only the targets' hidden states are read when the full logits are not wanted: padding can be skipped.
         target_only = labels is not None and not output_logits and not return_logits
+        # Where the targets are, found before the layers run: on a GPU, finding them (and the packing's real
+        # tokens, next) waits for the queued work once, here, rather than again after the whole forward.
+        target_rows = (labels[:, 1:] != -100).nonzero(as_tuple=True) if target_only else None
         # With a loss, the (tied) LM head's dense gradient takes the embedding rows' sparse one in place
         # (torch.compile keeps the dense lookup: it does not trace sparse gradients).
         tied = self.cls.predictions.decoder.weight is self.bert.embeddings.word_embeddings.weight
@@ -484,13 +490,12 @@ class BertLMHeadModel(nn.Module):
                 else:
                     loss = token_loss.sum() / valid.sum()
             else:
-                loss = self._target_only_loss(sequence_output[:, :-1], targets, reduction)
+                loss = self._target_only_loss(sequence_output[:, :-1], targets, target_rows, reduction)
         return CausalLMOutput(loss=loss, logits=logits, cache=outputs.cache)
 
-    def _target_only_loss(self, hidden, targets, reduction):
-        """The loss with the LM head (the largest matmul) applied only at positions with a target."""
+    def _target_only_loss(self, hidden, targets, rows, reduction):
+        """The loss with the LM head (the largest matmul) applied only at positions with a target, `rows`."""
         valid = targets != -100  # (B, T-1)
-        rows = valid.nonzero(as_tuple=True)
         token_loss = F.cross_entropy(self.cls(hidden[rows]), targets[rows], reduction="none",
                                      label_smoothing=self.label_smoothing)
         if reduction == "none":  # per-sequence sums
