@@ -374,7 +374,10 @@ class BertModel(nn.Module):
         packing = None
         if pack_padding and attention_mask is not None and cache is None and not use_cache:
             packing = Packing.from_mask(attention_mask)
-            embedding_output = packing.unpad(embedding_output)
+            if packing.index.numel() == batch * seq_length:
+                packing = None  # no padding in this batch: nothing to skip
+            else:
+                embedding_output = packing.unpad(embedding_output)
         sequence_output, cache = self.encoder(
             embedding_output, attention_mask=extended_attention_mask,
             encoder_hidden_states=encoder_hidden_states if mode == "multimodal" else None,
@@ -457,7 +460,8 @@ class BertLMHeadModel(nn.Module):
         `reduction='mean'` averages over target tokens, `'none'` gives one summed loss per sequence.
         `return_logits=True` returns the shifted logits tensor (B, T-1, V) itself, as BLIP does.
         `output_logits=False` (with labels) skips the full (B, T, V) logits and runs the LM head only on the
-        positions that have a target: the same loss for less work.
+        positions that have a target, and the layers only on the tokens that `attention_mask` keeps: the same loss
+        for less work, as long as padding has no target (-100, as the collate makes it).
         """
         # Only the targets' hidden states are read when the full logits are not wanted: padding can be skipped.
         target_only = labels is not None and not output_logits and not return_logits
