@@ -368,36 +368,60 @@ def _step_loss(accelerator, micro_losses: list, grad_norm) -> tuple[float, bool]
 
 def _save_checkpoint(accelerator, model, run_dir: Path, state: TrainerState, loader, keep: int) -> None:
     """Write into a temporary folder, then rename: a checkpoint exists whole or not at all. A failed write (full
-    disk, unwritable folder) stops training with a clear error and leaves the previous checkpoints intact."""
+    disk, unwritable folder), in any process, stops every process with a clear error and leaves the previous
+    checkpoints intact: after each phase the processes agree on whether all of them succeeded, so none is left
+    waiting for one that gave up."""
     root = run_dir / CHECKPOINTS
     final = root / f"step_{state.step}"
     tmp = root / f".tmp_step_{state.step}"
     if final.exists():  # already saved at this step (e.g. a signal right after a periodic save)
         return
     state.data = loader.state_dict()  # on every process: it gathers the positions of all of them
-    try:
-        if accelerator.is_main_process:
+    main = accelerator.is_main_process
+    error: OSError | None = None
+
+    def phase(work) -> bool:  # every process calls it, in the same order: True when no process has failed
+        nonlocal error
+        if error is None:
+            try:
+                work()
+            except OSError as err:
+                error = err
+        return _no_process_failed(accelerator, error)
+
+    def prepare() -> None:
+        if main:
             shutil.rmtree(tmp, ignore_errors=True)
             root.mkdir(parents=True, exist_ok=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()  # every process's files are in before the folder is renamed
-        if accelerator.is_main_process:
+
+    def publish() -> None:  # once every process's files are in
+        if main:
             (tmp / STATE_FILE).write_text(json.dumps(state.__dict__))
             _fsync_tree(tmp)
             os.replace(tmp, final)
             for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
                 shutil.rmtree(old, ignore_errors=True)
             model.save_pretrained(run_dir)  # the last weights, loadable alone
-    except OSError as err:
-        if accelerator.is_main_process:  # the others may still be writing their part
-            shutil.rmtree(tmp, ignore_errors=True)
-        previous = checkpoint_dirs(run_dir)
-        raise TrainingError(
-            f"could not write checkpoint {final} ({err.strerror or err}); "
-            + (f"the previous checkpoint {previous[-1]} is intact: free space or fix the folder, then "
-               f"`med train --resume {run_dir}`" if previous else "no earlier checkpoint exists")) from err
-    accelerator.wait_for_everyone()
+
+    if phase(prepare) and phase(lambda: accelerator.save_state(str(tmp))) and phase(publish):
+        return
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    previous = checkpoint_dirs(run_dir)
+    cause = (f"{error.strerror or error}" if error is not None
+             else "another process could not write its part; its error names the cause")
+    raise TrainingError(
+        f"could not write checkpoint {final} ({cause}); "
+        + (f"the previous checkpoint {previous[-1]} is intact: free space or fix the folder, then "
+           f"`med train --resume {run_dir}`" if previous else "no earlier checkpoint exists")) from error
+
+
+def _no_process_failed(accelerator, error: BaseException | None) -> bool:
+    """A barrier that also tells every process whether any of them passed it with an error."""
+    import torch
+
+    failed = torch.tensor([0.0 if error is None else 1.0], device=accelerator.device)
+    return float(accelerator.reduce(failed, reduction="sum")) == 0.0
 
 
 def _fsync_tree(folder: Path) -> None:

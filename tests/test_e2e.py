@@ -12,6 +12,7 @@ import yaml
 from typer.testing import CliRunner
 
 from med_train.cli import app
+from med_train.train import checkpoint_dirs
 
 runner = CliRunner()
 
@@ -258,3 +259,41 @@ def test_a_nan_in_one_process_skips_the_step_in_every_process(workspace, tmp_pat
     state = json.loads((run / "checkpoints" / "step_3" / "trainer_state.json").read_text())
     assert state["nonfinite_steps"] == 1 and state["step"] == 3
     assert all(torch.isfinite(p).all() for p in Captioner.from_pretrained(run).parameters())
+
+
+DISK_FULL_ON_RANK_1 = """
+import errno, os, sys
+from accelerate import Accelerator
+from med_train.cli import app
+
+real_save, calls = Accelerator.save_state, {"n": 0}
+
+def save_state(self, *args, **kwargs):  # process 1 cannot write its part of the second checkpoint
+    calls["n"] += 1
+    if os.environ["RANK"] == "1" and calls["n"] == 2:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return real_save(self, *args, **kwargs)
+
+Accelerator.save_state = save_state
+app(args=sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_a_checkpoint_write_failing_in_one_process_stops_every_process(workspace, tmp_path):
+    """A full disk on one process must not leave the others waiting at a barrier: every process stops with the
+    error, and the previous checkpoint stays the one to resume from."""
+    (tmp_path / "disk_full_on_rank_1.py").write_text(DISK_FULL_ON_RANK_1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             "29535", str(tmp_path / "disk_full_on_rank_1.py"), "train", str(workspace / "tiny.yaml"),
+                             "--output-dir", str(tmp_path / "runs"), "--set", "train.max_steps=4",
+                             "--set", "train.eval_every=0", "--set", "train.save_every=2"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "No space left on device" in output  # process 1's own cause
+    assert "another process could not write its part" in output  # process 0 says why it stops too
+    run = Path(os.path.realpath(tmp_path / "runs" / "latest"))
+    assert [p.name for p in checkpoint_dirs(run)] == ["step_2"]
+    assert not list((run / "checkpoints").glob(".tmp_*"))
