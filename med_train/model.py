@@ -76,7 +76,11 @@ class LeanMlp(nn.Module):
                 and isinstance(mlp.fc2, nn.Linear))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop2(gelu_linear(self.fc1(x), self.fc2.weight, self.fc2.bias))
+        return self.from_hidden(self.fc1(x))
+
+    def from_hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """The MLP after fc1: GELU folded into fc2, then dropout (LeanBlock gives fc1's output itself)."""
+        return self.drop2(gelu_linear(h, self.fc2.weight, self.fc2.bias))
 
 
 class LeanBlock(nn.Module):
@@ -114,8 +118,7 @@ class LeanBlock(nn.Module):
                                                   dropout_p=a.attn_drop.p if self.training else 0.0)
         attended = a.proj_drop(a.proj(attended.transpose(1, 2).reshape(b, n, a.attn_dim)))
         x = x + self.drop_path1(self.ls1(attended))
-        mlp = self.mlp
-        hidden = mlp.drop2(gelu_linear(layer_norm_linear(x, self.norm2, mlp.fc1), mlp.fc2.weight, mlp.fc2.bias))
+        hidden = self.mlp.from_hidden(layer_norm_linear(x, self.norm2, self.mlp.fc1))
         return x + self.drop_path2(self.ls2(hidden))
 
 

@@ -382,11 +382,10 @@ def _save_checkpoint(accelerator, model, run_dir: Path, state: TrainerState, loa
 
     def phase(work) -> bool:  # every process calls it, in the same order: True when no process has failed
         nonlocal error
-        if error is None:
-            try:
-                work()
-            except OSError as err:
-                error = err
+        try:
+            work()
+        except OSError as err:
+            error = err
         return _no_process_failed(accelerator, error)
 
     def prepare() -> None:
