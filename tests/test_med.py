@@ -236,6 +236,29 @@ def test_target_only_loss_skips_padding_with_the_same_gradients(checkpointing):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+def test_padding_skip_and_sparse_embedding_gradient_are_for_the_cpu_only(monkeypatch):
+    """On a GPU the decoder runs the padded batch with a dense embedding lookup (cheaper there, README: Speed):
+    with the rule saying no, the feed-forward sees B * T rows and the lookup is dense; the loss is unchanged."""
+    from med_train import med
+
+    assert med.cpu_savings_pay(torch.device("cpu"))
+    assert not med.cpu_savings_pay(torch.device("cuda")) and not med.cpu_savings_pay("cuda:1")
+    ours, _ = _pair()
+    ids, mask, labels, images = _inputs()
+    ours.train()
+    rows, sparse = [], []
+    ours.bert.encoder.layer[0].intermediate.dense.register_forward_hook(
+        lambda module, args, out: rows.append(args[0].shape[:-1].numel()))
+    ours.bert.embeddings.register_forward_pre_hook(
+        lambda module, args, kwargs: sparse.append(kwargs["sparse_grad"]), with_kwargs=True)
+    on_cpu = ours(ids, mask, encoder_hidden_states=images, labels=labels, output_logits=False).loss
+    assert rows[-1] == int(mask.sum()) < B * T and sparse[-1] is True
+    monkeypatch.setattr(med, "cpu_savings_pay", lambda device: False)
+    elsewhere = ours(ids, mask, encoder_hidden_states=images, labels=labels, output_logits=False).loss
+    assert rows[-1] == B * T and sparse[-1] is False
+    torch.testing.assert_close(on_cpu, elsewhere, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("output_logits", [True, False])
 def test_gradients_match_transformers_and_stay_dense(output_logits):
     """The training loss's gradients equal transformers' for every weight, the tied word embeddings included
