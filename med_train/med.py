@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import BertConfig
 
-from med_train.ops import gelu_linear
+from med_train.ops import Linear, gelu_linear, linear, release_packed
 
 
 def med_config(**kwargs) -> BertConfig:
@@ -149,9 +149,9 @@ class BertSelfAttention(nn.Module):
         self.attention_head_size = config.hidden_size // config.num_attention_heads
         self.all_head_size = config.hidden_size
         kv_width = config.encoder_width if is_cross_attention else config.hidden_size
-        self.query = nn.Linear(config.hidden_size, self.all_head_size)
-        self.key = nn.Linear(kv_width, self.all_head_size)
-        self.value = nn.Linear(kv_width, self.all_head_size)
+        self.query = Linear(config.hidden_size, self.all_head_size)
+        self.key = Linear(kv_width, self.all_head_size)
+        self.value = Linear(kv_width, self.all_head_size)
         self.dropout_p = config.attention_probs_dropout_prob
         self.is_cross_attention = is_cross_attention
 
@@ -204,7 +204,7 @@ class BertSelfAttention(nn.Module):
 class BertSelfOutput(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = Linear(config.hidden_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
@@ -232,7 +232,7 @@ class BertIntermediate(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.dense = Linear(config.hidden_size, config.intermediate_size)
 
 
 class BertOutput(nn.Module):
@@ -240,7 +240,7 @@ class BertOutput(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.dense = Linear(config.intermediate_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
@@ -279,7 +279,8 @@ class BertLayer(nn.Module):
         """intermediate (dense, GELU), then output (dense, dropout, residual, LayerNorm), with the GELU folded into
         the output's dense (`gelu_linear`: the wide hidden activation is kept once for backward, not twice)."""
         out = self.output
-        wide = gelu_linear(self.intermediate.dense(hidden_states), out.dense.weight, out.dense.bias)
+        wide = gelu_linear(self.intermediate.dense(hidden_states), out.dense.weight, out.dense.bias,
+                           packed=not self.training)
         return out.LayerNorm(out.dropout(wide) + hidden_states)
 
 
@@ -320,7 +321,7 @@ class BertEncoder(nn.Module):
 class BertPooler(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = Linear(config.hidden_size, config.hidden_size)
         self.activation = nn.Tanh()
 
     def forward(self, hidden_states):
@@ -400,7 +401,7 @@ class BertModel(nn.Module):
 class BertPredictionHeadTransform(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = Linear(config.hidden_size, config.hidden_size)
         self.transform_act_fn = nn.GELU()
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
@@ -414,11 +415,11 @@ class BertLMPredictionHead(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.transform = BertPredictionHeadTransform(config)
-        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.decoder = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
 
     def forward(self, hidden_states):
-        return F.linear(self.transform(hidden_states), self.decoder.weight, self.bias)
+        return linear(self.transform(hidden_states), self.decoder.weight, self.bias, packed=not self.training)
 
 
 class BertOnlyMLMHead(nn.Module):
@@ -452,6 +453,13 @@ class BertLMHeadModel(nn.Module):
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+
+    def train(self, mode: bool = True):
+        """Back to training: the weights will change, so the prepacked copies that eval mode made go
+        (`ops.release_packed`)."""
+        if mode:
+            release_packed(self)
+        return super().train(mode)
 
     def tie_weights(self):
         self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight

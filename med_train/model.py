@@ -23,7 +23,7 @@ from torch import nn
 from med_train import decode
 from med_train.config import ModelConfig, TextConfig, VisionConfig
 from med_train.med import BertLMHeadModel, med_config
-from med_train.ops import gelu_linear, layer_norm_linear
+from med_train.ops import gelu_linear, layer_norm_linear, linear, release_packed
 from med_train.tokenizer import encode_captions, load_tokenizer, prompt_length
 
 WEIGHTS_NAME = "model.safetensors"
@@ -76,11 +76,12 @@ class LeanMlp(nn.Module):
                 and isinstance(mlp.fc2, nn.Linear))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.from_hidden(self.fc1(x))
+        return self.from_hidden(linear(x, self.fc1.weight, self.fc1.bias, packed=not self.training))
 
     def from_hidden(self, h: torch.Tensor) -> torch.Tensor:
-        """The MLP after fc1: GELU folded into fc2, then dropout (LeanBlock gives fc1's output itself)."""
-        return self.drop2(gelu_linear(h, self.fc2.weight, self.fc2.bias))
+        """The MLP after fc1: GELU folded into fc2, then dropout (LeanBlock gives fc1's output itself). In eval
+        mode the products use prepacked weights on the CPU (`ops.linear`)."""
+        return self.drop2(gelu_linear(h, self.fc2.weight, self.fc2.bias, packed=not self.training))
 
 
 class LeanBlock(nn.Module):
@@ -112,13 +113,15 @@ class LeanBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
         a, (b, n, _) = self.attn, x.shape
-        qkv = layer_norm_linear(x, self.norm1, a.qkv).reshape(b, n, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        packed = not self.training  # eval mode: prepacked weights on the CPU (ops.linear)
+        qkv = layer_norm_linear(x, self.norm1, a.qkv, packed=packed)
+        q, k, v = qkv.reshape(b, n, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         attended = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                                   dropout_p=a.attn_drop.p if self.training else 0.0)
-        attended = a.proj_drop(a.proj(attended.transpose(1, 2).reshape(b, n, a.attn_dim)))
-        x = x + self.drop_path1(self.ls1(attended))
-        hidden = self.mlp.from_hidden(layer_norm_linear(x, self.norm2, self.mlp.fc1))
+        attended = linear(attended.transpose(1, 2).reshape(b, n, a.attn_dim), a.proj.weight, a.proj.bias,
+                          packed=packed)
+        x = x + self.drop_path1(self.ls1(a.proj_drop(attended)))
+        hidden = self.mlp.from_hidden(layer_norm_linear(x, self.norm2, self.mlp.fc1, packed=packed))
         return x + self.drop_path2(self.ls2(hidden))
 
 
@@ -216,6 +219,13 @@ class Captioner(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.prompt_ids.device
+
+    def train(self, mode: bool = True):
+        """Back to training: the weights will change, so the prepacked copies that eval mode made go
+        (`ops.release_packed`)."""
+        if mode:
+            release_packed(self)
+        return super().train(mode)
 
     def image_mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """The normalisation the vision weights expect: the config's, else timm's data config for the model."""

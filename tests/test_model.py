@@ -350,3 +350,70 @@ def test_decoder_feed_forward_matches_the_plain_one_with_gradients(tokenizer, ti
     assert grads[0].keys() == grads[1].keys() and any("intermediate.dense" in n for n in grads[0])
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
+
+
+def _packed_weights(model):
+    from med_train import ops
+
+    return {name for name, p in model.named_parameters() if p in ops._PACKED and ops._PACKED[p][1] is not None}
+
+
+def test_eval_mode_products_use_prepacked_weights_with_the_same_results(tokenizer, tiny_config, monkeypatch):
+    """In eval mode on the CPU (fp32, no gradient) every product of the ViT blocks and the decoder runs through
+    oneDNN with its weight prepacked once (ops.linear): the same image tokens, logits and captions (greedy and
+    beam) as F.linear's, to float rounding."""
+    from med_train import ops
+
+    torch.manual_seed(0)
+    model = Captioner(tiny_config, tokenizer).eval()
+    images = _images()
+    batch = encode_captions(tokenizer, CAPTIONS, tiny_config.prompt, 40)
+
+    def outputs():
+        with torch.no_grad():
+            tokens = model.encode_images(images)
+            logits = model.text_decoder(batch["input_ids"], batch["attention_mask"],
+                                        encoder_hidden_states=tokens).logits
+            return tokens, logits, [model.generate_ids(images, num_beams=b, max_length=12, min_length=6)
+                                    for b in (1, 3)]
+
+    packed = outputs()
+    linears = {f"{name}.weight" for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and (name.startswith("text_decoder") or ".blocks." in name)}
+    # the tied LM head's weight is the word embeddings' (named once by named_parameters)
+    linears = {n.replace("cls.predictions.decoder", "bert.embeddings.word_embeddings") for n in linears}
+    assert len(linears) > 20 and _packed_weights(model) == linears
+    monkeypatch.setattr(ops, "_packable", lambda x, weight: False)
+    plain = outputs()
+    torch.testing.assert_close(packed[0], plain[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed[1], plain[1], atol=1e-5, rtol=1e-5)
+    for a, b in zip(packed[2], plain[2], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_prepacked_weights_follow_weight_changes_and_go_in_training(tokenizer, tiny_config):
+    """A weight changed in place (an optimizer step, a loaded checkpoint) is packed again, never used stale;
+    training mode, gradients and autocast use F.linear, and `train()` frees the packed copies."""
+    torch.manual_seed(0)
+    model = Captioner(tiny_config, tokenizer).eval()
+    images = _images()
+    query = model.text_decoder.bert.encoder.layer[0].attention.self.query  # used at every decoding step
+    with torch.no_grad():
+        model.generate_ids(images, num_beams=1, max_length=12)
+        assert "text_decoder.bert.encoder.layer.0.attention.self.query.weight" in _packed_weights(model)
+        for p in model.text_decoder.parameters():
+            p.mul_(1.5)  # in place, as AdamW does
+        x = images.new_ones(2, query.in_features)
+        expected = torch.nn.functional.linear(x, query.weight, query.bias)
+        for _ in range(3):  # the first use after the change, then the weight packed again, then that copy
+            torch.testing.assert_close(query(x), expected)
+    assert "text_decoder.bert.encoder.layer.0.attention.self.query.weight" in _packed_weights(model)
+    model.train()
+    assert not _packed_weights(model)
+    with torch.no_grad():
+        model(images, CAPTIONS)  # training mode: plain products, nothing packed
+    model.eval()
+    model(images, CAPTIONS).backward()  # gradients: plain products
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model.generate_ids(images, num_beams=1, max_length=12)  # autocast: plain products
+    assert not _packed_weights(model)
