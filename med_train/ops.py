@@ -26,38 +26,47 @@ from torch.utils.weak import WeakIdKeyDictionary
 _PACKED = WeakIdKeyDictionary()
 
 
-def _packable(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Inference in fp32 on the CPU, where oneDNN's prepacked product applies: no gradient to record, no autocast
-    (whose dtype rules F.linear follows), not inside torch.compile (which has its own weight prepacking)."""
-    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and weight.dim() == 2
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
-            and torch.backends.mkldnn.is_available())
+def _packed_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
+    """The dtype a prepacked product of `x` and `weight` runs in, or None where none applies. Inference on the CPU
+    with fp32 weights: no gradient to record, not inside torch.compile (which prepacks on its own). fp32, or bf16
+    under bf16 autocast, where F.linear would cast the inputs (and the weight, on every call) to bf16 too."""
+    if (x.device.type != "cpu" or weight.dtype != torch.float32 or weight.dim() != 2
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            or torch.compiler.is_compiling() or not torch.backends.mkldnn.is_available()):
+        return None
+    if torch.is_autocast_enabled("cpu"):
+        bf16 = torch.get_autocast_dtype("cpu") == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16)
+        return torch.bfloat16 if bf16 else None
+    return torch.float32 if x.dtype == torch.float32 else None
 
 
-def _packed_weight(weight: torch.Tensor) -> torch.Tensor | None:
-    """oneDNN's blocked copy of `weight`, made at the weight's second use and kept until it changes (an optimizer
-    step or a loaded checkpoint writes into it in place, which bumps its version). None at the first use: a weight
-    used once (the ViT's, captioning one batch) is not worth the copy, which costs about what one product saves."""
-    key = (weight._version, weight.data_ptr())
+def _packed_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """oneDNN's blocked copy of `weight` in `dtype`, made at the weight's second use and kept until it changes (an
+    optimizer step or a loaded checkpoint writes into it in place, which bumps its version). None at the first
+    use: a weight used once (the ViT's, captioning one batch) is not worth the copy, which costs about what one
+    product saves."""
+    key = (weight._version, weight.data_ptr(), dtype)
     entry = _PACKED.get(weight)
     if entry is None or entry[0] != key:
         _PACKED[weight] = (key, None)
         return None
     if entry[1] is None:
-        entry = _PACKED[weight] = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach()))
+        entry = _PACKED[weight] = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype)))
     return entry[1]
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
            packed: bool = False) -> torch.Tensor:
-    """`F.linear(x, weight, bias)`. With `packed=True`, in fp32 inference on the CPU (see `_packable`), the same
+    """`F.linear(x, weight, bias)`. With `packed=True`, in inference on the CPU (see `_packed_dtype`), the same
     product through oneDNN with the weight prepacked (from its second use) and kept until it changes or
-    `release_packed`: equal to F.linear's to float rounding (about 1e-6; the sums run in another order)."""
-    blocked = _packed_weight(weight) if packed and _packable(x, weight) else None
+    `release_packed`: in fp32 equal to F.linear's to float rounding (about 1e-6; the sums run in another order),
+    under bf16 autocast in bf16 as autocast's F.linear."""
+    dtype = _packed_dtype(x, weight) if packed else None
+    blocked = _packed_weight(weight, dtype) if dtype is not None else None
     if blocked is None:
         return F.linear(x, weight, bias)
-    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), blocked, bias, "none", [], "")
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]).to(dtype), blocked,
+                                           None if bias is None else bias.to(dtype), "none", [], "")
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -109,7 +118,7 @@ def gelu_linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                 packed: bool = False) -> torch.Tensor:
     """`F.linear(F.gelu(h), weight, bias)`, storing one activation for backward instead of two (`packed`: see
     `linear`)."""
-    if packed and _packable(h, weight):
+    if packed and _packed_dtype(h, weight) is not None:
         return linear(F.gelu(h), weight, bias, packed=True)
     return _GeluLinear.apply(h, weight, bias)
 
@@ -145,6 +154,6 @@ class _LayerNormLinear(torch.autograd.Function):
 
 def layer_norm_linear(x: torch.Tensor, norm: nn.LayerNorm, dense: nn.Linear, *, packed: bool = False) -> torch.Tensor:
     """`dense(norm(x))`, storing one activation for backward instead of two (`packed`: see `linear`)."""
-    if packed and _packable(x, dense.weight):
+    if packed and _packed_dtype(x, dense.weight) is not None:
         return linear(norm(x), dense.weight, dense.bias, packed=True)
     return _LayerNormLinear.apply(x, norm.weight, norm.bias, norm.eps, dense.weight, dense.bias)
