@@ -23,7 +23,7 @@ from torch import nn
 from med_train import decode
 from med_train.config import ModelConfig, TextConfig, VisionConfig
 from med_train.med import BertLMHeadModel, med_config
-from med_train.ops import gelu_linear, layer_norm_linear, linear, release_packed
+from med_train.ops import gelu_linear, layer_norm_linear, linear, release_packed, training_linear
 from med_train.tokenizer import encode_captions, load_tokenizer, prompt_length
 
 WEIGHTS_NAME = "model.safetensors"
@@ -118,8 +118,9 @@ class LeanBlock(nn.Module):
         q, k, v = qkv.reshape(b, n, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         attended = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                                   dropout_p=a.attn_drop.p if self.training else 0.0)
-        attended = linear(attended.transpose(1, 2).reshape(b, n, a.attn_dim), a.proj.weight, a.proj.bias,
-                          packed=packed)
+        attended = attended.transpose(1, 2).reshape(b, n, a.attn_dim)
+        attended = (linear(attended, a.proj.weight, a.proj.bias, packed=True) if packed
+                    else training_linear(attended, a.proj.weight, a.proj.bias))
         x = x + self.drop_path1(self.ls1(a.proj_drop(attended)))
         hidden = self.mlp.from_hidden(layer_norm_linear(x, self.norm2, self.mlp.fc1, packed=packed))
         return x + self.drop_path2(self.ls2(hidden))

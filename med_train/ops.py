@@ -84,6 +84,53 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias, packed=not self.training)
 
 
+# Training's products on the CPU: from this many rows (a ViT's batch x tokens), oneDNN with the weight reordered
+# for the call beats MKL's sgemm on the forward and input-gradient products; below it (a decoder's few hundred
+# caption tokens) MKL is faster.
+ONEDNN_MIN_ROWS = 1024
+
+
+def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` for the Functions below (no autograd of its own). In fp32 on the CPU with at
+    least ONEDNN_MIN_ROWS rows: through oneDNN, the weight reordered into its blocked layout for this call (the
+    weights change every step, and a kept copy would cost memory). `weight` may be a transposed view."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if (rows < ONEDNN_MIN_ROWS or x.device.type != "cpu" or not x.dtype == weight.dtype == torch.float32
+            or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling()
+            or not torch.backends.mkldnn.is_available()):
+        return F.linear(x, weight, bias)
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]),
+                                           torch.ops.mkldnn._reorder_linear_weight(weight), bias, "none", [], "")
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+class _Linear(torch.autograd.Function):
+    """F.linear with its forward and input-gradient products through `product` (fp32; training a ViT)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return product(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight = ctx.saved_tensors
+        flat_grad = grad_y.reshape(-1, grad_y.shape[-1])
+        grad_x = product(grad_y, weight.t()) if ctx.needs_input_grad[0] else None
+        grad_weight = flat_grad.t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
+        grad_bias = flat_grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_weight, grad_bias
+
+
+def training_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear`, with `product`'s faster CPU kernel for many rows in fp32 training; F.linear itself elsewhere
+    (autocast, other devices, torch.compile, few rows)."""
+    if x.device.type != "cpu" or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
+        return F.linear(x, weight, bias)
+    return _Linear.apply(x, weight, bias)
+
+
 class _GeluLinear(torch.autograd.Function):
     """linear(gelu(h), weight, bias) that keeps h, not gelu(h), for backward, where gelu(h) is recomputed (one
     element-wise pass). Autograd would keep both h (for GELU) and gelu(h) (for the linear): in a ViT MLP those are
@@ -92,7 +139,7 @@ class _GeluLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, bias):
-        y = F.linear(F.gelu(h), weight, bias)
+        y = product(F.gelu(h), weight, bias)
         ctx.save_for_backward(h, weight)
         ctx.has_bias = bias is not None
         return y
@@ -104,7 +151,7 @@ class _GeluLinear(torch.autograd.Function):
         flat_grad = grad_y.reshape(-1, grad_y.shape[-1])
         grad_h = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_g = (grad_y @ weight.to(dtype)).to(h.dtype)
+            grad_g = product(grad_y, weight.to(dtype).t()).to(h.dtype)
             grad_h = torch.ops.aten.gelu_backward(grad_g, h)
         if ctx.needs_input_grad[1]:
             g = F.gelu(h).to(dtype)
@@ -133,7 +180,7 @@ class _LayerNormLinear(torch.autograd.Function):
         normed, mean, rstd = torch.native_layer_norm(x, shape, norm_weight, norm_bias, eps)
         ctx.save_for_backward(x, mean, rstd, norm_weight, norm_bias, weight)
         ctx.eps, ctx.has_bias = eps, bias is not None
-        return F.linear(normed, weight, bias)
+        return product(normed, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -146,7 +193,7 @@ class _LayerNormLinear(torch.autograd.Function):
             grad_weight = (flat_grad.t() @ normed.to(dtype).reshape(-1, shape[0])).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[5]:
             grad_bias = flat_grad.sum(0).to(weight.dtype)
-        grad_normed = (grad_y @ weight.to(dtype)).to(normed.dtype)
+        grad_normed = product(grad_y, weight.to(dtype).t()).to(normed.dtype)
         grad_x, grad_norm_weight, grad_norm_bias = torch.ops.aten.native_layer_norm_backward(
             grad_normed, x, shape, mean, rstd, norm_weight, norm_bias, list(ctx.needs_input_grad[:3]))
         return grad_x, grad_norm_weight, grad_norm_bias, None, grad_weight, grad_bias

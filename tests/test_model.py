@@ -284,8 +284,13 @@ def test_gelu_linear_and_layer_norm_linear_gradients_are_exact():
     assert torch.autograd.gradcheck(fused, tensors)
 
 
-@pytest.mark.parametrize("bf16", [False, True])
-def test_lean_vit_matches_timms_forward_and_gradients(bf16):
+@pytest.mark.parametrize("bf16,onednn", [(False, False), (True, False), (False, True)])
+def test_lean_vit_matches_timms_forward_and_gradients(bf16, onednn, monkeypatch):
+    """`onednn`: every product at these tiny sizes goes through ops.product's oneDNN kernel, as a ViT-B batch's do."""
+    from med_train import ops
+
+    if onednn:
+        monkeypatch.setattr(ops, "ONEDNN_MIN_ROWS", 1)
     vit = _vit()
     plain = _plain_copy(vit)
     images = _images(n=2, size=32)
@@ -300,6 +305,45 @@ def test_lean_vit_matches_timms_forward_and_gradients(bf16):
     for name in grads[0]:
         tolerance = dict(rtol=2e-2, atol=2e-3) if bf16 else {}
         torch.testing.assert_close(grads[0][name], grads[1][name], **tolerance, msg=name)
+
+
+@pytest.mark.parametrize("rows", [50, 1100])
+def test_training_products_take_onednn_for_many_rows_with_the_same_gradients(rows):
+    """ops.product: from ONEDNN_MIN_ROWS rows (a ViT batch) the forward and input-gradient products of the fused
+    ops and of training_linear run through oneDNN; values and gradients equal the plain ops' (F.linear, F.gelu,
+    F.layer_norm under autograd)."""
+    import torch.nn.functional as F
+    from torch.profiler import profile
+
+    from med_train import ops
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, 24, generator=g, requires_grad=True)
+    wide = torch.nn.Linear(24, 40)
+    narrow = torch.nn.Linear(40, 24)
+    norm = torch.nn.LayerNorm(24)
+    with torch.no_grad():
+        norm.weight.add_(torch.rand(24, generator=g))
+
+    def run(fused):
+        for t in (x, *wide.parameters(), *narrow.parameters(), *norm.parameters()):
+            t.grad = None
+        if fused:
+            h = ops.layer_norm_linear(x, norm, wide)
+            y = ops.training_linear(ops.gelu_linear(h, narrow.weight, narrow.bias), narrow.weight.t(),
+                                    None)
+        else:
+            h = F.linear(norm(x), wide.weight, wide.bias)
+            y = F.linear(F.linear(F.gelu(h), narrow.weight, narrow.bias), narrow.weight.t())
+        (y.sin().sum()).backward()
+        return [y.detach(), x.grad] + [p.grad for m in (wide, narrow, norm) for p in m.parameters()]
+
+    with profile() as prof:
+        fused = run(True)
+    onednn_calls = sum(e.count for e in prof.key_averages() if e.key == "mkldnn::_linear_pointwise")
+    assert onednn_calls == (6 if rows >= ops.ONEDNN_MIN_ROWS else 0)  # three forward, three input-gradient
+    for a, b in zip(fused, run(False), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_lean_blocks_store_each_activation_once():
