@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import logging
 import math
 import os
 import shutil
@@ -364,6 +365,20 @@ def _step_loss(accelerator, micro_losses: list, grad_norm) -> tuple[float, bool]
         bad = accelerator.reduce(bad, reduction="sum")
     mean, bad = torch.stack([losses.mean(), bad]).tolist()
     return mean, bad > 0
+
+
+class _TiedHeadNotice(logging.Filter):
+    """accelerate's `save_state` drops tensors that share storage from the safetensors file and says so, every
+    checkpoint. For the LM head, tied to the word embeddings, that is expected: the tie is made again when the
+    model is built, before its state is loaded (resuming is tested). Other shared tensors are still reported."""
+
+    NOTICE = "Removed shared tensor {'text_decoder.cls.predictions.decoder.weight'} while saving"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.NOTICE not in record.getMessage()  # after "[RANK n] "
+
+
+logging.getLogger("accelerate.utils.other").addFilter(_TiedHeadNotice())
 
 
 def _save_checkpoint(accelerator, model, run_dir: Path, state: TrainerState, loader, keep: int) -> None:

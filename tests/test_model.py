@@ -464,3 +464,24 @@ def test_prepacked_weights_follow_weight_changes_and_go_in_training(tokenizer, t
     model.eval()
     model(images, CAPTIONS).backward()  # gradients: plain products
     assert not _packed_weights(model)
+
+
+def test_checkpoints_do_not_report_the_tied_lm_head_as_removed(tokenizer, tiny_config, caplog):
+    """accelerate notes every shared tensor it leaves out of a checkpoint; the tied LM head is expected and not
+    reported at every save (med_train.train installs the filter), another shared tensor still is."""
+    import logging
+
+    from accelerate import PartialState
+    from accelerate.utils.other import clean_state_dict_for_safetensors
+
+    import med_train.train  # noqa: F401
+
+    PartialState()  # accelerate's logging needs its state
+    model = Captioner(tiny_config, tokenizer)
+    with caplog.at_level(logging.WARNING):
+        kept = clean_state_dict_for_safetensors(model.state_dict())
+        assert "text_decoder.cls.predictions.decoder.weight" not in kept
+        assert "Removed shared tensor" not in caplog.text
+        shared = torch.zeros(3)
+        clean_state_dict_for_safetensors({"a": shared, "b": shared})
+    assert "Removed shared tensor {'b'}" in caplog.text
