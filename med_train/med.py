@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import BertConfig
 
-from med_train.ops import Linear, gelu_linear, linear, release_packed
+from med_train.ops import Linear, ReleasesPackedOnTrain, gelu_linear, linear
 
 
 def med_config(**kwargs) -> BertConfig:
@@ -431,7 +431,7 @@ class BertOnlyMLMHead(nn.Module):
         return self.predictions(sequence_output)
 
 
-class BertLMHeadModel(nn.Module):
+class BertLMHeadModel(ReleasesPackedOnTrain, nn.Module):
     """The caption decoder: `BertModel` without pooler + LM head tied to the word embeddings, next-token loss."""
 
     def __init__(self, config, label_smoothing: float = 0.1):
@@ -453,13 +453,6 @@ class BertLMHeadModel(nn.Module):
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
-
-    def train(self, mode: bool = True):
-        """Back to training: the weights will change, so the prepacked copies that eval mode made go
-        (`ops.release_packed`)."""
-        if mode:
-            release_packed(self)
-        return super().train(mode)
 
     def tie_weights(self):
         self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight

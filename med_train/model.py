@@ -23,7 +23,7 @@ from torch import nn
 from med_train import decode
 from med_train.config import ModelConfig, TextConfig, VisionConfig
 from med_train.med import BertLMHeadModel, med_config
-from med_train.ops import gelu_linear, layer_norm_linear, linear, release_packed, training_linear
+from med_train.ops import ReleasesPackedOnTrain, gelu_linear, layer_norm_linear, linear, training_linear
 from med_train.tokenizer import encode_captions, load_tokenizer, prompt_length
 
 WEIGHTS_NAME = "model.safetensors"
@@ -177,7 +177,7 @@ def normalize_images(images: torch.Tensor, mean, std) -> torch.Tensor:
     return images.float().div_(255).sub_(mean).div_(std)
 
 
-class Captioner(nn.Module):
+class Captioner(ReleasesPackedOnTrain, nn.Module):
     def __init__(self, cfg: ModelConfig, tokenizer, load_weights: bool = True, max_caption_tokens: int = 40):
         """`load_weights=False` builds the architecture only (the weights come from a checkpoint next).
         `max_caption_tokens` truncates captions given as text to `forward` (prompt included)."""
@@ -220,13 +220,6 @@ class Captioner(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.prompt_ids.device
-
-    def train(self, mode: bool = True):
-        """Back to training: the weights will change, so the prepacked copies that eval mode made go
-        (`ops.release_packed`)."""
-        if mode:
-            release_packed(self)
-        return super().train(mode)
 
     def image_mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """The normalisation the vision weights expect: the config's, else timm's data config for the model."""

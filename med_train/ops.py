@@ -70,15 +70,29 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     blocked = _packed_weight(weight, dtype) if dtype is not None else None
     if blocked is None:
         return F.linear(x, weight, bias)
-    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]).to(dtype), blocked,
-                                           None if bias is None else bias.to(dtype), "none", [], "")
-    return y.view(*x.shape[:-1], weight.shape[0])
+    return _onednn_linear(x.to(dtype), blocked, None if bias is None else bias.to(dtype))
+
+
+def _onednn_linear(x: torch.Tensor, blocked: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T + bias with the weight in oneDNN's blocked layout, for any leading dimensions of x."""
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), blocked, bias, "none", [], "")
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def release_packed(module: nn.Module) -> None:
     """Free the packed copies of `module`'s weights (a model going back to training: its weights will change)."""
     for param in module.parameters():
         _PACKED.pop(param, None)
+
+
+class ReleasesPackedOnTrain:
+    """Mixin for a model whose eval mode packs weights (`linear`): back in training mode its weights will change,
+    so their packed copies are freed."""
+
+    def train(self, mode: bool = True):
+        if mode:
+            release_packed(self)
+        return super().train(mode)
 
 
 class Linear(nn.Linear):
@@ -104,9 +118,7 @@ def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
             or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling()
             or not torch.backends.mkldnn.is_available()):
         return F.linear(x, weight, bias)
-    y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]),
-                                           torch.ops.mkldnn._reorder_linear_weight(weight), bias, "none", [], "")
-    return y.view(*x.shape[:-1], weight.shape[0])
+    return _onednn_linear(x, torch.ops.mkldnn._reorder_linear_weight(weight), bias)
 
 
 class _Linear(torch.autograd.Function):
