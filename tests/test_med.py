@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from transformers import BlipTextConfig
 from transformers.models.blip.modeling_blip_text import BlipTextLMHeadModel
 
+from med_train import med
 from med_train.med import BertLMHeadModel, DecoderCache, med_config
 
 V, H, W_IMG, LAYERS, HEADS = 60, 32, 24, 2, 4
@@ -186,6 +187,56 @@ def test_cross_kv_shared_by_beams_equals_copied_images():
         logits.append(out.logits)
     assert out.cache.cross_kv[0][0].shape[0] == B  # never copied per beam
     torch.testing.assert_close(torch.cat(logits, 1), copied, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("queries", [1, 3])
+@pytest.mark.parametrize("masked", [False, True])
+def test_few_query_attention_equals_sdpa(dtype, queries, masked):
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, HEADS, n, 8, generator=g).to(dtype) for n in (queries, 7, 7))
+    bias = None
+    if masked:
+        bias = torch.zeros(2, 1, 1, 7)
+        bias[1, ..., 4:] = torch.finfo(torch.float32).min
+    got = med.few_query_attention(q, k, v, bias)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(dtype))
+    assert got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_decoding_steps_without_gradients_attend_with_products(monkeypatch, beams):
+    """A CPU decoding step (no gradient, one query per text row) attends through `few_query_attention`, over cross
+    K/V stored contiguous, with the logits of the full forward; the prompt (4 queries per image) still uses SDPA."""
+    ours, _ = _pair()
+    _, _, _, images = _inputs()
+    text = torch.randint(3, V, (B * beams, 7), generator=torch.Generator().manual_seed(3))
+    full = ours(text, encoder_hidden_states=images.repeat_interleave(beams, 0)).logits
+    sdpa_calls = []
+    real_sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(med.F, "scaled_dot_product_attention",
+                        lambda q, *a, **kw: sdpa_calls.append(q.shape[2]) or real_sdpa(q, *a, **kw))
+
+    def decode():
+        with torch.no_grad():
+            out = ours(text[:, :4], encoder_hidden_states=images, use_cache=True, cache=DecoderCache())
+            logits = [out.logits]
+            prompt_sdpa = len(sdpa_calls)
+            for t in range(4, 7):
+                out = ours(text[:, t:t + 1], cache=out.cache, use_cache=True)
+                logits.append(out.logits)
+        return torch.cat(logits, 1), out.cache, prompt_sdpa
+
+    logits, cache, prompt_sdpa = decode()
+    torch.testing.assert_close(logits, full, atol=1e-5, rtol=1e-5)
+    assert prompt_sdpa == 2 * LAYERS and len(sdpa_calls) == prompt_sdpa  # no step called SDPA
+    assert all(t.is_contiguous() for t in cache.cross_kv[0])
+    monkeypatch.setattr(med, "FEW_QUERIES", 0)  # the counter would see SDPA in the steps without the rule
+    sdpa_calls.clear()
+    torch.testing.assert_close(decode()[0], full, atol=1e-5, rtol=1e-5)
+    assert len(sdpa_calls) == 2 * LAYERS * 4
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
