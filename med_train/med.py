@@ -123,18 +123,40 @@ class BertEmbeddings(nn.Module):
         self.register_buffer("position_ids", torch.arange(config.max_position_embeddings)[None], persistent=False)
 
     def forward(self, input_ids=None, position_ids=None, inputs_embeds=None, past_key_values_length: int = 0,
-                sparse_grad: bool = False):
+                sparse_grad: bool = False, word_weight: torch.Tensor | None = None):
         """`sparse_grad=True`: the word embeddings' gradient is the looked-up rows only, not a dense (vocab, H)
-        tensor. For a table tied to an LM head that is in the same loss: the head's dense gradient absorbs those
-        rows in place, so neither the zero-filled table-sized gradient nor the sum of the two is ever made."""
+        tensor. For a table tied to an LM head that is in the same loss, look up in `word_weight`, the lookup's
+        alias of the table from `TiedTable`: the head's dense gradient takes those rows in place, so neither the
+        zero-filled table-sized gradient nor the sum of the two is ever made."""
         seq_length = (input_ids if input_ids is not None else inputs_embeds[..., 0]).shape[1]
         if position_ids is None:  # positions continue after the cached tokens
             position_ids = self.position_ids[:, past_key_values_length : past_key_values_length + seq_length]
         if inputs_embeds is None:
             table = self.word_embeddings
-            inputs_embeds = F.embedding(input_ids, table.weight, table.padding_idx, sparse=sparse_grad)
+            weight = table.weight if word_weight is None else word_weight
+            inputs_embeds = F.embedding(input_ids, weight, table.padding_idx, sparse=sparse_grad)
         embeddings = inputs_embeds + self.position_embeddings(position_ids)
         return self.dropout(self.LayerNorm(embeddings))
+
+
+class TiedTable(torch.autograd.Function):
+    """The word embeddings' table, tied to the LM head, handed out as two aliases, (lookup's, head's), so that the
+    two gradients meet here and not in autograd's own accumulation, which adds a sparse gradient to a dense one by
+    copying the dense one: a vocabulary-sized copy every step (30524 x 768: 0.25 s of a CPU step in a profile).
+    Here the lookup's sparse rows are added into the head's dense gradient in place."""
+
+    @staticmethod
+    def forward(ctx, weight):
+        ctx.set_materialize_grads(False)
+        return weight.view_as(weight), weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad_lookup, grad_head):
+        if grad_head is None or grad_lookup is None:
+            return grad_lookup if grad_head is None else grad_head
+        if not grad_head.is_contiguous():  # not a product's fresh output: leave it be
+            return grad_head + grad_lookup
+        return grad_head.add_(grad_lookup)  # the head's gradient is this node's alone: it came from its product
 
 
 # Below this many queries per key/value set (a decoding step: 1 per image, or its beams folded in), CPU inference
@@ -377,13 +399,13 @@ class BertModel(nn.Module):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
                 encoder_hidden_states=None, encoder_attention_mask=None, cache: DecoderCache | None = None,
                 use_cache: bool | None = None, is_decoder: bool = False, mode: str = "multimodal",
-                pack_padding: bool = False, sparse_grad: bool = False):
-        """`pack_padding=True` (with an `attention_mask`, no cache): the layers run on the real tokens only (see
+                pack_padding: bool = False, sparse_grad: bool = False, word_weight: torch.Tensor | None = None):
+        """`sparse_grad`, `word_weight`: see `BertEmbeddings`. `pack_padding=True` (with an `attention_mask`, no cache): the layers run on the real tokens only (see
         `Packing`); the last hidden state is zero at the padding instead of a value nobody should use."""
         past_length = len(cache) if cache is not None else 0
         embedding_output = self.embeddings(input_ids=input_ids, position_ids=position_ids,
                                            inputs_embeds=inputs_embeds, past_key_values_length=past_length,
-                                           sparse_grad=sparse_grad)
+                                           sparse_grad=sparse_grad, word_weight=word_weight)
         batch, seq_length = embedding_output.shape[:2]
         dtype = embedding_output.dtype
 
@@ -442,8 +464,10 @@ class BertLMPredictionHead(nn.Module):
         self.decoder = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
 
-    def forward(self, hidden_states):
-        return linear(self.transform(hidden_states), self.decoder.weight, self.bias, packed=not self.training)
+    def forward(self, hidden_states, weight: torch.Tensor | None = None):
+        """`weight`: the projection to use instead of `decoder.weight` (its alias from `TiedTable`)."""
+        weight = self.decoder.weight if weight is None else weight
+        return linear(self.transform(hidden_states), weight, self.bias, packed=not self.training)
 
 
 class BertOnlyMLMHead(nn.Module):
@@ -451,8 +475,8 @@ class BertOnlyMLMHead(nn.Module):
         super().__init__()
         self.predictions = BertLMPredictionHead(config)
 
-    def forward(self, sequence_output):
-        return self.predictions(sequence_output)
+    def forward(self, sequence_output, weight: torch.Tensor | None = None):
+        return self.predictions(sequence_output, weight)
 
 
 class BertLMHeadModel(ReleasesPackedOnTrain, nn.Module):
@@ -503,20 +527,23 @@ class BertLMHeadModel(ReleasesPackedOnTrain, nn.Module):
         # tokens, next) waits for the queued work once, here, rather than again after the whole forward.
         target_rows = (labels[:, 1:] != -100).nonzero(as_tuple=True) if target_only else None
         # With a loss, the (tied) LM head's dense gradient takes the embedding rows' sparse one in place
-        # (torch.compile keeps the dense lookup: it does not trace sparse gradients).
+        # (`TiedTable`; torch.compile keeps the dense lookup: it does not trace sparse gradients).
         tied = self.cls.predictions.decoder.weight is self.bert.embeddings.word_embeddings.weight
         sparse_grad = (on_cpu and labels is not None and tied and torch.is_grad_enabled()
                        and not torch.compiler.is_compiling())
+        word_weight = head_weight = None
+        if sparse_grad:
+            word_weight, head_weight = TiedTable.apply(self.cls.predictions.decoder.weight)
         outputs = self.bert(input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             encoder_hidden_states=encoder_hidden_states,
                             encoder_attention_mask=encoder_attention_mask, cache=cache, use_cache=use_cache,
                             is_decoder=is_decoder, mode=mode, pack_padding=target_only and on_cpu,
-                            sparse_grad=sparse_grad)
+                            sparse_grad=sparse_grad, word_weight=word_weight)
         sequence_output = outputs.last_hidden_state  # (B, T, H)
         if return_logits:
-            return self.cls(sequence_output)[:, :-1, :].contiguous()
+            return self.cls(sequence_output, head_weight)[:, :-1, :].contiguous()
 
-        logits = self.cls(sequence_output) if (output_logits or labels is None) else None
+        logits = self.cls(sequence_output, head_weight) if (output_logits or labels is None) else None
         loss = None
         if labels is not None:
             targets = labels[:, 1:]  # (B, T-1)
@@ -530,13 +557,13 @@ class BertLMHeadModel(ReleasesPackedOnTrain, nn.Module):
                 else:
                     loss = token_loss.sum() / valid.sum()
             else:
-                loss = self._target_only_loss(sequence_output[:, :-1], targets, target_rows, reduction)
+                loss = self._target_only_loss(sequence_output[:, :-1], targets, target_rows, reduction, head_weight)
         return CausalLMOutput(loss=loss, logits=logits, cache=outputs.cache)
 
-    def _target_only_loss(self, hidden, targets, rows, reduction):
+    def _target_only_loss(self, hidden, targets, rows, reduction, head_weight=None):
         """The loss with the LM head (the largest matmul) applied only at positions with a target, `rows`."""
         valid = targets != -100  # (B, T-1)
-        token_loss = F.cross_entropy(self.cls(hidden[rows]), targets[rows], reduction="none",
+        token_loss = F.cross_entropy(self.cls(hidden[rows], head_weight), targets[rows], reduction="none",
                                      label_smoothing=self.label_smoothing)
         if reduction == "none":  # per-sequence sums
             return torch.zeros(targets.shape[0], dtype=token_loss.dtype,

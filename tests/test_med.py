@@ -328,6 +328,38 @@ def test_gradients_match_transformers_and_stay_dense(output_logits):
         torch.testing.assert_close(param.grad, ref_grads[name].grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_tied_table_gradient_takes_the_lookup_rows_in_place(monkeypatch):
+    """The sparse lookup gradient is added into the LM head's dense one in place (`med.TiedTable`), where
+    autograd's own dense + sparse accumulation copies the vocabulary-sized gradient (profiled: an in-place add,
+    no copy); the gradient stays what the dense lookup gives."""
+    from torch.profiler import profile
+
+    ours, _ = _pair()
+    ids, mask, labels, images = _inputs()
+    ours.train()
+    table = ours.bert.embeddings.word_embeddings.weight
+
+    def grad(**kw):
+        ours.zero_grad(set_to_none=True)
+        with profile(record_shapes=True) as prof:
+            ours(ids, mask, encoder_hidden_states=images, labels=labels, **kw).loss.backward()
+        table_sized = [e.name for e in prof.events() if e.input_shapes and e.input_shapes[0] == [V, H]]
+        return table.grad.clone(), table_sized
+
+    sparse_grad, sparse_ops = grad(output_logits=False)
+    assert "aten::add_" in sparse_ops and "aten::copy_" not in sparse_ops and table.grad.is_contiguous()
+    # the check sees autograd's accumulation when the lookup's gradient is not routed through TiedTable
+    with monkeypatch.context() as patch:
+        patch.setattr(med.TiedTable, "apply", lambda weight: (weight, weight))
+        _, untied_ops = grad(output_logits=False)
+    assert "aten::copy_" in untied_ops
+    ours.bert.embeddings.register_forward_pre_hook(
+        lambda module, args, kwargs: kwargs.update(sparse_grad=False, word_weight=None) or (args, kwargs),
+        with_kwargs=True)
+    dense_grad, _ = grad(output_logits=False)
+    torch.testing.assert_close(sparse_grad, dense_grad, atol=1e-6, rtol=1e-5)
+
+
 def test_dropout_is_active_in_training_only():
     torch.manual_seed(0)
     model = BertLMHeadModel(med_config(vocab_size=V, hidden_size=H, encoder_width=W_IMG, intermediate_size=64,
