@@ -142,8 +142,8 @@ class BertEmbeddings(nn.Module):
 class TiedTable(torch.autograd.Function):
     """The word embeddings' table, tied to the LM head, handed out as two aliases, (lookup's, head's), so that the
     two gradients meet here and not in autograd's own accumulation, which adds a sparse gradient to a dense one by
-    copying the dense one: a vocabulary-sized copy every step (30524 x 768: 0.25 s of a CPU step in a profile).
-    Here the lookup's sparse rows are added into the head's dense gradient in place."""
+    copying the dense one: a vocabulary-sized copy every step (30524 x 768: about 40 ms of a CPU training step,
+    profiled). Here the lookup's sparse rows are added into the head's dense gradient in place."""
 
     @staticmethod
     def forward(ctx, weight):
@@ -235,8 +235,9 @@ class BertSelfAttention(nn.Module):
             # (B_img*k, nh, T, hs) -> (B_img, nh, k*T, hs). Cross-attention has no causal mask, so this is exact.
             query = query.view(-1, group, nh, t, hs).transpose(1, 2).reshape(-1, nh, group * t, hs)
         dropout_p = self.dropout_p if self.training else 0.0
-        if query.shape[2] < FEW_QUERIES and dropout_p == 0.0 and not is_causal and query.device.type == "cpu" \
-                and not torch.is_grad_enabled():
+        few_queries = (query.shape[2] < FEW_QUERIES and dropout_p == 0.0 and not is_causal
+                       and query.device.type == "cpu" and not torch.is_grad_enabled())
+        if few_queries:  # a CPU decoding step
             context = few_query_attention(query, key, value, attention_mask)
         else:
             context = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
@@ -400,8 +401,9 @@ class BertModel(nn.Module):
                 encoder_hidden_states=None, encoder_attention_mask=None, cache: DecoderCache | None = None,
                 use_cache: bool | None = None, is_decoder: bool = False, mode: str = "multimodal",
                 pack_padding: bool = False, sparse_grad: bool = False, word_weight: torch.Tensor | None = None):
-        """`sparse_grad`, `word_weight`: see `BertEmbeddings`. `pack_padding=True` (with an `attention_mask`, no cache): the layers run on the real tokens only (see
-        `Packing`); the last hidden state is zero at the padding instead of a value nobody should use."""
+        """`pack_padding=True` (with an `attention_mask`, no cache): the layers run on the real tokens only (see
+        `Packing`); the last hidden state is zero at the padding instead of a value nobody should use.
+        `sparse_grad`, `word_weight`: see `BertEmbeddings`."""
         past_length = len(cache) if cache is not None else 0
         embedding_output = self.embeddings(input_ids=input_ids, position_ids=position_ids,
                                            inputs_embeds=inputs_embeds, past_key_values_length=past_length,

@@ -16,8 +16,8 @@ memory: a second copy of the weights that run packed, freed when the model goes 
 
 In training the weights change every step, so nothing is kept: `product` (the fused ops' products, and
 `training_linear`'s) hands oneDNN the plain weight, which it reorders for each call; that pays from about a
-thousand rows (a ViT-B batch's 1576 tokens: its forward and input-gradient products 6.6% faster, a training step 3% faster); with fewer rows
-(the decoder's captions) F.linear's MKL is faster and is used.
+thousand rows (a ViT-B batch's 1576 tokens: its forward and input-gradient products 6.6% faster, a training step
+3% faster); with fewer rows (the decoder's captions) F.linear's MKL is faster and is used.
 """
 
 from __future__ import annotations
