@@ -13,7 +13,7 @@ differs from BLIP's code, on purpose:
 - with labels, the LM head runs only where there is a target (`output_logits=False` skips the full logits), and
   then the layers run on the real tokens only (`Packing`: padding is neither computed nor kept for backward);
 - with labels, the tied word embeddings' lookup has a sparse gradient, which the LM head's dense one absorbs in
-  place (no zero-filled vocabulary-sized gradient is made per step).
+  place (`TiedTable`: no zero-filled vocabulary-sized gradient is made per step, nor a copy of the head's).
 
     config = med_config(vocab_size=30524, encoder_width=768)  # a transformers.BertConfig
     decoder = BertLMHeadModel(config)
