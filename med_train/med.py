@@ -49,10 +49,13 @@ class DecoderCache:
     `self_kv[i]`: layer i's self-attention (K, V), each (B, heads, T_past, head_dim), grown by one step per token.
     `cross_kv[i]`: layer i's cross-attention (K, V), each (B_img, heads, N_img, head_dim), computed once per image.
     The text batch may be `B_img * k` rows (k beams or samples per image, image-major): cross K/V are shared.
+    `cross_mask`: the image tokens' additive mask (B_img, 1, 1, N_img) the cross K/V were made with, or None; the
+    steps after it attend with it.
     """
 
     self_kv: list = field(default_factory=list)
     cross_kv: list = field(default_factory=list)
+    cross_mask: torch.Tensor | None = None
 
     def __len__(self) -> int:  # tokens already cached
         return 0 if not self.self_kv or self.self_kv[0] is None else self.self_kv[0][0].shape[2]
@@ -427,6 +430,8 @@ class BertModel(nn.Module):
             encoder_attention_mask = torch.zeros(encoder_attention_mask.shape, dtype=dtype,
                                                  device=encoder_attention_mask.device).masked_fill(
                 encoder_attention_mask == 0, torch.finfo(dtype).min)[:, None, None, :]
+        elif encoder_hidden_states is None and cache is not None and mode == "multimodal":
+            encoder_attention_mask = cache.cross_mask  # a step over cached image K/V: the mask they came with
 
         packing = None
         if pack_padding and attention_mask is not None and cache is None and not use_cache:
@@ -440,6 +445,8 @@ class BertModel(nn.Module):
             encoder_hidden_states=encoder_hidden_states if mode == "multimodal" else None,
             encoder_attention_mask=encoder_attention_mask, cache=cache, use_cache=bool(use_cache), mode=mode,
             is_causal=is_causal, packing=packing)
+        if cache is not None and encoder_hidden_states is not None and mode == "multimodal":
+            cache.cross_mask = encoder_attention_mask
         if packing is not None:
             sequence_output = packing.pad(sequence_output)
         pooled_output = self.pooler(sequence_output) if self.pooler is not None else None

@@ -104,6 +104,28 @@ def test_batched_decoding_equals_one_image_at_a_time():
         assert len(lengths) > 1  # the captions end at different steps
 
 
+def test_masked_image_padding_is_ignored_at_every_step():
+    """Images padded with extra tokens and an `image_mask` decode as the unpadded images do: the prompt and every
+    cached step attend with the mask (the cache keeps it with the image K/V)."""
+    decoder = _decoder(vocab=30, seed=3)
+    g = torch.Generator().manual_seed(4)
+    images = torch.randn(3, 4, 8, generator=g)
+    padded = torch.cat([images, 5 * torch.randn(3, 3, 8, generator=g)], 1)
+    mask = torch.tensor([[1] * 4 + [0] * 3] * 3)
+    prompt = torch.tensor([BOS])
+
+    def run(embeds, **kwargs):
+        if kwargs.get("do_sample"):
+            kwargs["generator"] = torch.Generator().manual_seed(5)
+        return generate(decoder, embeds, prompt, eos_token_id=EOS, pad_token_id=PAD, max_length=10, min_length=2,
+                        **kwargs)
+
+    for kwargs in (dict(num_beams=1), dict(num_beams=3), dict(do_sample=True, top_p=0.9)):
+        want = run(images, **kwargs)
+        assert torch.equal(run(padded, image_mask=mask, **kwargs), want), kwargs
+        assert not torch.equal(run(padded, **kwargs), want), kwargs  # unmasked, the padding changes the captions
+
+
 def test_min_and_max_length():
     decoder = _decoder(vocab=6, seed=4)
     images = torch.randn(8, 3, 8, generator=torch.Generator().manual_seed(2))
