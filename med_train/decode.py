@@ -83,7 +83,7 @@ def greedy_or_sample(decoder, image_embeds, prompt_ids, *, eos_token_id, pad_tok
 @torch.no_grad()
 def beam_search(decoder, image_embeds, prompt_ids, *, eos_token_id, pad_token_id, num_beams=3, max_length=20,
                 min_length=0, length_penalty=1.0, repetition_penalty=1.0, early_stopping: bool | str = False,
-                image_mask=None):
+                image_mask=None, drop_finished: bool | None = None):
     """The best finished beam per image. A hypothesis ends with [SEP] or at `max_length`; its score is the sum of
     its token log-probabilities divided by (tokens generated) ** length_penalty.
 
@@ -91,11 +91,18 @@ def beam_search(decoder, image_embeds, prompt_ids, *, eos_token_id, pad_token_id
     `early_stopping`: True stops an image once it has K finished hypotheses; False (transformers' default) also
     stops when the best running beam, scored at its current length, cannot beat the worst finished one; "never"
     stops only when no running beam can, at any allowed length (exact).
+
+    `drop_finished` (default: on the CPU) takes an image whose search is over out of the batch (its rows, cache and
+    image K/V), so the later steps run on the others' rows only; the results are the same. On a GPU, where a
+    step's cost hardly depends on its rows, every image stays to the end by default (finding the finished ones
+    would wait for the GPU each step).
     """
     k = num_beams
     prompt, logits, cache = _prefill(decoder, image_embeds, image_mask, prompt_ids)
     batch, prompt_len = prompt.shape
     device = prompt.device
+    if drop_finished is None:
+        drop_finished = device.type == "cpu"
     rows = torch.arange(batch, device=device).repeat_interleave(k)  # image of each text row, image-major
     cache.reorder(rows)  # the prompt's self K/V, k copies per image (cross K/V stay one per image)
     logits = logits[rows]
@@ -106,34 +113,37 @@ def beam_search(decoder, image_embeds, prompt_ids, *, eos_token_id, pad_token_id
     pool_scores = torch.full((batch, k), NEG_INF, device=device)  # finished hypotheses, best first
     pool_tokens = torch.full((batch, k, max_length), pad_token_id, dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
-    image_offset = (torch.arange(batch, device=device) * k)[:, None]  # (B, 1)
+    searching = torch.arange(batch, device=device)  # the images still in the batch (all, unless drop_finished)
+    best = torch.full((batch, max_length), pad_token_id, dtype=torch.long, device=device)
+    beam = torch.arange(k, device=device)
 
-    def add_to_pool(scores, candidates):  # scores (B, K) normalised, candidates (B, K, L)
+    def add_to_pool(scores, candidates):  # scores (n, K) normalised, candidates (n, K, L)
         nonlocal pool_scores, pool_tokens
         scores = scores.masked_fill(done[:, None], NEG_INF)
-        padded = torch.full((batch, k, max_length), pad_token_id, dtype=torch.long, device=device)
+        padded = torch.full((scores.shape[0], k, max_length), pad_token_id, dtype=torch.long, device=device)
         padded[:, :, : candidates.shape[2]] = candidates
-        all_scores = torch.cat([pool_scores, scores], dim=1)  # (B, 2K)
-        pool_scores, best = all_scores.topk(k, dim=1)
+        all_scores = torch.cat([pool_scores, scores], dim=1)  # (n, 2K)
+        pool_scores, top = all_scores.topk(k, dim=1)
         pool_tokens = torch.cat([pool_tokens, padded], dim=1).gather(
-            1, best[:, :, None].expand(-1, -1, max_length))
+            1, top[:, :, None].expand(-1, -1, max_length))
 
     for cur_len in range(prompt_len, max_length):
+        n = searching.shape[0]
         logits = _process_logits(logits.float(), tokens, cur_len, eos_token_id=eos_token_id, min_length=min_length,
                                  repetition_penalty=repetition_penalty)
         vocab = logits.shape[-1]
-        candidates = beam_scores.view(-1, 1) + logits.log_softmax(-1)  # (B*K, V) running sums
+        candidates = beam_scores.view(-1, 1) + logits.log_softmax(-1)  # (n*K, V) running sums
         generated = cur_len + 1 - prompt_len  # tokens after the prompt, this one included
 
         # every beam's [SEP] continuation is a finished hypothesis
-        eos_scores = candidates[:, eos_token_id].view(batch, k) / generated**length_penalty
-        ended = torch.cat([tokens, torch.full_like(tokens[:, :1], eos_token_id)], dim=1).view(batch, k, -1)
+        eos_scores = candidates[:, eos_token_id].view(n, k) / generated**length_penalty
+        ended = torch.cat([tokens, torch.full_like(tokens[:, :1], eos_token_id)], dim=1).view(n, k, -1)
         add_to_pool(eos_scores, ended)
 
         # the k best continuations that do not end
         candidates[:, eos_token_id] = NEG_INF
-        beam_scores, flat = candidates.view(batch, k * vocab).topk(k, dim=1)  # (B, K)
-        src = (image_offset + flat // vocab).view(-1)  # (B*K,) row each new beam extends
+        beam_scores, flat = candidates.view(n, k * vocab).topk(k, dim=1)  # (n, K)
+        src = ((torch.arange(n, device=device) * k)[:, None] + flat // vocab).view(-1)  # (n*K,) row each extends
         next_tokens = (flat % vocab).view(-1)
         tokens = torch.cat([tokens[src], next_tokens[:, None]], dim=1)
 
@@ -150,24 +160,34 @@ def beam_search(decoder, image_embeds, prompt_ids, *, eos_token_id, pad_token_id
             done |= full & (reach <= pool_scores[:, -1])
         if cur_len + 1 == max_length or bool(done.all()):
             break
-        cache.reorder(src)
+        if drop_finished and bool(done.any()):
+            finished, kept = done.nonzero().squeeze(1), (~done).nonzero().squeeze(1)
+            best[searching[finished]] = pool_tokens[finished, 0]
+            kept_rows = (kept[:, None] * k + beam).view(-1)
+            src, next_tokens, tokens = src[kept_rows], next_tokens[kept_rows], tokens[kept_rows]
+            searching, beam_scores, pool_scores, pool_tokens, done = (
+                t[kept] for t in (searching, beam_scores, pool_scores, pool_tokens, done))
+            cache.keep_images(kept, src)
+        else:
+            cache.reorder(src)
         logits, cache = _step(decoder, next_tokens, cache)
 
     # beams still running at max_length finish there
-    add_to_pool(beam_scores / (tokens.shape[1] - prompt_len) ** length_penalty, tokens.view(batch, k, -1))
-    return pool_tokens[:, 0]
+    add_to_pool(beam_scores / (tokens.shape[1] - prompt_len) ** length_penalty, tokens.view(searching.shape[0], k, -1))
+    best[searching] = pool_tokens[:, 0]
+    return best
 
 
 def generate(decoder, image_embeds, prompt_ids, *, num_beams=1, do_sample=False, **kwargs):
     """Greedy (`num_beams=1`), beam search (`num_beams>1`) or sampling (`do_sample=True`): token ids (B, L)."""
     if do_sample:
-        kwargs.pop("length_penalty", None)
-        kwargs.pop("early_stopping", None)
+        for key in ("length_penalty", "early_stopping", "drop_finished"):
+            kwargs.pop(key, None)
         return greedy_or_sample(decoder, image_embeds, prompt_ids, do_sample=True, **kwargs)
     for key in ("top_p", "top_k", "temperature", "generator"):
         kwargs.pop(key, None)
     if num_beams == 1:
-        kwargs.pop("length_penalty", None)
-        kwargs.pop("early_stopping", None)
+        for key in ("length_penalty", "early_stopping", "drop_finished"):
+            kwargs.pop(key, None)
         return greedy_or_sample(decoder, image_embeds, prompt_ids, **kwargs)
     return beam_search(decoder, image_embeds, prompt_ids, num_beams=num_beams, **kwargs)

@@ -64,6 +64,14 @@ class DecoderCache:
         """Select text rows (beam reordering / expansion); cross K/V are per image and never move."""
         self.self_kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.self_kv]
 
+    def keep_images(self, images: torch.Tensor, rows: torch.Tensor) -> None:
+        """Keep only `images` (indices into the image batch) and their text `rows`, in that order: decoding goes on
+        without the images that are finished."""
+        self.reorder(rows)
+        self.cross_kv = [(k.index_select(0, images), v.index_select(0, images)) for k, v in self.cross_kv]
+        if self.cross_mask is not None:
+            self.cross_mask = self.cross_mask.index_select(0, images)
+
 
 def cpu_savings_pay(device: torch.device) -> bool:
     """Whether the training forward skips the decoder's padding (`Packing`) and makes the word embeddings'

@@ -104,6 +104,39 @@ def test_batched_decoding_equals_one_image_at_a_time():
         assert len(lengths) > 1  # the captions end at different steps
 
 
+@pytest.mark.parametrize("early_stopping", [False, True, "never"])
+def test_beam_search_without_finished_images_gives_the_same_captions(monkeypatch, early_stopping):
+    """Images whose search is over leave the batch (the CPU default): the steps after run on fewer rows, and every
+    caption is the one the search with every image kept to the end finds."""
+    from med_train import decode
+
+    rows = []
+    real_step = decode._step
+    monkeypatch.setattr(decode, "_step", lambda decoder, tokens, cache: rows.append(len(tokens))
+                        or real_step(decoder, tokens, cache))
+    fewest = []
+    for seed in range(4):
+        decoder = _decoder(vocab=30, seed=seed)
+        with torch.no_grad():
+            decoder.cls.predictions.bias[EOS] = 3.0  # captions end, at different steps
+        g = torch.Generator().manual_seed(seed)
+        images = torch.randn(6, 4, 8, generator=g)
+        padded = torch.cat([images, torch.randn(6, 2, 8, generator=g)], 1)
+        mask = torch.tensor([[1] * 4 + [0] * 2] * 6)
+        kwargs = dict(eos_token_id=EOS, pad_token_id=PAD, num_beams=3, max_length=12, min_length=3,
+                      early_stopping=early_stopping, length_penalty=0.8, image_mask=mask)
+        rows.clear()
+        kept = beam_search(decoder, padded, torch.tensor([BOS, 7]), drop_finished=False, **kwargs)
+        assert set(rows) == {18}
+        rows.clear()
+        dropped = beam_search(decoder, padded, torch.tensor([BOS, 7]), **kwargs)  # on the CPU: dropped
+        assert torch.equal(dropped, kept), seed
+        assert rows == sorted(rows, reverse=True) and all(r % 3 == 0 for r in rows)
+        fewest.append(rows[-1])
+    if early_stopping is not True:  # (True stops every image together: k [SEP] endings two steps after min_length)
+        assert min(fewest) < 18  # images left the batch before the end
+
+
 def test_masked_image_padding_is_ignored_at_every_step():
     """Images padded with extra tokens and an `image_mask` decode as the unpadded images do: the prompt and every
     cached step attend with the mask (the cache keeps it with the image K/V)."""
