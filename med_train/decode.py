@@ -173,7 +173,8 @@ def beam_search(decoder, image_embeds, prompt_ids, *, eos_token_id, pad_token_id
         logits, cache = _step(decoder, next_tokens, cache)
 
     # beams still running at max_length finish there
-    add_to_pool(beam_scores / (tokens.shape[1] - prompt_len) ** length_penalty, tokens.view(searching.shape[0], k, -1))
+    running = tokens.view(searching.shape[0], k, -1)
+    add_to_pool(beam_scores / (tokens.shape[1] - prompt_len) ** length_penalty, running)
     best[searching] = pool_tokens[:, 0]
     return best
 
