@@ -115,6 +115,7 @@ def beam_search(decoder, image_embeds, prompt_ids, *, eos_token_id, pad_token_id
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     searching = torch.arange(batch, device=device)  # the images still in the batch (all, unless drop_finished)
     best = torch.full((batch, max_length), pad_token_id, dtype=torch.long, device=device)
+    first_rows = torch.arange(batch, device=device)[:, None] * k  # (n, 1): each searching image's first text row
     beam = torch.arange(k, device=device)
 
     def add_to_pool(scores, candidates):  # scores (n, K) normalised, candidates (n, K, L)
@@ -143,7 +144,7 @@ def beam_search(decoder, image_embeds, prompt_ids, *, eos_token_id, pad_token_id
         # the k best continuations that do not end
         candidates[:, eos_token_id] = NEG_INF
         beam_scores, flat = candidates.view(n, k * vocab).topk(k, dim=1)  # (n, K)
-        src = ((torch.arange(n, device=device) * k)[:, None] + flat // vocab).view(-1)  # (n*K,) row each extends
+        src = (first_rows + flat // vocab).view(-1)  # (n*K,) row each new beam extends
         next_tokens = (flat % vocab).view(-1)
         tokens = torch.cat([tokens[src], next_tokens[:, None]], dim=1)
 
@@ -163,6 +164,7 @@ def beam_search(decoder, image_embeds, prompt_ids, *, eos_token_id, pad_token_id
         if drop_finished and bool(done.any()):
             finished, kept = done.nonzero().squeeze(1), (~done).nonzero().squeeze(1)
             best[searching[finished]] = pool_tokens[finished, 0]
+            first_rows = first_rows[: kept.numel()]
             kept_rows = (kept[:, None] * k + beam).view(-1)
             src, next_tokens, tokens = src[kept_rows], next_tokens[kept_rows], tokens[kept_rows]
             searching, beam_scores, pool_scores, pool_tokens, done = (
