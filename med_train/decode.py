@@ -1,8 +1,9 @@
 """Caption decoding over the MED decoder's key/value cache: greedy, beam search and nucleus sampling.
 
 Our own loop (transformers' `generate` internals change between releases). The prompt is run once per image; the
-cross-attention K/V are computed once per image and shared by its beams (see `med.DecoderCache`); each step feeds
-one token per row.
+cross-attention K/V are computed once per image and shared by its beams (see `med.DecoderCache`), or, on the CPU
+when the decode asks each image few queries (greedy decoding, sampling), never computed: the key and value
+projections are folded into the queries (`med.folded_cross_attention`); each step feeds one token per row.
 
     ids = generate(decoder, image_embeds, prompt_ids, eos_token_id=102, pad_token_id=0, num_beams=3,
                    max_length=20, min_length=5)   # (B, L) token ids, prompt included, pads after [SEP]
@@ -13,6 +14,8 @@ Lengths count the prompt tokens (BLIP's convention): `max_length=20` with a 4-to
 from __future__ import annotations
 
 import torch
+
+from med_train import med
 
 NEG_INF = float("-inf")
 
@@ -29,11 +32,19 @@ def _process_logits(logits, tokens, cur_len, *, eos_token_id, min_length, repeti
     return logits
 
 
-def _prefill(decoder, image_embeds, image_mask, prompt_ids):
-    """Run the prompt for every image: returns the last position's logits (B, V) and the cache."""
+def _prefill(decoder, image_embeds, image_mask, prompt_ids, *, rows_per_image: int, max_length: int):
+    """Run the prompt for every image: returns the last position's logits (B, V) and the cache. On the CPU, when
+    the whole decode (prompt, then up to `max_length` tokens for each of `rows_per_image` beams or samples) asks
+    each image few enough queries, the cache folds the cross-attention's image projections into the queries
+    (`med.DecoderCache.folding`) instead of projecting every image token to K/V for every layer."""
     batch = image_embeds.shape[0]
     prompt = prompt_ids.to(image_embeds.device).expand(batch, -1)  # (B, P)
-    out = decoder(prompt, encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask, use_cache=True)
+    queries = prompt.shape[1] + max(max_length - prompt.shape[1] - 1, 0) * rows_per_image
+    cache = None
+    if med._cpu_inference(image_embeds) and med.folding_pays(decoder.config, image_embeds.shape[1], queries):
+        cache = med.DecoderCache.folding(image_embeds, decoder.config.num_hidden_layers)
+    out = decoder(prompt, encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask, cache=cache,
+                  use_cache=True)
     return prompt, out.logits[:, -1], out.cache
 
 
@@ -61,7 +72,8 @@ def greedy_or_sample(decoder, image_embeds, prompt_ids, *, eos_token_id, pad_tok
                      repetition_penalty=1.0, do_sample=False, top_p=1.0, top_k=0, temperature=1.0, generator=None,
                      image_mask=None):
     """One caption per image, the most likely token each step (or a sample from the filtered distribution)."""
-    tokens, logits, cache = _prefill(decoder, image_embeds, image_mask, prompt_ids)
+    tokens, logits, cache = _prefill(decoder, image_embeds, image_mask, prompt_ids, rows_per_image=1,
+                                     max_length=max_length)
     finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
     for cur_len in range(tokens.shape[1], max_length):
         logits = _process_logits(logits.float(), tokens, cur_len, eos_token_id=eos_token_id, min_length=min_length,
@@ -98,7 +110,8 @@ def beam_search(decoder, image_embeds, prompt_ids, *, eos_token_id, pad_token_id
     would wait for the GPU each step).
     """
     k = num_beams
-    prompt, logits, cache = _prefill(decoder, image_embeds, image_mask, prompt_ids)
+    prompt, logits, cache = _prefill(decoder, image_embeds, image_mask, prompt_ids, rows_per_image=k,
+                                     max_length=max_length)
     batch, prompt_len = prompt.shape
     device = prompt.device
     if drop_finished is None:

@@ -159,6 +159,40 @@ def test_masked_image_padding_is_ignored_at_every_step():
         assert not torch.equal(run(padded, **kwargs), want), kwargs  # unmasked, the padding changes the captions
 
 
+@pytest.mark.parametrize("kwargs", [dict(num_beams=1), dict(num_beams=3), dict(num_beams=3, drop_finished=False),
+                                    dict(do_sample=True, top_p=0.9)])
+def test_folded_image_projections_give_the_same_captions(monkeypatch, kwargs):
+    """Where a CPU decode folds the cross-attention's image projections into the queries (`med.folding_pays`),
+    the captions are those of the projected image K/V: greedy, beam search (images leaving the batch or not) and
+    sampling, with a masked image padding."""
+    from med_train import decode, med
+
+    entries = []
+    real_step = decode._step
+    monkeypatch.setattr(decode, "_step", lambda decoder, tokens, cache: entries.append(type(cache.cross_kv[0]))
+                        or real_step(decoder, tokens, cache))
+    decoder = _decoder(vocab=30, seed=5)
+    with torch.no_grad():
+        decoder.cls.predictions.bias[EOS] = 3.0  # captions end, at different steps
+    g = torch.Generator().manual_seed(6)
+    images = torch.cat([torch.randn(5, 4, 8, generator=g), 5 * torch.randn(5, 2, 8, generator=g)], 1)
+    mask = torch.tensor([[1] * 4 + [0] * 2] * 5)
+
+    def run(fold_below):
+        monkeypatch.setattr(med, "FOLD_BELOW", fold_below)
+        entries.clear()
+        generator = torch.Generator().manual_seed(7) if kwargs.get("do_sample") else None
+        ids = generate(decoder, images, torch.tensor([BOS, 7]), eos_token_id=EOS, pad_token_id=PAD, max_length=12,
+                       min_length=3, image_mask=mask, generator=generator, **kwargs)
+        return ids, set(entries)
+
+    projected, projected_entries = run(0.0)  # never pays
+    folded, folded_entries = run(1e9)  # always pays
+    assert projected_entries == {tuple} and folded_entries == {med.ImageTokens}
+    assert torch.equal(folded, projected)
+    assert len({int((row != PAD).sum()) for row in folded}) > 1  # captions of different lengths
+
+
 def test_min_and_max_length():
     decoder = _decoder(vocab=6, seed=4)
     images = torch.randn(8, 3, 8, generator=torch.Generator().manual_seed(2))

@@ -239,6 +239,80 @@ def test_decoding_steps_without_gradients_attend_with_products(monkeypatch, beam
     assert len(sdpa_calls) == 2 * LAYERS * 4
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("queries", [1, 4])
+@pytest.mark.parametrize("masked", [False, True])
+def test_folded_cross_attention_equals_attention_over_projected_kv(dtype, queries, masked):
+    """Queries carried to the image tokens' width (the key and value projections folded in) attend as SDPA does
+    over the projected K/V, the key and value biases included."""
+    ours, _ = _pair()
+    attn = ours.bert.encoder.layer[1].crossattention.self
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():  # BERT's init zeroes biases: give them values, so that dropping bk and adding bv is tested
+        for linear in (attn.key, attn.value):
+            linear.bias.copy_(torch.randn(linear.bias.shape, generator=g))
+    q = torch.randn(2, HEADS, queries, H // HEADS, generator=g).to(dtype)
+    image = torch.randn(2, 7, W_IMG, generator=g)
+    bias = None
+    if masked:
+        bias = torch.zeros(2, 1, 1, 7)
+        bias[1, ..., 4:] = torch.finfo(torch.float32).min
+    k, v = (attn.transpose_for_scores(layer(image)).to(dtype) for layer in (attn.key, attn.value))
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        got = med.folded_cross_attention(q, image, attn.key, attn.value, bias)
+    assert got.shape == want.shape and got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_folding_cache_decodes_like_projected_kv(monkeypatch, beams):
+    """A folding cache (`DecoderCache.folding`) gives the logits of the full forward, prompt and steps, with an
+    image mask and beams; the image tokens are never projected, and `keep_images` selects them once for all
+    layers."""
+    ours, _ = _pair()
+    g = torch.Generator().manual_seed(6)
+    images = torch.randn(B, N + 2, W_IMG, generator=g)
+    mask = torch.ones(B, N + 2, dtype=torch.long)
+    mask[1:, N:] = 0  # padded image tokens
+    text = torch.randint(3, V, (B * beams, 7), generator=g)
+    with torch.no_grad():
+        for layer in ours.bert.encoder.layer:  # non-zero key/value biases (BERT's init zeroes them)
+            for linear in (layer.crossattention.self.key, layer.crossattention.self.value):
+                linear.bias.copy_(torch.randn(linear.bias.shape, generator=g))
+        full = ours(text, encoder_hidden_states=images.repeat_interleave(beams, 0),
+                    encoder_attention_mask=mask.repeat_interleave(beams, 0)).logits
+    projections = []
+    for layer in ours.bert.encoder.layer:
+        for linear in (layer.crossattention.self.key, layer.crossattention.self.value):
+            monkeypatch.setattr(linear, "forward", lambda x: projections.append(x.shape) or torch.zeros(0))
+    with torch.no_grad():
+        out = ours(text[:, :4], encoder_hidden_states=images, encoder_attention_mask=mask, use_cache=True,
+                   cache=DecoderCache.folding(images, LAYERS))
+        logits = [out.logits]
+        for t in range(4, 7):
+            out = ours(text[:, t:t + 1], cache=out.cache, use_cache=True)
+            logits.append(out.logits)
+    torch.testing.assert_close(torch.cat(logits, 1), full, atol=1e-5, rtol=1e-5)
+    assert not projections
+    cache = out.cache
+    assert all(isinstance(kv, med.ImageTokens) and kv.tokens is images for kv in cache.cross_kv)
+    image_bias = cache.cross_mask
+    cache.keep_images(torch.tensor([2, 0]), torch.arange(2 * beams))
+    assert cache.cross_kv[0] is cache.cross_kv[1] and torch.equal(cache.cross_kv[0].tokens, images[[2, 0]])
+    assert torch.equal(cache.cross_mask, image_bias[[2, 0]]) and len(cache) == 7
+
+
+def test_folding_pays_for_few_queries_per_image():
+    """The rule `decode` follows on the CPU: fold the image projections when the decode asks each image few
+    queries (greedy on ViT-B's 197 tokens with BERT-base: 19), project them when it asks many (3 beams: 49)."""
+    config = med_config(vocab_size=V, encoder_width=768)  # BERT-base: 768 wide, 12 heads
+    assert med.folding_pays(config, 197, 4 + 15)
+    assert not med.folding_pays(config, 197, 4 + 15 * 3)
+    assert not med.folding_pays(config, 197, 4 + 15 * 3 * 10)
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     ours, _ = _pair()
     ids, mask, labels, images = _inputs()
