@@ -199,6 +199,7 @@ def train(cfg: Config, config_path: str | Path | None = None, resume: str | Path
         accelerator.wait_for_everyone()
         if not main:
             tokenizer = load_tokenizer(str(run_dir))
+        accelerator.wait_for_everyone()  # all read it before the main process writes the run's files (below)
     else:
         tokenizer = build_tokenizer(cfg.tokenizer)
     model = Captioner(cfg.model, tokenizer, load_weights=not resume, max_caption_tokens=cfg.tokenizer.max_length)
