@@ -97,10 +97,12 @@ class ReleasesPackedOnTrain:
 
 class Linear(nn.Linear):
     """`nn.Linear` (same parameters, state-dict keys and values) whose forward in eval mode uses `linear(...,
-    packed=True)`: prepacked weights for CPU inference, F.linear everywhere else."""
+    packed=True)`: prepacked weights for CPU inference; in training `training_linear` (a decoder's projections
+    of the image tokens have a ViT's rows: oneDNN pays there); F.linear everywhere else."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, packed=not self.training)
+        return training_linear(x, self.weight, self.bias) if self.training else linear(x, self.weight, self.bias,
+                                                                                       packed=True)
 
 
 # Training's products on the CPU: from this many rows (a ViT's batch x tokens), oneDNN with the weight reordered
@@ -115,12 +117,18 @@ def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     kept copy would cost memory), which oneDNN reorders for the call itself: that is about 2.5% faster on these
     products than reordering it beforehand with `_reorder_linear_weight` (a training step 12.72 -> 12.48 s, 6
     alternating steps each). `weight` may be a transposed view."""
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if (rows < ONEDNN_MIN_ROWS or x.device.type != "cpu" or not x.dtype == weight.dtype == torch.float32
-            or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling()
-            or not torch.backends.mkldnn.is_available()):
+    if not _onednn_pays(x, weight):
         return F.linear(x, weight, bias)
     return _onednn_linear(x, weight, bias)
+
+
+def _onednn_pays(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """A training product that `product` hands to oneDNN: fp32 on the CPU, from ONEDNN_MIN_ROWS rows, outside
+    autocast and torch.compile."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return (rows >= ONEDNN_MIN_ROWS and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+            and torch.backends.mkldnn.is_available())
 
 
 class _Linear(torch.autograd.Function):
@@ -143,11 +151,9 @@ class _Linear(torch.autograd.Function):
 
 
 def training_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear` for training, with the forward and input-gradient products through `product` (oneDNN on the
-    CPU from ONEDNN_MIN_ROWS rows in fp32); F.linear itself under autocast, on other devices and in torch.compile."""
-    if x.device.type != "cpu" or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
-        return F.linear(x, weight, bias)
-    return _Linear.apply(x, weight, bias)
+    """`F.linear` for training, with the forward and input-gradient products through oneDNN where `product` would
+    take it (fp32 on the CPU from ONEDNN_MIN_ROWS rows); F.linear itself, with autograd's own backward, elsewhere."""
+    return _Linear.apply(x, weight, bias) if _onednn_pays(x, weight) else F.linear(x, weight, bias)
 
 
 class _GeluLinear(torch.autograd.Function):

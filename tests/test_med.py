@@ -402,6 +402,32 @@ def test_gradients_match_transformers_and_stay_dense(output_logits):
         torch.testing.assert_close(param.grad, ref_grads[name].grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_image_token_projections_train_through_onednn_with_transformers_gradients(monkeypatch):
+    """In training, the cross-attention's key and value projections of the image tokens (a ViT's batch x tokens
+    rows, from ops.ONEDNN_MIN_ROWS) run their forward and input-gradient products through oneDNN, as the ViT's
+    do; the text's few rows stay with F.linear. The gradients equal transformers'."""
+    from torch.profiler import profile
+
+    from med_train import ops
+
+    ours, ref = _pair()
+    ids, mask, labels, _ = _inputs()
+    images = torch.randn(B, 40, W_IMG, generator=torch.Generator().manual_seed(8)).requires_grad_()
+    monkeypatch.setattr(ops, "ONEDNN_MIN_ROWS", B * 40)  # the image tokens' rows; the text has B * T = 27
+    ours.train()
+    ref.train()
+    ref_images = images.detach().clone().requires_grad_()
+    ref(input_ids=ids, attention_mask=mask, encoder_hidden_states=ref_images, labels=labels).loss.backward()
+    with profile() as prof:
+        ours(ids, mask, encoder_hidden_states=images, labels=labels).loss.backward()
+    onednn_calls = sum(e.count for e in prof.key_averages() if e.key == "mkldnn::_linear_pointwise")
+    assert onednn_calls == 2 * 2 * LAYERS  # key and value, forward and input gradient, in every layer
+    torch.testing.assert_close(images.grad, ref_images.grad, atol=1e-5, rtol=1e-4)
+    ref_grads = dict(ref.named_parameters())
+    for name, param in ours.named_parameters():
+        torch.testing.assert_close(param.grad, ref_grads[name].grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_tied_table_gradient_takes_the_lookup_rows_in_place(monkeypatch):
     """The sparse lookup gradient is added into the LM head's dense one in place (`med.TiedTable`), where
     autograd's own dense + sparse accumulation copies the vocabulary-sized gradient (profiled: an in-place add,
