@@ -35,13 +35,13 @@ def _process_logits(logits, tokens, cur_len, *, eos_token_id, min_length, repeti
 def _prefill(decoder, image_embeds, image_mask, prompt_ids, *, rows_per_image: int, max_length: int):
     """Run the prompt for every image: returns the last position's logits (B, V) and the cache. On the CPU, when
     the whole decode (prompt, then up to `max_length` tokens for each of `rows_per_image` beams or samples) asks
-    each image few enough queries, the cache folds the cross-attention's image projections into the queries
-    (`med.DecoderCache.folding`) instead of projecting every image token to K/V for every layer."""
+    each image few enough queries (in fp32), the cache folds the cross-attention's image projections into the
+    queries (`med.DecoderCache.folding`) instead of projecting every image token to K/V for every layer."""
     batch = image_embeds.shape[0]
     prompt = prompt_ids.to(image_embeds.device).expand(batch, -1)  # (B, P)
     queries = prompt.shape[1] + max(max_length - prompt.shape[1] - 1, 0) * rows_per_image
     cache = None
-    if med._cpu_inference(image_embeds) and med.folding_pays(decoder.config, image_embeds.shape[1], queries):
+    if med.folding_pays(decoder.config, image_embeds, queries):
         cache = med.DecoderCache.folding(image_embeds, decoder.config.num_hidden_layers)
     out = decoder(prompt, encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask, cache=cache,
                   use_cache=True)

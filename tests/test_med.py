@@ -304,13 +304,20 @@ def test_folding_cache_decodes_like_projected_kv(monkeypatch, beams):
     assert torch.equal(cache.cross_mask, image_bias[[2, 0]]) and len(cache) == 7
 
 
-def test_folding_pays_for_few_queries_per_image():
-    """The rule `decode` follows on the CPU: fold the image projections when the decode asks each image few
-    queries (greedy on ViT-B's 197 tokens with BERT-base: 19), project them when it asks many (3 beams: 49)."""
+def test_folding_pays_for_few_queries_per_image_in_fp32_cpu_inference():
+    """The rule `decode` follows: fold the image projections when the decode asks each image few queries (greedy
+    on ViT-B's 197 tokens with BERT-base: 19), project them when it asks many (3 beams: 49); fold only where it
+    was measured to pay: on the CPU, in fp32, without gradients."""
     config = med_config(vocab_size=V, encoder_width=768)  # BERT-base: 768 wide, 12 heads
-    assert med.folding_pays(config, 197, 4 + 15)
-    assert not med.folding_pays(config, 197, 4 + 15 * 3)
-    assert not med.folding_pays(config, 197, 4 + 15 * 3 * 10)
+    tokens = torch.zeros(2, 197, 768)
+    with torch.no_grad():
+        assert med.folding_pays(config, tokens, 4 + 15)
+        assert not med.folding_pays(config, tokens, 4 + 15 * 3)
+        assert not med.folding_pays(config, tokens, 4 + 15 * 3 * 10)
+        assert not med.folding_pays(config, tokens.bfloat16(), 4 + 15)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not med.folding_pays(config, tokens, 4 + 15)
+    assert not med.folding_pays(config, tokens, 4 + 15)  # gradients recorded: not a decode
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
