@@ -101,8 +101,9 @@ class Linear(nn.Linear):
     of the image tokens have a ViT's rows: oneDNN pays there); F.linear everywhere else."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return training_linear(x, self.weight, self.bias) if self.training else linear(x, self.weight, self.bias,
-                                                                                       packed=True)
+        if self.training:
+            return training_linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, packed=True)
 
 
 # Training's products on the CPU: from this many rows (a ViT's batch x tokens), oneDNN with the weight reordered
