@@ -171,8 +171,10 @@ def test_caption_refuses_an_unknown_precision_or_device(trained, workspace):
     import torch
 
     image = str(next((workspace / "shapes" / "test").glob("*.png")))
-    result = runner.invoke(app, ["caption", image, "--model", str(trained), "--precision", "fp16"])
-    assert result.exit_code == 2 and "fp32 or bf16" in result.output
+    for command in (["caption", image], ["eval"]):
+        result = runner.invoke(app, [*command, "--model", str(trained), "--precision", "fp16"])
+        assert result.exit_code == 2 and "Invalid value for '--precision'" in result.output, command
+        assert "'fp16'" in result.output and "<fp32|bf16>" in runner.invoke(app, [command[0], "--help"]).output
     result = runner.invoke(app, ["caption", image, "--model", str(trained), "--device", "tpu"])
     assert result.exit_code == 2 and "--device" in result.output
     if not torch.cuda.is_available():
