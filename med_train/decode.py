@@ -44,7 +44,7 @@ def _prefill(decoder, image_embeds, image_mask, prompt_ids, *, rows_per_image: i
     if med.folding_pays(decoder.config, image_embeds, queries):
         cache = med.DecoderCache.folding(image_embeds, decoder.config.num_hidden_layers)
     out = decoder(prompt, encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask, cache=cache,
-                  use_cache=True)
+                  use_cache=True, logits_to_keep=1)  # the LM head (the widest product) on the last position only
     return prompt, out.logits[:, -1], out.cache
 
 

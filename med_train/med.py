@@ -610,7 +610,8 @@ class BertLMHeadModel(ReleasesPackedOnTrain, nn.Module):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, encoder_hidden_states=None,
                 encoder_attention_mask=None, labels=None, cache: DecoderCache | None = None,
                 use_cache: bool | None = None, return_logits: bool = False, is_decoder: bool = True,
-                reduction: str = "mean", mode: str = "multimodal", output_logits: bool = True):
+                reduction: str = "mean", mode: str = "multimodal", output_logits: bool = True,
+                logits_to_keep: int = 0):
         """Next-token loss on `logits[:, :-1]` vs `labels[:, 1:]` (-100 ignored, label smoothing).
 
         `reduction='mean'` averages over target tokens, `'none'` gives one summed loss per sequence.
@@ -618,7 +619,11 @@ class BertLMHeadModel(ReleasesPackedOnTrain, nn.Module):
         `output_logits=False` (with labels) skips the full (B, T, V) logits and runs the LM head only on the
         positions that have a target, and the layers only on the tokens that `attention_mask` keeps: the same loss
         for less work, as long as padding has no target (-100, as the collate makes it).
+        `logits_to_keep=n` (no labels): logits for the last n positions only, (B, n, V), as transformers' models
+        take it (decoding's prompt needs its last position's); 0 keeps them all.
         """
+        if logits_to_keep and (labels is not None or return_logits):
+            raise ValueError("logits_to_keep is for inference: it cannot be combined with labels or return_logits")
         # Only the targets' hidden states are read when the full logits are not wanted: padding can be skipped.
         target_only = labels is not None and not output_logits and not return_logits
         on_cpu = input_ids is not None and cpu_savings_pay(input_ids.device)
@@ -642,7 +647,8 @@ class BertLMHeadModel(ReleasesPackedOnTrain, nn.Module):
         if return_logits:
             return self.cls(sequence_output, head_weight)[:, :-1, :].contiguous()
 
-        logits = self.cls(sequence_output, head_weight) if (output_logits or labels is None) else None
+        kept = sequence_output[:, -logits_to_keep:] if logits_to_keep else sequence_output
+        logits = self.cls(kept, head_weight) if (output_logits or labels is None) else None
         loss = None
         if labels is not None:
             targets = labels[:, 1:]  # (B, T-1)

@@ -72,6 +72,24 @@ def test_return_logits_gives_shifted_logits():
     torch.testing.assert_close(shifted[:, :2], full[:, :-1][:, :2], atol=1e-5, rtol=1e-5)
 
 
+def test_logits_to_keep_runs_the_lm_head_on_the_last_positions_only(monkeypatch):
+    """Decoding's prompt needs its last position's logits: `logits_to_keep=1` gives them, equal to transformers'
+    full logits there, and the LM head multiplies B rows, not B x T; with labels it is refused."""
+    ours, ref = _pair()
+    ids, _, labels, images = _inputs()
+    full = ref(input_ids=ids, encoder_hidden_states=images).logits
+    head_rows = []
+    real_head = ours.cls.forward
+    monkeypatch.setattr(ours.cls, "forward", lambda hidden, *a: head_rows.append(hidden.shape[:-1])
+                        or real_head(hidden, *a))
+    with torch.no_grad():
+        out = ours(ids, encoder_hidden_states=images, use_cache=True, logits_to_keep=1)
+    assert out.logits.shape == (B, 1, V) and head_rows == [(B, 1)]
+    torch.testing.assert_close(out.logits, full[:, -1:], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        ours(ids, encoder_hidden_states=images, labels=labels, logits_to_keep=1)
+
+
 def test_padded_image_tokens_equal_unpadded_images():
     # transformers 5.24's BLIP text model drops `encoder_attention_mask` on its way to the cross-attention, so the
     # reference for a padded image is the same image without its padding tokens.
