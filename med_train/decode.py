@@ -194,16 +194,17 @@ def beam_search(decoder, image_embeds, prompt_ids, *, eos_token_id, pad_token_id
     return best
 
 
+_BEAM_ONLY = ("length_penalty", "early_stopping", "drop_finished")
+_SAMPLING_ONLY = ("top_p", "top_k", "temperature", "generator")
+
+
 def generate(decoder, image_embeds, prompt_ids, *, num_beams=1, do_sample=False, **kwargs):
     """Greedy (`num_beams=1`), beam search (`num_beams>1`) or sampling (`do_sample=True`): token ids (B, L)."""
-    if do_sample:
-        for key in ("length_penalty", "early_stopping", "drop_finished"):
-            kwargs.pop(key, None)
-        return greedy_or_sample(decoder, image_embeds, prompt_ids, do_sample=True, **kwargs)
-    for key in ("top_p", "top_k", "temperature", "generator"):
+    beams = not do_sample and num_beams > 1
+    for key in (() if beams else _BEAM_ONLY) + (() if do_sample else _SAMPLING_ONLY):  # the other modes' options
         kwargs.pop(key, None)
+    if do_sample:
+        return greedy_or_sample(decoder, image_embeds, prompt_ids, do_sample=True, **kwargs)
     if num_beams == 1:
-        for key in ("length_penalty", "early_stopping", "drop_finished"):
-            kwargs.pop(key, None)
         return greedy_or_sample(decoder, image_embeds, prompt_ids, **kwargs)
     return beam_search(decoder, image_embeds, prompt_ids, num_beams=num_beams, **kwargs)

@@ -85,16 +85,10 @@ class DecoderCache:
         """Keep only `images` (indices into the image batch) and their text `rows`, in that order: decoding goes on
         without the images that are finished."""
         self.reorder(rows)
-        kept: dict[int, ImageTokens] = {}  # a folding cache's layers share one ImageTokens: select it once
-
-        def select(kv):
-            if not isinstance(kv, ImageTokens):
-                return tuple(t.index_select(0, images) for t in kv)
-            if id(kv) not in kept:
-                kept[id(kv)] = ImageTokens(kv.tokens.index_select(0, images))
-            return kept[id(kv)]
-
-        self.cross_kv = [select(kv) for kv in self.cross_kv]
+        if self.cross_kv and isinstance(self.cross_kv[0], ImageTokens):  # a folding cache: one entry for all layers
+            self.cross_kv = [ImageTokens(self.cross_kv[0].tokens.index_select(0, images))] * len(self.cross_kv)
+        else:
+            self.cross_kv = [(k.index_select(0, images), v.index_select(0, images)) for k, v in self.cross_kv]
         if self.cross_mask is not None:
             self.cross_mask = self.cross_mask.index_select(0, images)
 
@@ -204,7 +198,8 @@ FEW_QUERIES = 4
 
 def _cpu_inference(x: torch.Tensor) -> bool:
     """No autograd graph is recorded and `x` is on the CPU: decoding there, where the cached image K/V are made
-    contiguous and a step's few queries attend through `few_query_attention` (both measured on the CPU only)."""
+    contiguous, a step's few queries attend through `few_query_attention`, and the image projections may be
+    folded (`folding_pays`): all measured on the CPU only."""
     return x.device.type == "cpu" and not torch.is_grad_enabled()
 
 
@@ -300,11 +295,11 @@ class BertSelfAttention(nn.Module):
 
         query = heads(self.query(hidden_states))  # (B, nh, T, hs)
         folded = isinstance(past_key_value, ImageTokens)
-        if folded:
-            key = value = past_key_value.tokens  # (B_img, N, E): attended through folded_cross_attention below
+        if self.is_cross_attention:
             attention_mask = encoder_attention_mask
-        elif self.is_cross_attention:
-            if past_key_value is not None:
+            if folded:  # (B_img, N, E), never projected: attended through folded_cross_attention below
+                key = value = past_key_value.tokens
+            elif past_key_value is not None:
                 key, value = past_key_value
             else:
                 key = self.transpose_for_scores(self.key(encoder_hidden_states))  # (B_img, nh, N, hs)
@@ -313,7 +308,6 @@ class BertSelfAttention(nn.Module):
                     # decoding keeps these for every step: one copy now makes each step's read of them sequential
                     # (a greedy step's cross-attention on the CPU, ViT-B image tokens: 17 -> 10 ms)
                     key, value = key.contiguous(), value.contiguous()
-            attention_mask = encoder_attention_mask
         else:
             key = heads(self.key(hidden_states))
             value = heads(self.value(hidden_states))
@@ -329,7 +323,7 @@ class BertSelfAttention(nn.Module):
             query = query.view(-1, group, nh, t, hs).transpose(1, 2).reshape(-1, nh, group * t, hs)
         dropout_p = self.dropout_p if self.training else 0.0
         if folded:
-            context = folded_cross_attention(query, key, self.key, self.value, attention_mask)
+            context = folded_cross_attention(query, past_key_value.tokens, self.key, self.value, attention_mask)
         elif query.shape[2] < FEW_QUERIES and dropout_p == 0.0 and not is_causal and _cpu_inference(query):
             context = few_query_attention(query, key, value, attention_mask)
         else:
