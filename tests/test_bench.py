@@ -115,13 +115,14 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 @pytest.mark.skipif(not GLIBC, reason="glibc's mallopt")
 def test_keep_freed_memory_reuses_blocks_without_page_faults():
     """Steady-state steps reuse the freed blocks in place: about no page faults, where glibc's defaults hand the
-    large blocks back and fault in every 4 KB page of each new one again (about 55,000 faults per step here)."""
+    large blocks back and fault in every page of each new one again (13,600 to 54,000 faults per step on this VM
+    from run to run: how many come as huge pages varies; kept: 340)."""
     def faults(mode):
         out = subprocess.run([sys.executable, "-c", REUSE_FAULTS, mode], capture_output=True, text=True, check=True)
         return int(out.stdout.split()[-1])
 
     default, kept = faults("default"), faults("keep")
-    assert default > 3 * 20_000
+    assert default > 3 * 10_000  # the defaults do fault the blocks in again, every step
     assert kept < default / 20
 
 
