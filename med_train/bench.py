@@ -454,6 +454,7 @@ def _captioning(ours, peer, images, pixels, tokenizer, settings: BenchSettings, 
         greedy_decode_captions_identical=(_strip_pads(outputs["ours_greedy_decode"], pad)
                                           == _strip_pads(outputs["peer_greedy_decode"], pad)),
         beam3_captions_same_fraction=statistics.mean(a == b for a, b in beam_pairs))
+    decode.release_captured_steps(ours.text_decoder)  # a GPU's captured steps: not part of training's memory
     return results
 
 

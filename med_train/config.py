@@ -146,6 +146,7 @@ class GenerateConfig:
     top_k: int = 0
     temperature: float = 1.0
     batch_size: int = 32
+    cuda_graphs: bool = True  # on a GPU, decoding steps replayed from a captured CUDA graph (`decode.generate`)
 
 
 @dataclass

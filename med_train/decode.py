@@ -3,7 +3,8 @@
 Our own loop (transformers' `generate` internals change between releases). The prompt is run once per image; the
 cross-attention K/V are computed once per image and shared by its beams (see `med.DecoderCache`), or, on the CPU
 when the decode asks each image few queries (greedy decoding, sampling), never computed: the key and value
-projections are folded into the queries (`med.folded_cross_attention`); each step feeds one token per row.
+projections are folded into the queries (`med.folded_cross_attention`); each step feeds one token per row. On a
+GPU each step is a replay of one captured CUDA graph over a preallocated cache (`StaticSteps`).
 
     ids = generate(decoder, image_embeds, prompt_ids, eos_token_id=102, pad_token_id=0, num_beams=3,
                    max_length=20, min_length=5)   # (B, L) token ids, prompt included, pads after [SEP]
@@ -12,6 +13,10 @@ Lengths count the prompt tokens (BLIP's convention): `max_length=20` with a 4-to
 """
 
 from __future__ import annotations
+
+import warnings
+import weakref
+from collections import OrderedDict
 
 import torch
 
@@ -32,16 +37,18 @@ def _process_logits(logits, tokens, cur_len, *, eos_token_id, min_length, repeti
     return logits
 
 
-def _prefill(decoder, image_embeds, image_mask, prompt_ids, *, rows_per_image: int, max_length: int):
+def _prefill(decoder, image_embeds, image_mask, prompt_ids, *, rows_per_image: int, max_length: int,
+             fold: bool = True):
     """Run the prompt for every image: returns the last position's logits (B, V) and the cache. On the CPU, when
     the whole decode (prompt, then up to `max_length` tokens for each of `rows_per_image` beams or samples) asks
     each image few enough queries (in fp32), the cache folds the cross-attention's image projections into the
-    queries (`med.DecoderCache.folding`) instead of projecting every image token to K/V for every layer."""
+    queries (`med.DecoderCache.folding`) instead of projecting every image token to K/V for every layer (unless
+    `fold` is False: the steps will run over a `StaticDecoderCache`, which takes projected K/V)."""
     batch = image_embeds.shape[0]
     prompt = prompt_ids.to(image_embeds.device).expand(batch, -1)  # (B, P)
     queries = prompt.shape[1] + max(max_length - prompt.shape[1] - 1, 0) * rows_per_image
     cache = None
-    if med.folding_pays(decoder.config, image_embeds, queries):
+    if fold and med.folding_pays(decoder.config, image_embeds, queries):
         cache = med.DecoderCache.folding(image_embeds, decoder.config.num_hidden_layers)
     out = decoder(prompt, encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask, cache=cache,
                   use_cache=True, logits_to_keep=1)  # the LM head (the widest product) on the last position only
@@ -51,6 +58,105 @@ def _prefill(decoder, image_embeds, image_mask, prompt_ids, *, rows_per_image: i
 def _step(decoder, last_tokens, cache):
     out = decoder(last_tokens[:, None], cache=cache, use_cache=True)
     return out.logits[:, -1], out.cache
+
+
+class StaticSteps:
+    """The decoding steps after the prompt over a `med.StaticDecoderCache`: each step (the beams' reordering of
+    the cache, then the decoder on one token per row) is, on a GPU, one replay of a CUDA graph captured once,
+    instead of some 300 kernel launches from Python, which bound a GPU decode (the GPU idled most of a step).
+    Elsewhere (`capture=False`) the same step runs eagerly: what the tests check against the growing cache.
+
+    `step(tokens, src)` feeds `tokens` (R,) after reordering the cached rows by `src` (R,) (beams; None keeps
+    them) and returns the logits (R, V), valid until the next step."""
+
+    def __init__(self, decoder, cache: med.StaticDecoderCache, *, reorders: bool, capture: bool):
+        rows = cache.self_kv[0].key.shape[0]
+        device = cache.position.device
+        self.cache, self.reorders = cache, reorders
+        self.tokens = torch.zeros(rows, dtype=torch.long, device=device)
+        self.src = torch.arange(rows, device=device)
+        autocast = (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
+
+        def run():
+            # no cast cache: a graph must not read an autocast cache entry that is freed when autocast exits
+            with torch.autocast(device.type, dtype=autocast[1], enabled=autocast[0], cache_enabled=False):
+                if reorders:
+                    cache.reorder(self.src)
+                logits = decoder(self.tokens[:, None], cache=cache, use_cache=True).logits[:, -1]
+            cache.position.add_(1)
+            return logits
+
+        self.graph = self.logits = None
+        self._run = None if capture else run
+        if capture:  # warm up on a side stream (library handles, kernel choices), then capture
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    run()
+            torch.cuda.current_stream(device).wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            # thread-local: a DataLoader's pin-memory thread may allocate host memory meanwhile
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.logits = run()
+
+    def step(self, tokens: torch.Tensor, src: torch.Tensor | None = None) -> torch.Tensor:
+        self.tokens.copy_(tokens)
+        if self.reorders:
+            self.src.copy_(src if src is not None else torch.arange(len(tokens), device=tokens.device))
+        if self.graph is None:
+            return self._run()
+        self.graph.replay()
+        return self.logits
+
+
+# Captured steps kept per decoder (a captioning run meets one or two batch shapes: full batches and the last);
+# each holds its cache's buffers (the image K/V: about 0.7 GB for 32 images at 384 px in bf16).
+KEEP_CAPTURED = 2
+_captured: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def release_captured_steps(decoder) -> None:
+    """Free the CUDA graphs (and their caches' memory) that decoding with `decoder` captured."""
+    _captured.pop(decoder, None)
+
+
+def _graphs_pay(decoder, device: torch.device, cuda_graphs: bool | None) -> bool:
+    """Whether the steps replay a CUDA graph (`StaticSteps`): by default on a GPU, for a decoder in eval mode."""
+    if cuda_graphs and device.type != "cuda":
+        raise ValueError(f"cuda_graphs=True needs a CUDA device; the decoder runs on {device}")
+    if cuda_graphs and decoder.training:
+        raise ValueError("cuda_graphs=True needs the decoder in eval mode (dropout's randomness is not captured)")
+    return device.type == "cuda" and not decoder.training if cuda_graphs is None else cuda_graphs
+
+
+def _static_steps(decoder, cache: med.DecoderCache, rows: torch.Tensor | None, capacity: int,
+                  reorders: bool) -> StaticSteps:
+    """Steps over a static copy of the prefilled `cache` (text `rows` of it; None: all): on a GPU a captured graph,
+    reused by later decodes of the same shapes (and the same weights), else eager."""
+    count = cache.self_kv[0][0].shape[0] if rows is None else rows.shape[0]
+    device = cache.self_kv[0][0].device
+    capture = device.type == "cuda"
+    key = (reorders, torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type),
+           tuple(p.data_ptr() for p in decoder.parameters()))
+    kept = _captured.setdefault(decoder, OrderedDict()) if capture else OrderedDict()
+    steps = next((s for (k, s) in kept.items() if k[0] == key and s.cache.fits(cache, count, capacity)), None)
+    if steps is None:
+        static = med.StaticDecoderCache.like(cache, count, capacity)
+        try:
+            steps = StaticSteps(decoder, static, reorders=reorders, capture=capture)
+        except RuntimeError as err:  # a capture that this CUDA build or an op in the step refuses
+            if not capture:
+                raise
+            warnings.warn(f"decoding steps run eagerly: capturing them in a CUDA graph failed: {err}", stacklevel=3)
+            steps = StaticSteps(decoder, static, reorders=reorders, capture=False)  # kept: no retry per batch
+        kept[(key, id(steps))] = steps
+        while len(kept) > KEEP_CAPTURED:
+            kept.popitem(last=False)
+    else:
+        kept.move_to_end(next(k for k, s in kept.items() if s is steps))
+    steps.cache.load(cache, rows)
+    return steps
 
 
 def _filter_top_k_top_p(logits, top_k: int, top_p: float):
@@ -70,10 +176,15 @@ def _filter_top_k_top_p(logits, top_k: int, top_p: float):
 @torch.no_grad()
 def greedy_or_sample(decoder, image_embeds, prompt_ids, *, eos_token_id, pad_token_id, max_length=20, min_length=0,
                      repetition_penalty=1.0, do_sample=False, top_p=1.0, top_k=0, temperature=1.0, generator=None,
-                     image_mask=None):
-    """One caption per image, the most likely token each step (or a sample from the filtered distribution)."""
+                     image_mask=None, cuda_graphs: bool | None = None):
+    """One caption per image, the most likely token each step (or a sample from the filtered distribution).
+    `cuda_graphs`: see `generate`."""
+    static = _graphs_pay(decoder, image_embeds.device, cuda_graphs)
     tokens, logits, cache = _prefill(decoder, image_embeds, image_mask, prompt_ids, rows_per_image=1,
-                                     max_length=max_length)
+                                     max_length=max_length, fold=not static)
+    steps = None
+    if static and max_length - tokens.shape[1] > 1:
+        steps = _static_steps(decoder, cache, None, max_length - 1, reorders=False)
     finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
     for cur_len in range(tokens.shape[1], max_length):
         logits = _process_logits(logits.float(), tokens, cur_len, eos_token_id=eos_token_id, min_length=min_length,
@@ -88,14 +199,17 @@ def greedy_or_sample(decoder, image_embeds, prompt_ids, *, eos_token_id, pad_tok
         finished |= next_tokens == eos_token_id
         if cur_len + 1 == max_length or bool(finished.all()):
             break
-        logits, cache = _step(decoder, next_tokens, cache)
+        if steps is not None:
+            logits = steps.step(next_tokens)
+        else:
+            logits, cache = _step(decoder, next_tokens, cache)
     return tokens
 
 
 @torch.no_grad()
 def beam_search(decoder, image_embeds, prompt_ids, *, eos_token_id, pad_token_id, num_beams=3, max_length=20,
                 min_length=0, length_penalty=1.0, repetition_penalty=1.0, early_stopping: bool | str = False,
-                image_mask=None, drop_finished: bool | None = None):
+                image_mask=None, drop_finished: bool | None = None, cuda_graphs: bool | None = None):
     """The best finished beam per image. A hypothesis ends with [SEP] or at `max_length`; its score is the sum of
     its token log-probabilities divided by (tokens generated) ** length_penalty.
 
@@ -107,17 +221,24 @@ def beam_search(decoder, image_embeds, prompt_ids, *, eos_token_id, pad_token_id
     `drop_finished` (default: on the CPU) takes an image whose search is over out of the batch (its rows, cache and
     image K/V), so the later steps run on the others' rows only; the results are the same. On a GPU, where a
     step's cost hardly depends on its rows, every image stays to the end by default (finding the finished ones
-    would wait for the GPU each step).
+    would wait for the GPU each step). `cuda_graphs`: see `generate` (not with `drop_finished`).
     """
     k = num_beams
-    prompt, logits, cache = _prefill(decoder, image_embeds, image_mask, prompt_ids, rows_per_image=k,
-                                     max_length=max_length)
-    batch, prompt_len = prompt.shape
-    device = prompt.device
+    device = image_embeds.device
     if drop_finished is None:
-        drop_finished = device.type == "cpu"
+        drop_finished = device.type == "cpu" and not cuda_graphs
+    if drop_finished and cuda_graphs:
+        raise ValueError("cuda_graphs and drop_finished exclude each other: a captured step's shapes are fixed")
+    static = not drop_finished and _graphs_pay(decoder, device, cuda_graphs)
+    prompt, logits, cache = _prefill(decoder, image_embeds, image_mask, prompt_ids, rows_per_image=k,
+                                     max_length=max_length, fold=not static)
+    batch, prompt_len = prompt.shape
     rows = torch.arange(batch, device=device).repeat_interleave(k)  # image of each text row, image-major
-    cache.reorder(rows)  # the prompt's self K/V, k copies per image (cross K/V stay one per image)
+    steps = None
+    if static and max_length - prompt_len > 1:
+        steps = _static_steps(decoder, cache, rows, max_length - 1, reorders=True)
+    else:
+        cache.reorder(rows)  # the prompt's self K/V, k copies per image (cross K/V stay one per image)
     logits = logits[rows]
     tokens = prompt[rows]  # (B*K, P)
     # all beams start equal: keep only the first alive so the first step does not pick k copies of one token
@@ -183,6 +304,9 @@ def beam_search(decoder, image_embeds, prompt_ids, *, eos_token_id, pad_token_id
             searching, beam_scores, pool_scores, pool_tokens, done = (
                 t[kept] for t in (searching, beam_scores, pool_scores, pool_tokens, done))
             cache.keep_images(kept, src)
+        elif steps is not None:
+            logits = steps.step(next_tokens, src)
+            continue
         else:
             cache.reorder(src)
         logits, cache = _step(decoder, next_tokens, cache)
@@ -199,7 +323,11 @@ _SAMPLING_ONLY = ("top_p", "top_k", "temperature", "generator")
 
 
 def generate(decoder, image_embeds, prompt_ids, *, num_beams=1, do_sample=False, **kwargs):
-    """Greedy (`num_beams=1`), beam search (`num_beams>1`) or sampling (`do_sample=True`): token ids (B, L)."""
+    """Greedy (`num_beams=1`), beam search (`num_beams>1`) or sampling (`do_sample=True`): token ids (B, L).
+
+    `cuda_graphs` (default: on a GPU, for a decoder in eval mode): the steps after the prompt run over a
+    preallocated cache, each one a replay of a CUDA graph captured at the first decode of its shapes (and kept
+    for the next ones: `release_captured_steps` frees them); False runs them eagerly."""
     beams = not do_sample and num_beams > 1
     for key in (() if beams else _BEAM_ONLY) + (() if do_sample else _SAMPLING_ONLY):  # the other modes' options
         kwargs.pop(key, None)

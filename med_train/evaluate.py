@@ -40,7 +40,7 @@ def load_run(path: str | Path, which: str = "best", overrides: Iterable[str] = (
 def generate_kwargs(cfg: Config, num_beams: int | None = None) -> dict:
     g = cfg.generate
     kwargs = dict(num_beams=num_beams or g.num_beams, max_length=g.max_length, min_length=g.min_length,
-                  repetition_penalty=g.repetition_penalty)
+                  repetition_penalty=g.repetition_penalty, cuda_graphs=None if g.cuda_graphs else False)
     if g.do_sample:
         kwargs.update(do_sample=True, top_p=g.top_p, top_k=g.top_k, temperature=g.temperature, num_beams=1)
     else:
@@ -65,6 +65,7 @@ def evaluate(model, cfg: Config, *, split: str | None = None, num_beams: int | N
     from accelerate.utils import gather_object
 
     from med_train import data as data_lib
+    from med_train import decode
     from med_train.metrics import cider_per_image, meteor_available, score_captions
 
     split = split or cfg.data.eval_split
@@ -99,6 +100,8 @@ def evaluate(model, cfg: Config, *, split: str | None = None, num_beams: int | N
                 records.append(record)
             seen += len(captions)
     model.train(was_training)
+    if hasattr(model, "text_decoder"):  # a GPU's captured decoding steps (`decode`): their memory is training's
+        decode.release_captured_steps(model.text_decoder)
     if per_process is not None:
         records = records[:per_process]
     if num_processes > 1:

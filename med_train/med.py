@@ -10,6 +10,8 @@ differs from BLIP's code, on purpose:
   image for the whole decode; a query batch that is a multiple of the image batch, e.g. beams, shares them
   without copies), or, when a CPU decode asks each image few queries (greedy), the image tokens themselves, with
   the key and value projections folded into the queries (`folded_cross_attention`);
+- for decoding on a GPU, a `StaticDecoderCache` keeps every tensor in place (self-attention K/V in preallocated
+  slots, written at a device-side position), so that a decoding step can be captured in a CUDA graph;
 - gradient checkpointing works;
 - with labels, the LM head runs only where there is a target (`output_logits=False` skips the full logits), and
   then the layers run on the real tokens only (`Packing`: padding is neither computed nor kept for backward);
@@ -25,6 +27,7 @@ differs from BLIP's code, on purpose:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +94,86 @@ class DecoderCache:
             self.cross_kv = [(k.index_select(0, images), v.index_select(0, images)) for k, v in self.cross_kv]
         if self.cross_mask is not None:
             self.cross_mask = self.cross_mask.index_select(0, images)
+
+
+class Slots(NamedTuple):
+    """A `StaticDecoderCache`'s self-attention entry for one layer: preallocated key and value buffers
+    (R, heads, capacity, head_dim), into which each step writes its K/V at `position` ((1,) long)."""
+
+    key: torch.Tensor
+    value: torch.Tensor
+    position: torch.Tensor
+
+
+class StaticDecoderCache(DecoderCache):
+    """A `DecoderCache` whose tensors never move or change shape, so that a decoding step can be captured in a CUDA
+    graph and replayed (`decode`). Self-attention K/V live in `Slots` of `capacity` positions: a step writes its
+    token's K/V at `position` (a device tensor, not a Python int: the replayed graph reads it) and attends over all
+    of them with a mask that hides the positions after it. Cross-attention K/V and their mask are copied into
+    buffers of their own. Make one with `like`, fill it with `load`, reorder its rows in place with `reorder`."""
+
+    def __init__(self, self_kv, cross_kv, cross_mask, position: torch.Tensor):
+        super().__init__(self_kv=self_kv, cross_kv=cross_kv, cross_mask=cross_mask)
+        self.position = position
+        self.capacity = self_kv[0].key.shape[2]
+
+    @classmethod
+    def like(cls, cache: DecoderCache, rows: int, capacity: int) -> StaticDecoderCache:
+        """Empty buffers for `rows` text rows and `capacity` positions, shaped after `cache` (a prefilled
+        `DecoderCache` with projected cross K/V)."""
+        position = torch.zeros(1, dtype=torch.long, device=cache.self_kv[0][0].device)
+        self_kv = []
+        for key, value in cache.self_kv:
+            shape = (rows, key.shape[1], capacity, key.shape[3])
+            self_kv.append(Slots(key.new_zeros(shape), value.new_zeros(shape), position))
+        cross_kv = [(torch.zeros_like(k), torch.zeros_like(v)) for k, v in cache.cross_kv]
+        cross_mask = None if cache.cross_mask is None else torch.zeros_like(cache.cross_mask)
+        return cls(self_kv, cross_kv, cross_mask, position)
+
+    def fits(self, cache: DecoderCache, rows: int, capacity: int) -> bool:
+        """Whether these buffers are the ones `like(cache, rows, capacity)` would make."""
+        def alike(a, b):
+            return a is None and b is None or (a is not None and b is not None and a.shape == b.shape
+                                               and a.dtype == b.dtype and a.device == b.device)
+
+        key, slot = cache.self_kv[0][0], self.self_kv[0].key
+        return (len(cache.self_kv) == len(self.self_kv) and len(cache.cross_kv) == len(self.cross_kv)
+                and slot.shape == (rows, key.shape[1], capacity, key.shape[3])
+                and slot.dtype == key.dtype and slot.device == key.device
+                and all(alike(a, b) for a, b in zip(self.cross_kv[0], cache.cross_kv[0], strict=True))
+                and alike(self.cross_mask, cache.cross_mask))
+
+    def load(self, cache: DecoderCache, rows: torch.Tensor | None = None) -> None:
+        """Copy a prefilled `cache` in: its self K/V (text `rows` of it, e.g. each image's row k times for k beams;
+        all when None) at positions 0..T-1, its cross K/V and mask; the next token goes at position T."""
+        length = len(cache)
+        for slots, (key, value) in zip(self.self_kv, cache.self_kv, strict=True):
+            slots.key[:, :, :length].copy_(key if rows is None else key.index_select(0, rows))
+            slots.value[:, :, :length].copy_(value if rows is None else value.index_select(0, rows))
+        for (key, value), (new_key, new_value) in zip(self.cross_kv, cache.cross_kv, strict=True):
+            key.copy_(new_key)
+            value.copy_(new_value)
+        if self.cross_mask is not None:
+            self.cross_mask.copy_(cache.cross_mask)
+        self.position.fill_(length)
+
+    def __len__(self) -> int:
+        raise TypeError("a StaticDecoderCache's length is a device tensor (`position`), not a Python int")
+
+    def self_attention_mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """The additive mask (1, 1, 1, capacity) of a step at `position`: the positions after it are hidden."""
+        later = torch.arange(self.capacity, device=self.position.device) > self.position
+        return torch.zeros(self.capacity, dtype=dtype, device=later.device).masked_fill(
+            later, torch.finfo(dtype).min)[None, None, None]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Select text rows (beam reordering), in place."""
+        for slots in self.self_kv:
+            slots.key.copy_(slots.key.index_select(0, index))
+            slots.value.copy_(slots.value.index_select(0, index))
+
+    def keep_images(self, images: torch.Tensor, rows: torch.Tensor) -> None:
+        raise TypeError("a StaticDecoderCache keeps every image to the end (its shapes never change)")
 
 
 def cpu_savings_pay(device: torch.device) -> bool:
@@ -311,7 +394,11 @@ class BertSelfAttention(nn.Module):
         else:
             key = heads(self.key(hidden_states))
             value = heads(self.value(hidden_states))
-            if past_key_value is not None:
+            if isinstance(past_key_value, Slots):  # a static cache: write this step's K/V in its slot
+                past_key_value.key.index_copy_(2, past_key_value.position, key.to(past_key_value.key.dtype))
+                past_key_value.value.index_copy_(2, past_key_value.position, value.to(past_key_value.value.dtype))
+                key, value = past_key_value.key, past_key_value.value
+            elif past_key_value is not None:
                 key = torch.cat([past_key_value[0], key], dim=2)
                 value = torch.cat([past_key_value[1], value], dim=2)
 
@@ -332,7 +419,8 @@ class BertSelfAttention(nn.Module):
         if group > 1:
             context = context.view(-1, nh, group, t, hs).transpose(1, 2).reshape(b, nh, t, hs)
         context = context.transpose(1, 2).reshape(b, t, self.all_head_size)  # (B, T, H)
-        return (context if packing is None else packing.unpad(context)), (past_key_value if folded else (key, value))
+        kept = past_key_value if folded or isinstance(past_key_value, Slots) else (key, value)
+        return (context if packing is None else packing.unpad(context)), kept
 
 
 class BertSelfOutput(nn.Module):
@@ -491,7 +579,12 @@ class BertModel(nn.Module):
         """`pack_padding=True` (with an `attention_mask`, no cache): the layers run on the real tokens only (see
         `Packing`); the last hidden state is zero at the padding instead of a value nobody should use.
         `sparse_grad`, `word_weight`: see `BertEmbeddings`."""
-        past_length = len(cache) if cache is not None else 0
+        static = isinstance(cache, StaticDecoderCache)
+        if static:
+            if encoder_hidden_states is not None or attention_mask is not None or input_ids.shape[1] != 1:
+                raise ValueError("a StaticDecoderCache takes decoding steps: one token per row, no masks, no images")
+            position_ids = cache.position.view(1, 1)
+        past_length = 0 if static else len(cache) if cache is not None else 0
         embedding_output = self.embeddings(input_ids=input_ids, position_ids=position_ids,
                                            inputs_embeds=inputs_embeds, past_key_values_length=past_length,
                                            sparse_grad=sparse_grad, word_weight=word_weight)
@@ -499,7 +592,9 @@ class BertModel(nn.Module):
         dtype = embedding_output.dtype
 
         is_causal = False
-        if attention_mask is None and past_length == 0 and is_decoder:
+        if static:
+            extended_attention_mask = cache.self_attention_mask(dtype)  # the slots up to this step's position
+        elif attention_mask is None and past_length == 0 and is_decoder:
             extended_attention_mask, is_causal = None, True  # SDPA's own causal mask: the fast path
         elif attention_mask is None and (past_length == 0 or seq_length == 1):
             extended_attention_mask = None  # nothing to mask: one new token sees every cached one

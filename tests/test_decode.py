@@ -20,6 +20,16 @@ def _decoder(vocab=5, seed=0):
     return model
 
 
+def _ending_decoder_and_padded_images(seed=6):
+    """A decoder whose captions end at different steps, and 5 images of 4 tokens padded with 2 masked ones."""
+    decoder = _decoder(vocab=30, seed=5)
+    with torch.no_grad():
+        decoder.cls.predictions.bias[EOS] = 3.0
+    g = torch.Generator().manual_seed(seed)
+    images = torch.cat([torch.randn(5, 4, 8, generator=g), 5 * torch.randn(5, 2, 8, generator=g)], 1)
+    return decoder, images, torch.tensor([[1] * 4 + [0] * 2] * 5)
+
+
 @torch.no_grad()
 def _sequence_logprob(decoder, image, prompt, continuation):
     ids = torch.tensor([prompt + continuation])
@@ -171,12 +181,7 @@ def test_folded_image_projections_give_the_same_captions(monkeypatch, kwargs):
     real_step = decode._step
     monkeypatch.setattr(decode, "_step", lambda decoder, tokens, cache: entries.append(type(cache.cross_kv[0]))
                         or real_step(decoder, tokens, cache))
-    decoder = _decoder(vocab=30, seed=5)
-    with torch.no_grad():
-        decoder.cls.predictions.bias[EOS] = 3.0  # captions end, at different steps
-    g = torch.Generator().manual_seed(6)
-    images = torch.cat([torch.randn(5, 4, 8, generator=g), 5 * torch.randn(5, 2, 8, generator=g)], 1)
-    mask = torch.tensor([[1] * 4 + [0] * 2] * 5)
+    decoder, images, mask = _ending_decoder_and_padded_images()
 
     def run(fold_below):
         monkeypatch.setattr(med, "FOLD_BELOW", fold_below)
@@ -191,6 +196,119 @@ def test_folded_image_projections_give_the_same_captions(monkeypatch, kwargs):
     assert projected_entries == {tuple} and folded_entries == {med.ImageTokens}
     assert torch.equal(folded, projected)
     assert len({int((row != PAD).sum()) for row in folded}) > 1  # captions of different lengths
+
+
+@pytest.mark.parametrize("kwargs", [dict(num_beams=1), dict(num_beams=3, drop_finished=False),
+                                    dict(num_beams=3, drop_finished=False, early_stopping="never"),
+                                    dict(do_sample=True, top_p=0.9)])
+def test_steps_over_a_static_cache_give_the_same_captions(monkeypatch, kwargs):
+    """The steps a GPU captures in a CUDA graph (`StaticSteps`: preallocated self-attention slots written at a
+    device-side position, beams reordered in place, masked image padding) give the captions of the growing cache:
+    here run eagerly on the CPU; `test_cuda_graph_steps_give_the_same_captions` replays the graph on a GPU."""
+    from med_train import decode
+
+    calls = []
+    real_step = decode.StaticSteps.step
+    monkeypatch.setattr(decode.StaticSteps, "step", lambda self, *a: calls.append(1) or real_step(self, *a))
+    decoder, images, mask = _ending_decoder_and_padded_images()
+
+    def run():
+        generator = torch.Generator().manual_seed(7) if kwargs.get("do_sample") else None
+        return generate(decoder, images, torch.tensor([BOS, 7]), eos_token_id=EOS, pad_token_id=PAD, max_length=12,
+                        min_length=3, image_mask=mask, generator=generator, **kwargs)
+
+    growing = run()
+    assert not calls
+    monkeypatch.setattr(decode, "_graphs_pay", lambda decoder, device, cuda_graphs: True)
+    static = run()
+    assert calls  # the static steps ran
+    assert torch.equal(static, growing)
+    assert len({int((row != PAD).sum()) for row in static}) > 1  # captions of different lengths
+
+
+def test_cuda_graphs_are_a_gpu_option_the_config_can_turn_off():
+    """`cuda_graphs=True` off a GPU, or on a decoder in training mode, is an error that says why; the config's
+    `generate.cuda_graphs: false` reaches `generate` as False, true as the default (on a GPU only)."""
+    from med_train.config import load_config
+    from med_train.evaluate import generate_kwargs
+
+    decoder = _decoder(vocab=30, seed=5)
+    images = torch.randn(2, 4, 8)
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        generate(decoder, images, torch.tensor([BOS]), eos_token_id=EOS, pad_token_id=PAD, cuda_graphs=True)
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        generate(decoder, images, torch.tensor([BOS]), eos_token_id=EOS, pad_token_id=PAD, num_beams=2,
+                 drop_finished=False, cuda_graphs=True)
+    assert generate_kwargs(load_config(None, ["generate.cuda_graphs=false"]))["cuda_graphs"] is False
+    assert generate_kwargs(load_config(None))["cuda_graphs"] is None
+    assert generate(decoder, images, torch.tensor([BOS]), eos_token_id=EOS, pad_token_id=PAD, max_length=6,
+                    cuda_graphs=None).shape[0] == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_steps_give_the_same_captions():
+    """On a GPU the steps replay one captured CUDA graph: the captions of eager steps in fp32; the graph is kept
+    and replayed for the next decode of the same shapes (new images), also under bf16 autocast after the autocast
+    that captured it has ended (the graph reads no autocast cache); at most KEEP_CAPTURED graphs are kept."""
+    from med_train import decode
+
+    decoder, first, mask = _ending_decoder_and_padded_images()
+    batches = [first.cuda(), _ending_decoder_and_padded_images(seed=7)[1].cuda()]
+    decoder, mask = decoder.cuda(), mask.cuda()
+
+    def run(images, graphs, **kwargs):
+        generator = torch.Generator("cuda").manual_seed(7) if kwargs.get("do_sample") else None
+        return generate(decoder, images, torch.tensor([BOS, 7]), eos_token_id=EOS, pad_token_id=PAD, max_length=12,
+                        min_length=3, image_mask=mask[: len(images)], generator=generator, cuda_graphs=graphs,
+                        **kwargs)
+
+    for kwargs in (dict(num_beams=1), dict(num_beams=3), dict(do_sample=True, top_p=0.9)):
+        decode.release_captured_steps(decoder)
+        for images in batches:  # the first captures, the second replays the kept graph
+            assert torch.equal(run(images, True, **kwargs), run(images, False, **kwargs)), kwargs
+        assert len(decode._captured[decoder]) == 1
+    agree = []
+    for images in batches:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            graphed = run(images, None, num_beams=3)  # the default on a GPU
+            eager = run(images, False, num_beams=3)
+        torch.randn(1 << 24, device="cuda")  # reuse freed memory
+        agree += (graphed == eager).all(1).tolist()
+    assert sum(agree) >= 0.8 * len(agree)  # bf16: attention kernels that differ may break a near-tie differently
+    run(batches[0][:3], None, num_beams=2)
+    run(batches[0][:2], None, num_beams=2)  # a third shape: the oldest graph goes
+    assert len(decode._captured[decoder]) == decode.KEEP_CAPTURED
+    decode.release_captured_steps(decoder)
+    assert decoder not in decode._captured
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_a_step_that_cannot_be_captured_runs_eagerly_with_a_warning(monkeypatch):
+    """A step that a CUDA graph cannot hold (here: one that reads a value back to the host mid-step) is run
+    eagerly over the static cache, with a warning, and gives the same captions; the GPU stays usable."""
+    from med_train import decode
+
+    decoder = _decoder(vocab=30, seed=5).cuda()
+    images = torch.randn(4, 6, 8, generator=torch.Generator().manual_seed(6)).cuda()
+
+    def run(graphs):
+        return generate(decoder, images, torch.tensor([BOS, 7]), eos_token_id=EOS, pad_token_id=PAD, max_length=10,
+                        num_beams=3, cuda_graphs=graphs)
+
+    want = run(False)
+    monkeypatch.setattr(decoder, "forward", _syncing(decoder.forward, decoder))
+    decode.release_captured_steps(decoder)
+    with pytest.warns(UserWarning, match="run eagerly"):
+        got = run(None)
+    assert torch.equal(got, want)
+    assert torch.equal(run(None), want)  # kept: no second capture, no second warning needed
+
+
+def _syncing(forward, decoder):
+    def call(*args, **kwargs):
+        decoder.cls.predictions.bias.sum().item()  # a host read-back: not allowed while a graph is captured
+        return forward(*args, **kwargs)
+    return call
 
 
 def test_min_and_max_length():

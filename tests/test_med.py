@@ -322,6 +322,46 @@ def test_folding_cache_decodes_like_projected_kv(monkeypatch, beams):
     assert torch.equal(cache.cross_mask, image_bias[[2, 0]]) and len(cache) == 7
 
 
+def test_static_cache_steps_give_the_full_forwards_logits():
+    """A `StaticDecoderCache` (what a GPU's captured decoding step runs over): loaded from a prefilled cache, with
+    each image's row repeated for beams, its steps write K/V in place at a device-side position and give the full
+    forward's logits; in-place reordering moves rows; `fits` tells which caches its buffers take."""
+    ours, _ = _pair()
+    g = torch.Generator().manual_seed(8)
+    beams, capacity = 2, 9
+    images = torch.randn(B, N, W_IMG, generator=g)
+    mask = torch.ones(B, N, dtype=torch.long)
+    mask[0, N - 2:] = 0
+    text = torch.randint(3, V, (B * beams, 7), generator=g)
+    text[:, :3] = text[::beams, :3].repeat_interleave(beams, 0)  # one prompt per image
+    rows = torch.arange(B).repeat_interleave(beams)
+    with torch.no_grad():
+        full = ours(text, encoder_hidden_states=images[rows], encoder_attention_mask=mask[rows]).logits
+        prefilled = ours(text[::beams, :3], encoder_hidden_states=images, encoder_attention_mask=mask,
+                         use_cache=True, cache=DecoderCache()).cache
+        cache = med.StaticDecoderCache.like(prefilled, B * beams, capacity)
+        assert cache.fits(prefilled, B * beams, capacity)
+        assert not cache.fits(prefilled, B, capacity) and not cache.fits(prefilled, B * beams, capacity + 1)
+        cache.load(prefilled, rows)
+        assert int(cache.position) == 3
+        logits = []
+        for t in range(3, 7):
+            logits.append(ours(text[:, t:t + 1], cache=cache, use_cache=True).logits)
+            cache.position.add_(1)
+        torch.testing.assert_close(torch.cat(logits, 1), full[:, 3:], atol=1e-5, rtol=1e-5)
+        # reordering in place: rows swapped within each image give the swapped rows' next logits
+        swap = torch.arange(B * beams).view(B, beams).flip(1).reshape(-1)
+        cache.reorder(swap)
+        following = ours(text[swap, 7 - 1:7], cache=cache, use_cache=True).logits  # position 7: a repeated token
+        with_swap = ours(torch.cat([text[swap], text[swap, -1:]], 1), encoder_hidden_states=images[rows],
+                         encoder_attention_mask=mask[rows]).logits[:, -1:]
+        torch.testing.assert_close(following, with_swap, atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="one token per row"):
+            ours(text[:, :2], cache=cache, use_cache=True)
+        with pytest.raises(TypeError, match="device tensor"):
+            len(cache)
+
+
 def test_folding_pays_for_few_queries_per_image_in_fp32_cpu_inference():
     """The rule `decode` follows: fold the image projections when the decode asks each image few queries (greedy
     on ViT-B's 197 tokens with BERT-base: 19), project them when it asks many (3 beams: 49); fold only where it
