@@ -143,8 +143,9 @@ def test_bf16_precision_captions_and_evaluates_under_autocast(trained, workspace
 
     seen, real_generate = [], Captioner.generate
 
-    def generate(self, images, **kwargs):
-        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+    def generate(self, images, **kwargs):  # `med eval` runs where accelerate puts it: a GPU when there is one
+        device = images.device.type
+        seen.append((torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)))
         return real_generate(self, images, **kwargs)
 
     monkeypatch.setattr(Captioner, "generate", generate)
