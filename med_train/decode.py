@@ -14,6 +14,7 @@ Lengths count the prompt tokens (BLIP's convention): `max_length=20` with a 4-to
 
 from __future__ import annotations
 
+import threading
 import warnings
 import weakref
 from collections import OrderedDict
@@ -60,11 +61,15 @@ def _step(decoder, last_tokens, cache):
     return out.logits[:, -1], out.cache
 
 
+_capturing = threading.Lock()
+
+
 class StaticSteps:
     """The decoding steps after the prompt over a `med.StaticDecoderCache`: each step (the beams' reordering of
     the cache, then the decoder on one token per row) is, on a GPU, one replay of a CUDA graph captured once,
     instead of some 300 kernel launches from Python, which bound a GPU decode (the GPU idled most of a step).
-    Elsewhere (`capture=False`) the same step runs eagerly: what the tests check against the growing cache.
+    Elsewhere (`capture=False`) the same step runs eagerly: what the tests check against the growing cache, and
+    what a GPU falls back to when the capture fails.
 
     `step(tokens, src)` feeds `tokens` (R,) after reordering the cached rows by `src` (R,) (beams; None keeps
     them) and returns the logits (R, V), valid until the next step."""
@@ -89,16 +94,17 @@ class StaticSteps:
         self.graph = self.logits = None
         self._run = None if capture else run
         if capture:  # warm up on a side stream (library handles, kernel choices), then capture
-            stream = torch.cuda.Stream(device)
-            stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    run()
-            torch.cuda.current_stream(device).wait_stream(stream)
-            self.graph = torch.cuda.CUDAGraph()
-            # thread-local: a DataLoader's pin-memory thread may allocate host memory meanwhile
-            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-                self.logits = run()
+            with _capturing:  # one capture at a time (a capture's start synchronizes the device)
+                stream = torch.cuda.Stream(device)
+                stream.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(stream):
+                    for _ in range(2):
+                        run()
+                torch.cuda.current_stream(device).wait_stream(stream)
+                self.graph = torch.cuda.CUDAGraph()
+                # thread-local: a DataLoader's pin-memory thread may allocate host memory meanwhile
+                with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                    self.logits = run()
 
     def step(self, tokens: torch.Tensor, src: torch.Tensor | None = None) -> torch.Tensor:
         self.tokens.copy_(tokens)
@@ -110,8 +116,8 @@ class StaticSteps:
         return self.logits
 
 
-# Captured steps kept per decoder (a captioning run meets one or two batch shapes: full batches and the last);
-# each holds its cache's buffers (the image K/V: about 0.7 GB for 32 images at 384 px in bf16).
+# Captured steps kept per decoder (a captioning run meets one or two batch shapes: full batches and the last), and
+# per thread; each holds its cache's buffers (the image K/V: about 0.7 GB for 32 images at 384 px in bf16).
 KEEP_CAPTURED = 2
 _captured: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -137,8 +143,9 @@ def _static_steps(decoder, cache: med.DecoderCache, rows: torch.Tensor | None, c
     count = cache.self_kv[0][0].shape[0] if rows is None else rows.shape[0]
     device = cache.self_kv[0][0].device
     capture = device.type == "cuda"
-    key = (reorders, torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type),
-           tuple(p.data_ptr() for p in decoder.parameters()))
+    # per thread: two threads decoding with one decoder must not share a cache's buffers
+    key = (threading.get_ident(), reorders, torch.is_autocast_enabled(device.type),
+           torch.get_autocast_dtype(device.type), tuple(p.data_ptr() for p in decoder.parameters()))
     kept = _captured.setdefault(decoder, OrderedDict()) if capture else OrderedDict()
     steps = next((s for (k, s) in kept.items() if k[0] == key and s.cache.fits(cache, count, capacity)), None)
     if steps is None:

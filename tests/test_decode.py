@@ -283,6 +283,42 @@ def test_cuda_graph_steps_give_the_same_captions():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_threads_decoding_with_one_decoder_get_their_own_captions():
+    """Two threads captioning with one decoder at once, same shapes: each thread has its own captured steps and
+    cache buffers, so neither reads the other's (a shared graph would mix their images' captions)."""
+    import threading
+
+    from med_train import decode
+
+    decoder, _, mask = _ending_decoder_and_padded_images()
+    decoder, mask = decoder.cuda(), mask.cuda()
+    batches = [_ending_decoder_and_padded_images(seed=seed)[1].cuda() for seed in (6, 7)]
+
+    def run(images, graphs):
+        return generate(decoder, images, torch.tensor([BOS, 7]), eos_token_id=EOS, pad_token_id=PAD, max_length=12,
+                        min_length=3, image_mask=mask, num_beams=3, cuda_graphs=graphs)
+
+    want = [run(images, False) for images in batches]
+    assert not torch.equal(want[0], want[1])
+    decode.release_captured_steps(decoder)
+    start, got = threading.Barrier(2), [[], []]
+
+    def work(i):
+        start.wait()
+        got[i] += [run(batches[i], None) for _ in range(20)]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for mine, expected in zip(got, want, strict=True):
+        assert len(mine) == 20 and all(torch.equal(ids, expected) for ids in mine)
+    assert len(decode._captured[decoder]) == 2  # one per thread
+    decode.release_captured_steps(decoder)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_a_step_that_cannot_be_captured_runs_eagerly_with_a_warning(monkeypatch):
     """A step that a CUDA graph cannot hold (here: one that reads a value back to the host mid-step) is run
     eagerly over the static cache, with a warning, and gives the same captions; the GPU stays usable."""
