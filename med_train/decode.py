@@ -78,6 +78,7 @@ class StaticSteps:
         rows = cache.self_kv[0].key.shape[0]
         device = cache.position.device
         self.cache, self.reorders = cache, reorders
+        self.key = None  # what `_static_steps` keeps it under: precision and weights
         self.tokens = torch.zeros(rows, dtype=torch.long, device=device)
         self.src = torch.arange(rows, device=device)
         autocast = (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
@@ -116,15 +117,26 @@ class StaticSteps:
         return self.logits
 
 
-# Captured steps kept per decoder (a captioning run meets one or two batch shapes: full batches and the last), and
-# per thread; each holds its cache's buffers (the image K/V: about 0.7 GB for 32 images at 384 px in bf16).
+# Steps kept per decoder, in each thread's own table (two threads decoding with one decoder must not share a
+# cache's buffers; a thread's table goes with it): a captioning run meets one or two batch shapes, full batches and
+# the last. Each holds its cache's buffers (the image K/V: about 0.7 GB for 32 images at 384 px in bf16).
 KEEP_CAPTURED = 2
-_captured: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_local = threading.local()
+
+
+def captured_steps(decoder) -> OrderedDict:
+    """This thread's kept `StaticSteps` for `decoder`, least recently used first."""
+    table = getattr(_local, "table", None)
+    if table is None:
+        table = _local.table = weakref.WeakKeyDictionary()
+    return table.setdefault(decoder, OrderedDict())
 
 
 def release_captured_steps(decoder) -> None:
-    """Free the CUDA graphs (and their caches' memory) that decoding with `decoder` captured."""
-    _captured.pop(decoder, None)
+    """Free the CUDA graphs (and their caches' memory) that this thread captured for decoding with `decoder`."""
+    table = getattr(_local, "table", None)
+    if table is not None:
+        table.pop(decoder, None)
 
 
 def _graphs_pay(decoder, device: torch.device, cuda_graphs: bool | None) -> bool:
@@ -138,30 +150,28 @@ def _graphs_pay(decoder, device: torch.device, cuda_graphs: bool | None) -> bool
 
 def _static_steps(decoder, cache: med.DecoderCache, rows: torch.Tensor | None, capacity: int,
                   reorders: bool) -> StaticSteps:
-    """Steps over a static copy of the prefilled `cache` (text `rows` of it; None: all): on a GPU a captured graph,
-    reused by later decodes of the same shapes (and the same weights), else eager."""
+    """Steps over a static copy of the prefilled `cache` (text `rows` of it; None: all), kept for later decodes of
+    the same shapes, precision and weights: on a GPU a captured graph, else eager."""
     count = cache.self_kv[0][0].shape[0] if rows is None else rows.shape[0]
     device = cache.self_kv[0][0].device
-    capture = device.type == "cuda"
-    # per thread: two threads decoding with one decoder must not share a cache's buffers
-    key = (threading.get_ident(), reorders, torch.is_autocast_enabled(device.type),
-           torch.get_autocast_dtype(device.type), tuple(p.data_ptr() for p in decoder.parameters()))
-    kept = _captured.setdefault(decoder, OrderedDict()) if capture else OrderedDict()
-    steps = next((s for (k, s) in kept.items() if k[0] == key and s.cache.fits(cache, count, capacity)), None)
+    key = (reorders, torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type),
+           tuple(p.data_ptr() for p in decoder.parameters()))
+    kept = captured_steps(decoder)
+    steps = next((s for s in kept.values() if s.key == key and s.cache.fits(cache, count, capacity)), None)
     if steps is None:
         static = med.StaticDecoderCache.like(cache, count, capacity)
         try:
-            steps = StaticSteps(decoder, static, reorders=reorders, capture=capture)
+            steps = StaticSteps(decoder, static, reorders=reorders, capture=device.type == "cuda")
         except RuntimeError as err:  # a capture that this CUDA build or an op in the step refuses
-            if not capture:
+            if device.type != "cuda":
                 raise
             warnings.warn(f"decoding steps run eagerly: capturing them in a CUDA graph failed: {err}", stacklevel=3)
             steps = StaticSteps(decoder, static, reorders=reorders, capture=False)  # kept: no retry per batch
-        kept[(key, id(steps))] = steps
+        steps.key = key
+        kept[id(steps)] = steps
         while len(kept) > KEEP_CAPTURED:
             kept.popitem(last=False)
-    else:
-        kept.move_to_end(next(k for k, s in kept.items() if s is steps))
+    kept.move_to_end(id(steps))
     steps.cache.load(cache, rows)
     return steps
 

@@ -266,7 +266,7 @@ def test_cuda_graph_steps_give_the_same_captions():
         decode.release_captured_steps(decoder)
         for images in batches:  # the first captures, the second replays the kept graph
             assert torch.equal(run(images, True, **kwargs), run(images, False, **kwargs)), kwargs
-        assert len(decode._captured[decoder]) == 1
+        assert len(decode.captured_steps(decoder)) == 1
     agree = []
     for images in batches:
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -277,35 +277,70 @@ def test_cuda_graph_steps_give_the_same_captions():
     assert sum(agree) >= 0.8 * len(agree)  # bf16: attention kernels that differ may break a near-tie differently
     run(batches[0][:3], None, num_beams=2)
     run(batches[0][:2], None, num_beams=2)  # a third shape: the oldest graph goes
-    assert len(decode._captured[decoder]) == decode.KEEP_CAPTURED
+    assert len(decode.captured_steps(decoder)) == decode.KEEP_CAPTURED
     decode.release_captured_steps(decoder)
-    assert decoder not in decode._captured
+    assert not decode.captured_steps(decoder)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_threads_decoding_with_one_decoder_get_their_own_captions():
-    """Two threads captioning with one decoder at once, same shapes: each thread has its own captured steps and
-    cache buffers, so neither reads the other's (a shared graph would mix their images' captions)."""
+def test_static_steps_are_kept_for_the_next_decode_of_their_shapes(monkeypatch):
+    """A decode reuses the kept steps (and cache buffers) of the last decode of the same shapes and precision,
+    loading the new prefill into them; a new shape adds steps, the least recently used go beyond KEEP_CAPTURED;
+    `release_captured_steps` drops them. (On a GPU the kept steps hold a captured graph; here they run eagerly.)"""
+    from med_train import decode
+
+    monkeypatch.setattr(decode, "_graphs_pay", lambda decoder, device, cuda_graphs: cuda_graphs is not False)
+    decoder, first, mask = _ending_decoder_and_padded_images()
+    second = _ending_decoder_and_padded_images(seed=7)[1]
+
+    def run(images, beams=3, graphs=None):
+        return generate(decoder, images, torch.tensor([BOS, 7]), eos_token_id=EOS, pad_token_id=PAD, max_length=12,
+                        min_length=3, image_mask=mask[: len(images)], num_beams=beams, drop_finished=False,
+                        cuda_graphs=graphs)
+
+    decode.release_captured_steps(decoder)
+    assert torch.equal(run(first), run(first, graphs=False))
+    kept = list(decode.captured_steps(decoder).values())
+    assert len(kept) == 1
+    assert torch.equal(run(second), run(second, graphs=False))  # the same buffers, the second batch's prefill
+    assert list(decode.captured_steps(decoder).values()) == kept
+    run(first[:3])
+    run(first)  # used again: now the most recent
+    run(first[:2])  # a third shape: the least recently used (3 images) goes
+    assert len(decode.captured_steps(decoder)) == decode.KEEP_CAPTURED
+    assert kept[0] in decode.captured_steps(decoder).values()
+    assert {s.cache.self_kv[0].key.shape[0] for s in decode.captured_steps(decoder).values()} == {15, 6}
+    decode.release_captured_steps(decoder)
+    assert not decode.captured_steps(decoder)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="CUDA graphs need a GPU"))])
+def test_threads_decoding_with_one_decoder_get_their_own_captions(monkeypatch, device):
+    """Two threads captioning with one decoder at once, same shapes: each thread keeps its own steps and cache
+    buffers (on a GPU, its own captured graph), so neither reads the other's (shared ones would mix their images'
+    captions). On the CPU the static steps are forced, eager."""
     import threading
 
     from med_train import decode
 
+    if device == "cpu":
+        monkeypatch.setattr(decode, "_graphs_pay", lambda decoder, device, cuda_graphs: cuda_graphs is not False)
     decoder, _, mask = _ending_decoder_and_padded_images()
-    decoder, mask = decoder.cuda(), mask.cuda()
-    batches = [_ending_decoder_and_padded_images(seed=seed)[1].cuda() for seed in (6, 7)]
+    decoder, mask = decoder.to(device), mask.to(device)
+    batches = [_ending_decoder_and_padded_images(seed=seed)[1].to(device) for seed in (6, 7)]
 
     def run(images, graphs):
         return generate(decoder, images, torch.tensor([BOS, 7]), eos_token_id=EOS, pad_token_id=PAD, max_length=12,
-                        min_length=3, image_mask=mask, num_beams=3, cuda_graphs=graphs)
+                        min_length=3, image_mask=mask, num_beams=3, drop_finished=False, cuda_graphs=graphs)
 
     want = [run(images, False) for images in batches]
     assert not torch.equal(want[0], want[1])
-    decode.release_captured_steps(decoder)
-    start, got = threading.Barrier(2), [[], []]
+    start, got, kept = threading.Barrier(2), [[], []], [None, None]
 
     def work(i):
         start.wait()
         got[i] += [run(batches[i], None) for _ in range(20)]
+        kept[i] = list(decode.captured_steps(decoder).values())
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
     for thread in threads:
@@ -314,8 +349,8 @@ def test_threads_decoding_with_one_decoder_get_their_own_captions():
         thread.join()
     for mine, expected in zip(got, want, strict=True):
         assert len(mine) == 20 and all(torch.equal(ids, expected) for ids in mine)
-    assert len(decode._captured[decoder]) == 2  # one per thread
-    decode.release_captured_steps(decoder)
+    assert len(kept[0]) == len(kept[1]) == 1 and kept[0][0] is not kept[1][0]  # one each
+    assert not decode.captured_steps(decoder)  # this thread decoded nothing through them
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
