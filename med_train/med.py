@@ -160,6 +160,9 @@ class StaticDecoderCache(DecoderCache):
     def __len__(self) -> int:
         raise TypeError("a StaticDecoderCache's length is a device tensor (`position`), not a Python int")
 
+    def __bool__(self) -> bool:  # a cache is truthy, as a DecoderCache with entries is (not via __len__)
+        return True
+
     def self_attention_mask(self, dtype: torch.dtype) -> torch.Tensor:
         """The additive mask (1, 1, 1, capacity) of a step at `position`: the positions after it are hidden."""
         later = torch.arange(self.capacity, device=self.position.device) > self.position
