@@ -160,7 +160,7 @@ class StaticDecoderCache(DecoderCache):
     def __len__(self) -> int:
         raise TypeError("a StaticDecoderCache's length is a device tensor (`position`), not a Python int")
 
-    def __bool__(self) -> bool:  # a cache is truthy, as a DecoderCache with entries is (not via __len__)
+    def __bool__(self) -> bool:  # `if cache:` must not reach __len__
         return True
 
     def self_attention_mask(self, dtype: torch.dtype) -> torch.Tensor:
