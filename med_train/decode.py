@@ -71,8 +71,8 @@ class StaticSteps:
     Elsewhere (`capture=False`) the same step runs eagerly: what the tests check against the growing cache, and
     what a GPU falls back to when the capture fails.
 
-    `step(tokens, src)` feeds `tokens` (R,) after reordering the cached rows by `src` (R,) (beams; None keeps
-    them) and returns the logits (R, V), valid until the next step."""
+    `step(tokens, src)` feeds `tokens` (R,) after reordering the cached rows by `src` (R,) (beams: given exactly
+    when `reorders`) and returns the logits (R, V), valid until the next step."""
 
     def __init__(self, decoder, cache: med.StaticDecoderCache, *, reorders: bool, capture: bool):
         rows = cache.self_kv[0].key.shape[0]
@@ -110,7 +110,7 @@ class StaticSteps:
     def step(self, tokens: torch.Tensor, src: torch.Tensor | None = None) -> torch.Tensor:
         self.tokens.copy_(tokens)
         if self.reorders:
-            self.src.copy_(src if src is not None else torch.arange(len(tokens), device=tokens.device))
+            self.src.copy_(src)
         if self.graph is None:
             return self._run()
         self.graph.replay()
@@ -141,10 +141,10 @@ def release_captured_steps(decoder) -> None:
 
 def _graphs_pay(decoder, device: torch.device, cuda_graphs: bool | None) -> bool:
     """Whether the steps replay a CUDA graph (`StaticSteps`): by default on a GPU, for a decoder in eval mode."""
-    if cuda_graphs and device.type != "cuda":
-        raise ValueError(f"cuda_graphs=True needs a CUDA device; the decoder runs on {device}")
     if cuda_graphs and decoder.training:
         raise ValueError("cuda_graphs=True needs the decoder in eval mode (dropout's randomness is not captured)")
+    if cuda_graphs and device.type != "cuda":
+        raise ValueError(f"cuda_graphs=True needs a CUDA device; the decoder runs on {device}")
     return device.type == "cuda" and not decoder.training if cuda_graphs is None else cuda_graphs
 
 

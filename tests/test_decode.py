@@ -239,6 +239,9 @@ def test_cuda_graphs_are_a_gpu_option_the_config_can_turn_off():
     with pytest.raises(ValueError, match="needs a CUDA device"):
         generate(decoder, images, torch.tensor([BOS]), eos_token_id=EOS, pad_token_id=PAD, num_beams=2,
                  drop_finished=False, cuda_graphs=True)
+    with pytest.raises(ValueError, match="eval mode"):
+        generate(decoder.train(), images, torch.tensor([BOS]), eos_token_id=EOS, pad_token_id=PAD, cuda_graphs=True)
+    decoder.eval()
     assert generate_kwargs(load_config(None, ["generate.cuda_graphs=false"]))["cuda_graphs"] is False
     assert generate_kwargs(load_config(None))["cuda_graphs"] is None
     assert generate(decoder, images, torch.tensor([BOS]), eos_token_id=EOS, pad_token_id=PAD, max_length=6,
