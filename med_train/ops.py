@@ -12,7 +12,10 @@ the product through oneDNN with the weight reordered (at its second use) into on
 MKL's sgemm, which `F.linear` calls, copies the weight into its own layout on every call: for the few rows of a
 decoding step that copy costs more than the product (a BERT-base decoder's weights against 8 rows: 76 ms per step
 with `F.linear`, 40 ms packed, one thread; at ViT sizes, 1576 rows, about 95 against 107 GFLOP/s). The price is
-memory: a second copy of the weights that run packed, freed when the model goes back to training.
+memory: a second copy of the weights that run packed, freed when the model goes back to training. In fp32, a
+product of at most FEW_ROWS_MAX rows (a decoding step's) runs through `few_rows` instead where that kernel is
+built (AVX-512 CPUs with a C++ compiler), with the weight kept in its panel layout: a BERT-base decoder's weights
+against 8 rows at 92 GFLOP/s instead of oneDNN's 58 (one thread; see few_rows.py).
 
 In training the weights change every step, so nothing is kept: `product` (the fused ops' products, and
 `training_linear`'s) hands oneDNN the plain weight, which it reorders for each call; that pays from about a
@@ -27,8 +30,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-# weight -> (its version and storage when last seen, the packed copy or None); entries go with their weights
+from med_train import few_rows
+
+# weight -> (its version and storage when last seen, {layout: the packed copy, or None after its first use}), a
+# layout being oneDNN's in a dtype (torch.float32 or torch.bfloat16), FEW_ROWS, or another module's (`kept_copy`);
+# entries go with their weights
 _PACKED = WeakIdKeyDictionary()
+FEW_ROWS = "few_rows"
+# Products of at most this many rows go through the few-row kernel where it is built: it beat oneDNN's prepacked
+# product at every count measured, 1 to 64 rows (8: 92 against 58 GFLOP/s; 64: 108 against 105), one thread.
+FEW_ROWS_MAX = 64
 
 
 def _packed_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
@@ -45,29 +56,45 @@ def _packed_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
     return torch.float32 if x.dtype == torch.float32 else None
 
 
-def _packed_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-    """oneDNN's blocked copy of `weight` in `dtype`, made at the weight's second use and kept until it changes (an
-    optimizer step or a loaded checkpoint writes into it in place, which bumps its version). None at the first
-    use: a weight used once (the ViT's, captioning one batch) is not worth the copy, which costs about what one
-    product saves."""
-    key = (weight._version, weight.data_ptr(), dtype)
+def _packed_weight(weight: torch.Tensor, layout: torch.dtype | str) -> torch.Tensor | None:
+    """`weight` in oneDNN's blocked layout in that dtype, or FEW_ROWS's panels: see `kept_copy`."""
+    return kept_copy(weight, layout, few_rows.pack if layout == FEW_ROWS
+                     else lambda w: torch.ops.mkldnn._reorder_linear_weight(w.detach().to(layout)))
+
+
+def kept_copy(weight: torch.Tensor, layout: object, make) -> torch.Tensor | None:
+    """`make(weight)`, a copy of `weight` in another layout, made at the weight's second use in that layout and
+    kept until the weight changes (an optimizer step or a loaded checkpoint writes into it in place, which bumps
+    its version) or `release_packed`. None at the first use: a weight used once (the ViT's, captioning one batch)
+    is not worth the copy, which costs about what one product saves."""
+    key = (weight._version, weight.data_ptr())
     entry = _PACKED.get(weight)
     if entry is None or entry[0] != key:
-        _PACKED[weight] = (key, None)
-        return None
-    if entry[1] is None:
-        entry = _PACKED[weight] = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype)))
-    return entry[1]
+        entry = _PACKED[weight] = (key, {})
+    copies = entry[1]
+    if layout not in copies:
+        copies[layout] = None
+    elif copies[layout] is None:
+        copies[layout] = make(weight)
+    return copies[layout]
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
            packed: bool = False) -> torch.Tensor:
     """`F.linear(x, weight, bias)`. With `packed=True`, in inference on the CPU (see `_packed_dtype`), the same
-    product through oneDNN with the weight prepacked (from its second use) and kept until it changes or
-    `release_packed`: in fp32 equal to F.linear's to float rounding (about 1e-6; the sums run in another order),
-    under bf16 autocast in bf16 as autocast's F.linear."""
+    product with the weight prepacked (from its second use) and kept until it changes or `release_packed`:
+    through `few_rows` for at most FEW_ROWS_MAX rows in fp32 where that kernel is built, else oneDNN. In fp32
+    equal to F.linear's to float rounding (about 1e-6; the sums run in another order), under bf16 autocast in
+    bf16 as autocast's F.linear."""
     dtype = _packed_dtype(x, weight) if packed else None
-    blocked = _packed_weight(weight, dtype) if dtype is not None else None
+    if dtype is None:
+        return F.linear(x, weight, bias)
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if (dtype == torch.float32 and 0 < rows <= FEW_ROWS_MAX and (bias is None or bias.dtype == torch.float32)
+            and few_rows.available()):
+        panels = _packed_weight(weight, FEW_ROWS)
+        return F.linear(x, weight, bias) if panels is None else few_rows.linear(x, panels, weight.shape[0], bias)
+    blocked = _packed_weight(weight, dtype)
     if blocked is None:
         return F.linear(x, weight, bias)
     return _onednn_linear(x.to(dtype), blocked, None if bias is None else bias.to(dtype))

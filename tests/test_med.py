@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from transformers import BlipTextConfig
 from transformers.models.blip.modeling_blip_text import BlipTextLMHeadModel
 
-from med_train import med
+from med_train import few_rows, med
 from med_train.med import BertLMHeadModel, DecoderCache, med_config
 
 V, H, W_IMG, LAYERS, HEADS = 60, 32, 24, 2, 4
@@ -277,11 +277,19 @@ def test_folded_cross_attention_equals_attention_over_projected_kv(dtype, querie
         bias[1, ..., 4:] = torch.finfo(torch.float32).min
     k, v = (attn.transpose_for_scores(layer(image)).to(dtype) for layer in (attn.key, attn.value))
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(dtype))
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-        got = med.folded_cross_attention(q, image, attn.key, attn.value, bias)
-    assert got.shape == want.shape and got.dtype == dtype
+    tokens = med.ImageTokens(image)
     tol = 1e-5 if dtype == torch.float32 else 3e-2
-    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    # bmm at the weights' first use, then (fp32, where the few-row kernel is built) the kernel with their panels
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            got = med.folded_cross_attention(q, tokens, attn.key, attn.value, bias)
+        assert got.shape == want.shape and got.dtype == dtype
+        torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    kernel = med._folded_products(q, tokens, attn.key, attn.value) is not None
+    assert kernel == (dtype == torch.float32 and few_rows.available())
+    if kernel:
+        selected = tokens.select(torch.tensor([1, 1, 0]))
+        assert all(torch.equal(a, b[[1, 1, 0]]) for a, b in zip(selected.panels(), tokens.panels(), strict=True))
 
 
 @pytest.mark.parametrize("beams", [1, 3])

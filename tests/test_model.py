@@ -399,15 +399,24 @@ def test_decoder_feed_forward_matches_the_plain_one_with_gradients(tokenizer, ti
 def _packed_weights(model):
     from med_train import ops
 
-    return {name for name, p in model.named_parameters() if p in ops._PACKED and ops._PACKED[p][1] is not None}
+    return {name for name, p in model.named_parameters()
+            if p in ops._PACKED and any(copy is not None for copy in ops._PACKED[p][1].values())}
+
+
+def _packed_layouts(model, names):
+    from med_train import ops
+
+    return {n: {layout for layout, copy in ops._PACKED[p][1].items() if copy is not None}
+            for n, p in model.named_parameters() if n in names}
 
 
 @pytest.mark.parametrize("bf16", [False, True])
 def test_eval_mode_products_use_prepacked_weights_with_the_same_results(tokenizer, tiny_config, monkeypatch, bf16):
     """In eval mode on the CPU (no gradient; fp32, or bf16 autocast) every product of the ViT blocks and the
-    decoder runs through oneDNN with its weight prepacked (ops.linear): the same image tokens, logits and captions
-    (greedy and beam) as F.linear's, to float rounding."""
-    from med_train import ops
+    decoder runs with its weight prepacked (ops.linear): through oneDNN, or in fp32 with a step's few rows through
+    the few-row kernel where it is built: the same image tokens, logits and captions (greedy and beam) as
+    F.linear's, to float rounding."""
+    from med_train import few_rows, ops
 
     torch.manual_seed(0)
     model = Captioner(tiny_config, tokenizer).eval()
@@ -428,8 +437,12 @@ def test_eval_mode_products_use_prepacked_weights_with_the_same_results(tokenize
     # the tied LM head's weight is the word embeddings' (named once by named_parameters)
     linears = {n.replace("cls.predictions.decoder", "bert.embeddings.word_embeddings") for n in linears}
     assert len(linears) > 20 and _packed_weights(model) == linears
-    assert {ops._PACKED[p][1].dtype for n, p in model.named_parameters() if n in linears} == {
-        torch.bfloat16 if bf16 else torch.float32}
+    layouts = _packed_layouts(model, linears)
+    if bf16 or not few_rows.available():
+        assert set().union(*layouts.values()) == {torch.bfloat16 if bf16 else torch.float32}
+    else:  # a decoding step's few rows go through the kernel (here the tiny ViT's tokens too)
+        assert set().union(*layouts.values()) <= {torch.float32, ops.FEW_ROWS}
+        assert all(ops.FEW_ROWS in layouts[n] for n in linears if n.startswith("text_decoder"))
     monkeypatch.setattr(ops, "_packed_dtype", lambda x, weight: None)
     plain = outputs()
     tolerance = dict(atol=2e-2, rtol=2e-2) if bf16 else dict(atol=1e-5, rtol=1e-5)

@@ -1,0 +1,130 @@
+"""The few-row product kernel (few_rows.py, few_rows.cpp): built where it can be, equal to F.linear, routed to by
+ops.linear for a decoding step's rows, and out of the way where it cannot be built."""
+
+import threading
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from med_train import few_rows, ops
+
+buildable = few_rows.supported_here() and few_rows.compiler() is not None
+needs_kernel = pytest.mark.skipif(not buildable, reason="needs Linux x86-64 with AVX-512 and a C++ compiler")
+
+
+def test_the_kernel_is_built_wherever_it_can_be():
+    """On a machine that can build it (CI's can), `available()` must say so: a silent fallback would hide a
+    broken build behind oneDNN's slower products."""
+    assert few_rows.available() == buildable
+
+
+@needs_kernel
+@pytest.mark.parametrize("outputs,width", [(768, 768), (50, 7), (30524, 64), (97, 130), (1, 1)])
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 24, 64, 70])
+def test_equals_f_linear(outputs, width, rows):
+    """Every row count (blocks of 8 and a remainder), outputs that fill the last 48-wide panel or not, with and
+    without a bias."""
+    torch.manual_seed(rows)
+    weight, bias, x = torch.randn(outputs, width), torch.randn(outputs), torch.randn(rows, width)
+    panels = few_rows.pack(weight)
+    assert panels.shape == (-(-outputs // few_rows.PANEL), width, few_rows.PANEL)
+    for b in (bias, None):
+        expected = F.linear(x, weight, b)
+        torch.testing.assert_close(few_rows.linear(x, panels, outputs, b), expected, atol=1e-4, rtol=1e-5)
+
+
+@needs_kernel
+def test_leading_dimensions_strided_input_and_threads():
+    """x (B, T, K), a non-contiguous view, as F.linear takes it; the result does not depend on the thread count
+    (each output is one thread's, summed in the same order) nor on the calling thread."""
+    torch.manual_seed(0)
+    weight, bias = torch.randn(200, 96), torch.randn(200)
+    x = torch.randn(96, 4, 5).permute(1, 2, 0)  # (4, 5, 96), not contiguous
+    panels = few_rows.pack(weight)
+    y = few_rows.linear(x, panels, 200, bias)
+    assert y.shape == (4, 5, 200)
+    torch.testing.assert_close(y, F.linear(x, weight, bias), atol=1e-4, rtol=1e-5)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = few_rows.linear(x, panels, 200, bias)
+        torch.set_num_threads(2)
+        two = few_rows.linear(x, panels, 200, bias)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two) and torch.equal(one, y)
+    elsewhere = {}
+    worker = threading.Thread(target=lambda: elsewhere.update(y=few_rows.linear(x, panels, 200, bias)))
+    worker.start()
+    worker.join()
+    assert torch.equal(elsewhere["y"], y)
+
+
+@needs_kernel
+def test_bad_arguments_are_named():
+    panels = few_rows.pack(torch.randn(10, 8))
+    with pytest.raises(ValueError, match="width 8"):
+        few_rows.linear(torch.randn(2, 9), panels, 10)
+    with pytest.raises(ValueError, match="float64"):
+        few_rows.linear(torch.randn(2, 8, dtype=torch.float64), panels, 10)
+    with pytest.raises(ValueError, match="not pack"):
+        few_rows.linear(torch.randn(2, 8), panels, 100)
+
+
+@needs_kernel
+def test_ops_linear_routes_few_rows_to_the_kernel_and_more_to_onednn():
+    """From a weight's second use: up to FEW_ROWS_MAX rows through the kernel's panels, more through oneDNN's
+    blocked copy, each kept; fp32 results equal F.linear's either way."""
+    torch.manual_seed(0)
+    weight, bias = torch.randn(64, 32), torch.randn(64)
+    for rows, layout in ((ops.FEW_ROWS_MAX, ops.FEW_ROWS), (ops.FEW_ROWS_MAX + 1, torch.float32)):
+        x = torch.randn(rows, 32)
+        for _ in range(3):
+            with torch.no_grad():
+                torch.testing.assert_close(ops.linear(x, weight, bias, packed=True), F.linear(x, weight, bias))
+        assert ops._PACKED[weight][1][layout] is not None
+    assert set(ops._PACKED[weight][1]) == {ops.FEW_ROWS, torch.float32}
+
+
+def test_turned_off_or_unbuildable_falls_back_to_onednn(monkeypatch, tmp_path):
+    """MED_FEW_ROWS=0 turns the kernel off; a compiler that fails warns once with its message and leaves
+    ops.linear on oneDNN, with F.linear's results."""
+    monkeypatch.setattr(few_rows, "_library", few_rows._library)  # restored for the tests after this one
+    monkeypatch.setattr(few_rows, "_tried", False)
+    monkeypatch.setenv("MED_FEW_ROWS", "0")
+    assert not few_rows.available()
+
+    monkeypatch.delenv("MED_FEW_ROWS")
+    monkeypatch.setattr(few_rows, "supported_here", lambda: True)
+    monkeypatch.setattr(few_rows, "_tried", False)
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    with pytest.warns(RuntimeWarning, match="few-row product kernel .* unavailable"):
+        assert not few_rows.available()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not few_rows.available()  # decided once per process
+    assert not list(tmp_path.rglob("*.so")) and not list(tmp_path.rglob("*.part"))  # nothing half-written left
+
+    torch.manual_seed(0)
+    weight, x = torch.randn(16, 8), torch.randn(2, 8)
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(ops.linear(x, weight, packed=True), F.linear(x, weight))
+    assert set(ops._PACKED[weight][1]) == {torch.float32}
+
+
+@needs_kernel
+def test_build_is_cached_by_source_flags_and_compiler(tmp_path):
+    """A second build with the same source, flags and compiler reuses the library; other flags make another."""
+    cxx = few_rows.compiler()
+    first = few_rows.build(cxx, tmp_path)
+    stamp = first.stat().st_mtime_ns
+    assert few_rows.build(cxx, tmp_path) == first and first.stat().st_mtime_ns == stamp
+    few_rows.FLAGS.append("-DMED_TEST_FLAG")
+    try:
+        assert few_rows.build(cxx, tmp_path) != first
+    finally:
+        few_rows.FLAGS.remove("-DMED_TEST_FLAG")
