@@ -1,8 +1,9 @@
 """A CPU product for the few rows of a decoding step: y = x W^T + b in fp32 (AVX-512), from `few_rows.cpp`.
 
     if few_rows.available():
-        panels = few_rows.pack(weight)                  # once per weight: (ceil(N / 48), K, 48)
-        y = few_rows.linear(x, panels, weight.shape[0], bias)
+        panels = few_rows.pack(weight.t())              # once per weight (N, K): (ceil(N / 48), K, 48)
+        y = few_rows.linear(x, panels, weight.shape[0], bias)   # F.linear(x, weight, bias)
+        y = few_rows.matmul(x, few_rows.pack(b), b.shape[-1])   # torch.bmm(x, b), b (B, K, N)
 
 Why: a decoding step multiplies every decoder weight by a handful of rows (8 for greedy at batch 8, 24 for beam 3),
 where the libraries torch calls run well below the machine's rate. On the bench machine (2-core AMD EPYC, one
@@ -37,7 +38,7 @@ import torch
 SOURCE = Path(__file__).with_name("few_rows.cpp")
 FLAGS = ["-O3", "-std=c++17", "-mavx512f", "-mfma", "-fopenmp", "-shared", "-fPIC"]
 PANEL = 48  # outputs per packed panel (kPanel in the source)
-VERSION = 2  # med_few_rows_version() of the source this module speaks to
+VERSION = 4  # med_few_rows_version() of the source this module speaks to
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
@@ -96,9 +97,9 @@ def _load() -> ctypes.CDLL | None:
         warnings.warn(f"the few-row product kernel ({SOURCE.name}) is unavailable, decoding on the CPU uses "
                       f"oneDNN instead: {error}", RuntimeWarning, stacklevel=3)
         return None
-    library.med_few_rows_linear.restype = None
+    library.med_few_rows_matmul.restype = None
     i64, pointer = ctypes.c_int64, ctypes.c_void_p
-    library.med_few_rows_linear.argtypes = [pointer, i64, i64, i64, i64, pointer, i64, i64, pointer, i64, pointer,
+    library.med_few_rows_matmul.argtypes = [pointer, i64, i64, i64, i64, pointer, i64, i64, pointer, i64, pointer,
                                             i64, ctypes.c_int]
     return library
 
@@ -113,56 +114,58 @@ def available() -> bool:
     return _library is not None
 
 
-def pack(weight: torch.Tensor) -> torch.Tensor:
-    """The (..., N, K) weight (or a batch of them) as the kernel reads it, in fp32: panels of PANEL outputs, each
-    K x PANEL contiguous, zeros past N: (..., ceil(N / PANEL), K, PANEL)."""
-    *batch, n, k = weight.shape
-    padded = torch.nn.functional.pad(weight.detach().to(torch.float32), (0, 0, 0, -n % PANEL))  # (..., N', K)
-    return padded.reshape(*batch, -1, PANEL, k).transpose(-1, -2).contiguous()
+def pack(b: torch.Tensor) -> torch.Tensor:
+    """A matrix b (..., K, N) of products x @ b (a weight W: pack(W.t())) as the kernel reads it, in fp32: panels
+    of PANEL columns, each K x PANEL contiguous, zeros past N: (..., ceil(N / PANEL), K, PANEL)."""
+    *batch, k, n = b.shape
+    padded = torch.nn.functional.pad(b.detach().to(torch.float32), (0, -n % PANEL))  # (..., K, N')
+    return padded.view(*batch, k, -1, PANEL).transpose(-2, -3).contiguous()
 
 
 def linear(x: torch.Tensor, panels: torch.Tensor, outputs: int, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ W^T + bias for `panels = pack(W)` with `outputs` = W's rows; x (..., K) fp32 on the CPU, any leading
+    """x @ W^T + bias for `panels = pack(W.t())` with `outputs` = W's rows; x (..., K) fp32 on the CPU, any leading
     dimensions. Equal to F.linear to float rounding (the sums run over K in order). Needs `available()`."""
-    _check(x, panels, outputs)
-    rows = x.reshape(-1, x.shape[-1])
-    return _run(rows, 1, panels, 0, outputs, bias, 0).view(*x.shape[:-1], outputs)
-
-
-def batched_linear(x: torch.Tensor, panels: torch.Tensor, outputs: int,
-                   bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x[b] @ W[b]^T + bias[b] for each b: x (B, M, K) fp32 on the CPU, panels = pack(W) for W (B, N, K) with N =
-    `outputs`, bias (B, N) or None; returns (B, M, N). As torch.baddbmm(bias[:, None], x, W.transpose(1, 2)) to
-    float rounding. Needs `available()`."""
-    _check(x, panels, outputs)
-    if x.dim() != 3 or panels.dim() != 4 or panels.shape[0] != x.shape[0]:
-        raise ValueError(f"batched_linear takes x (B, M, K) and panels (B, P, K, {PANEL}), got {tuple(x.shape)} "
-                         f"and {tuple(panels.shape)}")
-    if bias is not None:
-        bias = bias.expand(x.shape[0], outputs)
-    return _run(x, x.shape[0], panels, panels.stride(0), outputs, bias, outputs)
-
-
-def _run(x, batch, panels, panels_stride, outputs, bias, bias_stride) -> torch.Tensor:
-    """The kernel over x (batch x rows, K) made contiguous, into a new (batch, rows, outputs) (squeezed when
-    batch is 1 and x 2-D)."""
-    x = x.contiguous()
     k = x.shape[-1]
-    rows = x.numel() // k // batch if k and batch else 0
-    y = x.new_empty(*x.shape[:-1], outputs)
+    _check_panels(panels, (-(-outputs // PANEL), k, PANEL), outputs)
+    _check(x, k)
+    if bias is not None and (bias.dtype != torch.float32 or bias.shape != (outputs,)):
+        raise ValueError(f"the bias must be fp32 ({outputs},), got {bias.dtype} {tuple(bias.shape)}")
+    y = _run(x.reshape(1, -1, k), panels, 0, outputs, bias, 0)
+    return y.view(*x.shape[:-1], outputs)
+
+
+def matmul(x: torch.Tensor, panels: torch.Tensor, outputs: int) -> torch.Tensor:
+    """x[i] @ b[i] for `panels = pack(b)`, b (B, K, N) with N = `outputs`: x (B, M, K) fp32 on the CPU; returns
+    (B, M, N). As torch.bmm(x, b) to float rounding. Needs `available()`."""
+    if x.dim() != 3:
+        raise ValueError(f"matmul takes x (B, M, K), got {tuple(x.shape)}")
+    batch, _, k = x.shape
+    _check_panels(panels, (batch, -(-outputs // PANEL), k, PANEL), outputs)
+    _check(x, k)
+    return _run(x, panels, panels.stride(0), outputs, None, 0)
+
+
+def _run(x, panels, panels_stride, outputs, bias, bias_stride) -> torch.Tensor:
+    """The kernel over x (batch, rows, K) made contiguous, into a new (batch, rows, outputs)."""
+    x = x.contiguous()
+    batch, rows, k = x.shape
+    y = x.new_empty(batch, rows, outputs)
     if bias is not None:
-        bias = bias.to(torch.float32).contiguous()
-    if rows:
-        _library.med_few_rows_linear(x.data_ptr(), batch, rows * k, rows, k, panels.data_ptr(), panels_stride,
+        bias = bias.contiguous()
+    if batch and rows and outputs:
+        _library.med_few_rows_matmul(x.data_ptr(), batch, rows * k, rows, k, panels.data_ptr(), panels_stride,
                                      outputs, None if bias is None else bias.data_ptr(), bias_stride, y.data_ptr(),
                                      rows * outputs, torch.get_num_threads())
     return y
 
 
-def _check(x: torch.Tensor, panels: torch.Tensor, outputs: int) -> None:
-    k = panels.shape[-2]
-    if panels.shape[-3:] != (-(-outputs // PANEL), k, PANEL) or not panels.is_contiguous():
-        raise ValueError(f"panels {tuple(panels.shape)} are not pack()'s for {outputs} outputs")
-    if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[-1] != k:
-        raise ValueError(f"the few-row kernel takes fp32 CPU rows of width {k}, got {x.dtype} {tuple(x.shape)} on "
-                         f"{x.device}")
+def _check_panels(panels: torch.Tensor, shape: tuple, outputs: int) -> None:
+    if panels.shape != shape or panels.dtype != torch.float32 or not panels.is_contiguous():
+        raise ValueError(f"panels {panels.dtype} {tuple(panels.shape)} are not pack()'s for {outputs} outputs "
+                         f"(expected fp32 {shape}, contiguous)")
+
+
+def _check(x: torch.Tensor, width: int) -> None:
+    if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[-1] != width:
+        raise ValueError(f"the few-row kernel takes fp32 CPU rows of width {width}, got {x.dtype} {tuple(x.shape)} "
+                         f"on {x.device}")

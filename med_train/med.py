@@ -58,10 +58,11 @@ class ImageTokens:
     _panels: tuple | None = field(default=None, repr=False, compare=False)
 
     def panels(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """`few_rows.pack` of the tokens (B_img, N, E), for the scores, and of their transpose (B_img, E, N), for
-        the mix: made at the first call."""
+        """`few_rows.pack` of the tokens transposed (B_img, E, N), for the scores, and of the tokens (B_img, N, E),
+        for the mix: made at the first call."""
         if self._panels is None:  # a cache of the frozen entry's tokens, made once
-            object.__setattr__(self, "_panels", (few_rows.pack(self.tokens), few_rows.pack(self.tokens.transpose(1, 2))))
+            panels = (few_rows.pack(self.tokens.transpose(1, 2)), few_rows.pack(self.tokens))
+            object.__setattr__(self, "_panels", panels)
         return self._panels
 
     def select(self, images: torch.Tensor) -> ImageTokens:
@@ -305,13 +306,37 @@ def _cpu_inference(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and not torch.is_grad_enabled()
 
 
-def few_query_attention(query, key, value, attention_mask=None):
+def few_query_attention(query, key, value, attention_mask=None, *, kept: bool = False):
     """softmax(q k^T / sqrt(d) + mask) v as two batched products, the softmax in fp32 (as SDPA accumulates).
-    query (B, nh, T, hs), key/value (B, nh, S, hs), attention_mask an additive bias broadcastable to (B, nh, T, S)."""
-    scores = torch.matmul(query * query.shape[-1] ** -0.5, key.transpose(-1, -2))
+    query (B, nh, T, hs), key/value (B, nh, S, hs), attention_mask an additive bias broadcastable to (B, nh, T, S).
+    `kept`: key and value stay the same over the decode (an image's cross-attention K/V), so from their second
+    use (ops.kept_copy) they are kept in the few-row kernel's layout and the two products run there (fp32, where
+    it is built): per (image, head), a beam search's 3 rows against 197 ViT-B tokens are too small for MKL's
+    batched sgemm (the bench's beam-3 decode: 0.4 and 0.6 ms a layer and step for the two products)."""
+    b, nh, t, hs = query.shape
+    s = key.shape[2]
+    panels = _few_query_panels(key, value) if kept and query.dtype == torch.float32 else None
+    if panels is None:
+        scores = torch.matmul(query * hs**-0.5, key.transpose(-1, -2))
+    else:
+        scores = few_rows.matmul((query * hs**-0.5).reshape(b * nh, t, hs), panels[0], s).view(b, nh, t, s)
     if attention_mask is not None:
         scores = scores + attention_mask
-    return torch.matmul(scores.softmax(-1, dtype=torch.float32).to(value.dtype), value)
+    probs = scores.softmax(-1, dtype=torch.float32).to(value.dtype)
+    if panels is None:
+        return torch.matmul(probs, value)
+    return few_rows.matmul(probs.view(b * nh, t, s), panels[1], hs).view(b, nh, t, hs)
+
+
+def _few_query_panels(key, value) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """K^T (hs, S) and V (S, hs) of each (image, head) in the few-row kernel's layout, kept with the tensors (the
+    cache's cross K/V, (B, nh, S, hs)); None where the kernel does not run or at their first use."""
+    if not (key.dtype == value.dtype == torch.float32 and key.device.type == "cpu" and few_rows.available()):
+        return None
+    s, hs = key.shape[2], key.shape[3]
+    key_panels = kept_copy(key, "few-query scores", lambda k: few_rows.pack(k.reshape(-1, s, hs).transpose(1, 2)))
+    value_panels = kept_copy(value, "few-query mix", lambda v: few_rows.pack(v.reshape(-1, s, hs)))
+    return None if key_panels is None or value_panels is None else (key_panels, value_panels)
 
 
 # A CPU decode folds the image projections into the queries (`DecoderCache.folding`) when its estimated cost is
@@ -348,39 +373,39 @@ def folded_cross_attention(query, image: ImageTokens, key: nn.Linear, value: nn.
     b, nh, t, hs = query.shape
     tokens = image.tokens
     width = tokens.shape[-1]
-    products = _folded_products(query, image, key, value)
+    kernel = _folded_panels(query, image, key, value)
     heads_first = (query * hs**-0.5).transpose(0, 1).reshape(nh, b * t, hs)
-    if products:
-        carried = few_rows.batched_linear(heads_first, products["carry"], width)  # (nh, B*T, E)
+    if kernel:
+        carried = few_rows.matmul(heads_first, kernel["carry"], width)  # (nh, B*T, E)
     else:
         carried = torch.bmm(heads_first, key.weight.view(nh, hs, width).to(query.dtype))
     carried = carried.view(nh, b, t, width).transpose(0, 1).reshape(b, nh * t, width)
-    if products:
-        scores = few_rows.batched_linear(carried, products["scores"], tokens.shape[1])
+    if kernel:
+        scores = few_rows.matmul(carried, kernel["scores"], tokens.shape[1])
     else:
         scores = torch.bmm(carried, tokens.transpose(1, 2).to(carried.dtype))
     scores = scores.view(b, nh, t, -1)
     if attention_mask is not None:
         scores = scores + attention_mask
     probs = scores.softmax(-1, dtype=torch.float32).to(carried.dtype).view(b, nh * t, -1)
-    if products:
-        mixed = few_rows.batched_linear(probs, products["mix"], width)
+    if kernel:
+        mixed = few_rows.matmul(probs, kernel["mix"], width)
     else:
         mixed = torch.bmm(probs, tokens.to(probs.dtype))  # (B_img, nh*T, E): the image tokens each query sees
     mixed = mixed.view(b, nh, t, width).transpose(0, 1).reshape(nh, b * t, width)
-    if products:
-        context = few_rows.batched_linear(mixed, products["back"], hs)
+    if kernel:
+        context = few_rows.matmul(mixed, kernel["back"], hs)
     else:
         context = torch.bmm(mixed, value.weight.view(nh, hs, width).transpose(1, 2).to(mixed.dtype))  # (nh, B*T, hs)
     context = context.view(nh, b, t, hs).transpose(0, 1)
     return context if value.bias is None else context + value.bias.view(nh, 1, hs).to(context.dtype)
 
 
-def _folded_products(query, image: ImageTokens, key: nn.Linear, value: nn.Linear) -> dict | None:
+def _folded_panels(query, image: ImageTokens, key: nn.Linear, value: nn.Linear) -> dict | None:
     """The few-row kernel's panels for `folded_cross_attention`'s four products, or None where they run as bmm
-    (not fp32, no kernel, or a weight's first use: see ops.kept_copy). Per head h, carrying is q_h Wk_h, a product
-    with the weight Wk_h^T (E outputs), and coming back m_h Wv_h^T one with Wv_h (hs outputs); per image, the
-    scores are a product with the tokens (N outputs) and the mix one with their transpose (E outputs).
+    (not fp32, no kernel, or a weight's first use: see ops.kept_copy): per head h, Wk_h (hs, E) to carry and
+    Wv_h^T (E, hs) to come back, kept with the weights; per image, the tokens transposed (E, N) for the scores and
+    the tokens (N, E) for the mix, kept with the cache's `ImageTokens` for the decode.
 
     Measured on the bench's greedy decode (ViT-B/16 tokens, BERT-base, batch 8, one thread), a layer's four bmm
     take 0.34 + 0.69 + 0.62 + 0.33 ms a step with the weights and tokens cold in cache, about 40 GFLOP/s."""
@@ -389,9 +414,8 @@ def _folded_products(query, image: ImageTokens, key: nn.Linear, value: nn.Linear
             and query.device.type == "cpu" and few_rows.available()):
         return None
     nh, hs = query.shape[1], query.shape[3]
-    carry = kept_copy(key.weight, ("folded carry", nh),
-                      lambda w: few_rows.pack(w.view(nh, hs, -1).transpose(1, 2)))  # (nh, E, hs) per head
-    back = kept_copy(value.weight, ("folded back", nh), lambda w: few_rows.pack(w.view(nh, hs, -1)))
+    carry = kept_copy(key.weight, ("folded carry", nh), lambda w: few_rows.pack(w.view(nh, hs, -1)))
+    back = kept_copy(value.weight, ("folded back", nh), lambda w: few_rows.pack(w.view(nh, hs, -1).transpose(1, 2)))
     if carry is None or back is None:
         return None
     scores, mix = image.panels()
@@ -469,7 +493,8 @@ class BertSelfAttention(nn.Module):
         if folded:
             context = folded_cross_attention(query, past_key_value, self.key, self.value, attention_mask)
         elif query.shape[2] < FEW_QUERIES and dropout_p == 0.0 and not is_causal and _cpu_inference(query):
-            context = few_query_attention(query, key, value, attention_mask)
+            context = few_query_attention(query, key, value, attention_mask,
+                                          kept=self.is_cross_attention and past_key_value is not None)
         else:
             context = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
                                                      dropout_p=dropout_p, is_causal=is_causal and attention_mask is None)

@@ -58,7 +58,7 @@ def _packed_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
 
 def _packed_weight(weight: torch.Tensor, layout: torch.dtype | str) -> torch.Tensor | None:
     """`weight` in oneDNN's blocked layout in that dtype, or FEW_ROWS's panels: see `kept_copy`."""
-    return kept_copy(weight, layout, few_rows.pack if layout == FEW_ROWS
+    return kept_copy(weight, layout, (lambda w: few_rows.pack(w.t())) if layout == FEW_ROWS
                      else lambda w: torch.ops.mkldnn._reorder_linear_weight(w.detach().to(layout)))
 
 

@@ -28,7 +28,7 @@ def test_equals_f_linear(outputs, width, rows):
     without a bias."""
     torch.manual_seed(rows)
     weight, bias, x = torch.randn(outputs, width), torch.randn(outputs), torch.randn(rows, width)
-    panels = few_rows.pack(weight)
+    panels = few_rows.pack(weight.t())
     assert panels.shape == (-(-outputs // few_rows.PANEL), width, few_rows.PANEL)
     for b in (bias, None):
         expected = F.linear(x, weight, b)
@@ -42,7 +42,7 @@ def test_leading_dimensions_strided_input_and_threads():
     torch.manual_seed(0)
     weight, bias = torch.randn(200, 96), torch.randn(200)
     x = torch.randn(96, 4, 5).permute(1, 2, 0)  # (4, 5, 96), not contiguous
-    panels = few_rows.pack(weight)
+    panels = few_rows.pack(weight.t())
     y = few_rows.linear(x, panels, 200, bias)
     assert y.shape == (4, 5, 200)
     torch.testing.assert_close(y, F.linear(x, weight, bias), atol=1e-4, rtol=1e-5)
@@ -64,13 +64,32 @@ def test_leading_dimensions_strided_input_and_threads():
 
 @needs_kernel
 def test_bad_arguments_are_named():
-    panels = few_rows.pack(torch.randn(10, 8))
-    with pytest.raises(ValueError, match="width 8"):
+    panels = few_rows.pack(torch.randn(8, 10))
+    with pytest.raises(ValueError, match="not pack.*10 outputs"):
         few_rows.linear(torch.randn(2, 9), panels, 10)
     with pytest.raises(ValueError, match="float64"):
         few_rows.linear(torch.randn(2, 8, dtype=torch.float64), panels, 10)
     with pytest.raises(ValueError, match="not pack"):
         few_rows.linear(torch.randn(2, 8), panels, 100)
+    with pytest.raises(ValueError, match=r"bias must be fp32 \(10,\)"):
+        few_rows.linear(torch.randn(2, 8), panels, 10, torch.randn(11))
+    with pytest.raises(ValueError, match=r"x \(B, M, K\)"):
+        few_rows.matmul(torch.randn(3, 8), panels, 10)
+    with pytest.raises(ValueError, match="not pack"):
+        few_rows.matmul(torch.randn(2, 3, 8), panels, 10)  # one matrix for a batch of two
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(96, 3, 64, 197), (96, 3, 197, 64), (8, 12, 768, 197), (2, 70, 5, 1),
+                                   (3, 9, 33, 48)])
+def test_matmul_equals_bmm(shape):
+    """A batch of products x[i] @ b[i] with b[i] packed (any source layout: a transposed view too); outputs that
+    fill the last 48-wide panel or not."""
+    batch, rows, k, n = shape
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(batch, rows, k, generator=g)
+    for b in (torch.randn(batch, k, n, generator=g), torch.randn(batch, n, k, generator=g).transpose(1, 2)):
+        torch.testing.assert_close(few_rows.matmul(x, few_rows.pack(b), n), torch.bmm(x, b), atol=1e-4, rtol=1e-5)
 
 
 @needs_kernel

@@ -285,7 +285,7 @@ def test_folded_cross_attention_equals_attention_over_projected_kv(dtype, querie
             got = med.folded_cross_attention(q, tokens, attn.key, attn.value, bias)
         assert got.shape == want.shape and got.dtype == dtype
         torch.testing.assert_close(got, want, atol=tol, rtol=tol)
-    kernel = med._folded_products(q, tokens, attn.key, attn.value) is not None
+    kernel = med._folded_panels(q, tokens, attn.key, attn.value) is not None
     assert kernel == (dtype == torch.float32 and few_rows.available())
     if kernel:
         selected = tokens.select(torch.tensor([1, 1, 0]))
