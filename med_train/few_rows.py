@@ -116,10 +116,17 @@ def available() -> bool:
 
 def pack(b: torch.Tensor) -> torch.Tensor:
     """A matrix b (..., K, N) of products x @ b (a weight W: pack(W.t())) as the kernel reads it, in fp32: panels
-    of PANEL columns, each K x PANEL contiguous, zeros past N: (..., ceil(N / PANEL), K, PANEL)."""
+    of PANEL columns, each K x PANEL contiguous, zeros past N: (..., ceil(N / PANEL), K, PANEL). One pass over b."""
     *batch, k, n = b.shape
-    padded = torch.nn.functional.pad(b.detach().to(torch.float32), (0, -n % PANEL))  # (..., K, N')
-    return padded.view(*batch, k, -1, PANEL).transpose(-2, -3).contiguous()
+    full, left = divmod(n, PANEL)
+    panels = b.new_empty(*batch, full + (left > 0), k, PANEL, dtype=torch.float32)
+    b = b.detach()
+    if full:
+        panels[..., :full, :, :].copy_(b[..., : full * PANEL].unflatten(-1, (full, PANEL)).transpose(-2, -3))
+    if left:
+        panels[..., full, :, :left].copy_(b[..., full * PANEL:])
+        panels[..., full, :, left:].zero_()
+    return panels
 
 
 def linear(x: torch.Tensor, panels: torch.Tensor, outputs: int, bias: torch.Tensor | None = None) -> torch.Tensor:
