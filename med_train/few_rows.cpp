@@ -64,9 +64,8 @@ void med_few_rows_matmul(const float* x, int64_t batch, int64_t x_stride, int64_
                          int64_t panels_stride, int64_t N, const float* bias, int64_t bias_stride, float* y,
                          int64_t y_stride, int threads) {
   const int64_t count = (N + kPanel - 1) / kPanel;
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && batch * count > 1)
-  for (int64_t task = 0; task < batch * count; ++task) {
-    const int64_t i = task / count, p = task % count;
+  auto task = [&](int64_t t) {
+    const int64_t i = t / count, p = t % count;
     const float* panel = panels + i * panels_stride + p * K * kPanel;
     const float* xi = x + i * x_stride;
     const float* bi = bias ? bias + i * bias_stride + p * kPanel : nullptr;
@@ -76,6 +75,12 @@ void med_few_rows_matmul(const float* x, int64_t batch, int64_t x_stride, int64_
       const int rows = M - m < kRows ? int(M - m) : kRows;
       kBlocks[rows](xi + m * K, K, panel, K, bi, yi + m * N, N, outputs);
     }
+  };
+  if (threads > 1 && batch * count > 1) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t t = 0; t < batch * count; ++t) task(t);
+  } else {  // no OpenMP region at all: entering even a one-thread team costs microseconds per call
+    for (int64_t t = 0; t < batch * count; ++t) task(t);
   }
 }
 

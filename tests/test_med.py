@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from transformers import BlipTextConfig
 from transformers.models.blip.modeling_blip_text import BlipTextLMHeadModel
 
-from med_train import few_rows, med
+from med_train import few_rows, med, ops
 from med_train.med import BertLMHeadModel, DecoderCache, med_config
 
 V, H, W_IMG, LAYERS, HEADS = 60, 32, 24, 2, 4
@@ -251,6 +251,8 @@ def test_decoding_steps_without_gradients_attend_with_products(monkeypatch, beam
     torch.testing.assert_close(logits, full, atol=1e-5, rtol=1e-5)
     assert prompt_sdpa == 2 * LAYERS and len(sdpa_calls) == prompt_sdpa  # no step called SDPA
     assert all(t.is_contiguous() for t in cache.cross_kv[0])
+    if few_rows.available():  # from the cross K/V's second step, their products ran in the few-row kernel
+        assert ops._PACKED[cache.cross_kv[0][0]][1]["few-query scores"] is not None
     monkeypatch.setattr(med, "FEW_QUERIES", 0)  # the counter would see SDPA in the steps without the rule
     sdpa_calls.clear()
     torch.testing.assert_close(decode()[0], full, atol=1e-5, rtol=1e-5)
