@@ -51,6 +51,7 @@ from pathlib import Path
 
 import torch
 
+from med_train import few_rows
 from med_train.config import Config, load_config
 from med_train.model import normalize_images
 from med_train.tokenizer import load_tokenizer
@@ -360,7 +361,8 @@ def run_bench(settings: BenchSettings, config_path: str | Path | None = None,
                      "data_source": "shapes set, generated" if generated_data(settings, config_path)
                      else cfg.data.source,
                      "optimizer": {name: _adamw_kind(opt, device) for name, opt in optimizers.items()}},
-        "machine": {**machine_info(device), "freed_memory_kept": kept}}
+        "machine": {**machine_info(device), "freed_memory_kept": kept,
+                    "few_row_kernel": device == "cpu" and few_rows.available()}}
     autocast = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if settings.bf16 else nullcontext
     # ours takes the loader's uint8 images and normalises them on the device; the peer, like transformers'
     # BlipProcessor users, gets float pixels normalised beforehand (the same values), outside its timing
@@ -527,7 +529,8 @@ def format_table(results: dict) -> str:
              f"machine: {m['device_name']}, {m['cpu_count']} CPUs, {m['torch_threads']} torch threads, load "
              f"average {m['load_average'][0]}; torch {m['torch']}, transformers {m['transformers']}, timm {m['timm']}",
              f"optimizers: ours {s['optimizer']['ours']}, peer {s['optimizer']['peer']}"
-             + ("; freed memory kept for reuse (both)" if m.get("freed_memory_kept") else ""),
+             + ("; freed memory kept for reuse (both)" if m.get("freed_memory_kept") else "")
+             + ("; ours decodes with the few-row kernel" if m.get("few_row_kernel") else ""),
              "",
              f"{'figure':<34}{'ours':>10}{'peer':>10}{'ours/peer':>11}"]
 

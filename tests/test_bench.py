@@ -12,7 +12,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from med_train.bench import bert_layout_tokenizer, interleaved, peak_increase
+from med_train import few_rows
+from med_train.bench import bert_layout_tokenizer, format_table, interleaved, peak_increase
 from med_train.cli import app
 
 runner = CliRunner()
@@ -61,6 +62,8 @@ def test_quick_bench_writes_every_figure(tmp_path):
     assert machine["torch"] == torch.__version__ and machine["torch_threads"] == 1 and machine["cpu"]
     assert machine["device_name"].startswith("cpu")
     assert machine["freed_memory_kept"] == GLIBC
+    assert machine["few_row_kernel"] == few_rows.available()
+    assert ("few-row kernel" in format_table(figures)) == few_rows.available()
     assert settings["batch_size"] == 4 and settings["vocab_size"] == 402 and settings["quick"]
     assert settings["optimizer"]["peer"] == "AdamW fused"
 
