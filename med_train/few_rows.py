@@ -1,4 +1,4 @@
-"""A CPU product for the few rows of a decoding step: y = x W^T + b in fp32 (AVX-512), from `few_rows.cpp`.
+"""Products of a decoding step's few rows on the CPU, fp32 (AVX-512), from `few_rows.cpp`: x W^T + b, x[i] b[i].
 
     if few_rows.available():
         panels = few_rows.pack(weight.t())              # once per weight (N, K): (ceil(N / 48), K, 48)
@@ -9,8 +9,8 @@ Why: a decoding step multiplies every decoder weight by a handful of rows (8 for
 where the libraries torch calls run well below the machine's rate. On the bench machine (2-core AMD EPYC, one
 thread, dense matmul 102 GFLOP/s), a BERT layer's eight weights against 8 rows: MKL's sgemm (F.linear) 34 GFLOP/s,
 oneDNN with the weight prepacked 58, this kernel 92; against 24 rows 61, 91 and 102; with two threads at 8 rows
-oneDNN 99, this kernel 150. It beats oneDNN at every row count measured up to 64 (`ops.FEW_ROWS_MAX`). torch.compile's
-own CPU GEMM template was slower still (29 GFLOP/s at 8 rows). How: see the .cpp's header.
+oneDNN 99, this kernel 150. It beats oneDNN at every row count measured up to 64 (`ops.FEW_ROWS_MAX`).
+torch.compile's own CPU GEMM template was slower still (29 GFLOP/s at 8 rows). How: see the .cpp's header.
 
 The kernel is built on first use with the C++ compiler found (`$CXX`, else g++, c++ or clang++) into
 `$XDG_CACHE_HOME/med_train` (default `~/.cache/med_train`), keyed by a hash of the source and flags, and loaded

@@ -369,7 +369,7 @@ def folded_cross_attention(query, image: ImageTokens, key: nn.Linear, value: nn.
     back: the work grows with the queries instead of the image tokens (MLA's weight absorption).
     query (B_img, nh, T, hs), image.tokens x (B_img, N, E), attention_mask additive, broadcastable to
     (B_img, nh, T, N); returns (B_img, nh, T, hs) as SDPA would on the projected K/V. The softmax runs in fp32.
-    In fp32 where the few-row kernel is built, its four products run there (`_folded_products`), else as bmm."""
+    In fp32 where the few-row kernel is built, its four products run there (`_folded_panels`), else as bmm."""
     b, nh, t, hs = query.shape
     tokens = image.tokens
     width = tokens.shape[-1]
