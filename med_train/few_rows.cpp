@@ -3,11 +3,11 @@
 //
 // B (K x N) is packed once into panels of 48 columns, panels[p][k][j] = B[k][48 p + j], zeros past N, so that a
 // panel is one sequential stream of K x 48 floats (reading B in place, row after row of a panel at B's row
-// stride, was 1.3 to 3 times slower on the bench's shapes). For each panel, a block of up to 8 rows keeps its
-// 8 x 48 sums in 24 of the 32 vector registers; each k loads three vectors of the panel and adds them times
-// x[r][k] (broadcast) to the row's sums: 24 multiply-adds per 3 loads, so the product runs near the FMA rate
-// while streaming B once. The panels are split among the threads; a panel (K x 192 bytes: 147 KB for K = 768)
-// stays in L2 while the other row blocks use it.
+// stride, made the bench's folded products 1.8 to 3 times slower). For each panel, a block of up to 8 rows
+// keeps its 8 x 48 sums in 24 of the 32 vector registers; each k loads three vectors of the panel and adds them
+// times x[r][k] (broadcast) to the row's sums: 24 multiply-adds per 3 loads, so the product runs near the FMA
+// rate while streaming B once. The panels are split among the threads; a panel (K x 192 bytes: 147 KB for
+// K = 768) stays in L2 while the other row blocks use it.
 #include <immintrin.h>
 #include <stdint.h>
 
