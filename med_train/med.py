@@ -314,18 +314,18 @@ def few_query_attention(query, key, value, attention_mask=None, *, kept: bool = 
     it is built): per (image, head), a beam search's 3 rows against 197 ViT-B tokens are too small for MKL's
     batched sgemm (the bench's beam-3 decode: 0.4 and 0.6 ms a layer and step for the two products)."""
     b, nh, t, hs = query.shape
-    s = key.shape[2]
     panels = _few_query_panels(key, value) if kept and query.dtype == torch.float32 else None
-    if panels is None:
-        scores = torch.matmul(query * hs**-0.5, key.transpose(-1, -2))
-    else:
-        scores = few_rows.matmul((query * hs**-0.5).reshape(b * nh, t, hs), panels[0], s).view(b, nh, t, s)
+
+    def times(x, which: int, m):  # x (B, nh, T, K) @ m (B, nh, K, N): in the kernel with m's panels, else matmul
+        if panels is None:
+            return torch.matmul(x, m)
+        n = m.shape[-1]
+        return few_rows.matmul(x.reshape(b * nh, t, -1), panels[which], n).view(b, nh, t, n)
+
+    scores = times(query * hs**-0.5, 0, key.transpose(-1, -2))
     if attention_mask is not None:
         scores = scores + attention_mask
-    probs = scores.softmax(-1, dtype=torch.float32).to(value.dtype)
-    if panels is None:
-        return torch.matmul(probs, value)
-    return few_rows.matmul(probs.view(b * nh, t, s), panels[1], hs).view(b, nh, t, hs)
+    return times(scores.softmax(-1, dtype=torch.float32).to(value.dtype), 1, value)
 
 
 def _few_query_panels(key, value) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -374,29 +374,20 @@ def folded_cross_attention(query, image: ImageTokens, key: nn.Linear, value: nn.
     tokens = image.tokens
     width = tokens.shape[-1]
     kernel = _folded_panels(query, image, key, value)
+
+    def times(x, name: str, b):  # x @ b for b (batch, K, N): in the kernel with b's panels, else torch.bmm
+        return few_rows.matmul(x, kernel[name], b.shape[-1]) if kernel else torch.bmm(x, b.to(x.dtype))
+
     heads_first = (query * hs**-0.5).transpose(0, 1).reshape(nh, b * t, hs)
-    if kernel:
-        carried = few_rows.matmul(heads_first, kernel["carry"], width)  # (nh, B*T, E)
-    else:
-        carried = torch.bmm(heads_first, key.weight.view(nh, hs, width).to(query.dtype))
+    carried = times(heads_first, "carry", key.weight.view(nh, hs, width))  # (nh, B*T, E)
     carried = carried.view(nh, b, t, width).transpose(0, 1).reshape(b, nh * t, width)
-    if kernel:
-        scores = few_rows.matmul(carried, kernel["scores"], tokens.shape[1])
-    else:
-        scores = torch.bmm(carried, tokens.transpose(1, 2).to(carried.dtype))
-    scores = scores.view(b, nh, t, -1)
+    scores = times(carried, "scores", tokens.transpose(1, 2)).view(b, nh, t, -1)
     if attention_mask is not None:
         scores = scores + attention_mask
     probs = scores.softmax(-1, dtype=torch.float32).to(carried.dtype).view(b, nh * t, -1)
-    if kernel:
-        mixed = few_rows.matmul(probs, kernel["mix"], width)
-    else:
-        mixed = torch.bmm(probs, tokens.to(probs.dtype))  # (B_img, nh*T, E): the image tokens each query sees
+    mixed = times(probs, "mix", tokens)  # (B_img, nh*T, E): the image tokens each query sees
     mixed = mixed.view(b, nh, t, width).transpose(0, 1).reshape(nh, b * t, width)
-    if kernel:
-        context = few_rows.matmul(mixed, kernel["back"], hs)
-    else:
-        context = torch.bmm(mixed, value.weight.view(nh, hs, width).transpose(1, 2).to(mixed.dtype))  # (nh, B*T, hs)
+    context = times(mixed, "back", value.weight.view(nh, hs, width).transpose(1, 2))  # (nh, B*T, hs)
     context = context.view(nh, b, t, hs).transpose(0, 1)
     return context if value.bias is None else context + value.bias.view(nh, 1, hs).to(context.dtype)
 
