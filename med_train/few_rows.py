@@ -1,16 +1,20 @@
-"""Products of a decoding step's few rows on the CPU, fp32 (AVX-512), from `few_rows.cpp`: x W^T + b, x[i] b[i].
+"""Products of a decoding step's few rows on the CPU, fp32 (AVX-512), from `few_rows.cpp`: x W^T + b, x[i] b[i],
+and the few queries' attention over stored keys and values (`attend`).
 
     if few_rows.available():
         panels = few_rows.pack(weight.t())              # once per weight (N, K): (ceil(N / 48), K, 48)
         y = few_rows.linear(x, panels, weight.shape[0], bias)   # F.linear(x, weight, bias)
         y = few_rows.matmul(x, few_rows.pack(b), b.shape[-1])   # torch.bmm(x, b), b (B, K, N)
+        out = few_rows.attend(q, k.transpose(-1, -2), v, mask)  # SDPA(q, k, v, mask), keys stored transposed
 
 Why: a decoding step multiplies every decoder weight by a handful of rows (8 for greedy at batch 8, 24 for beam 3),
 where the libraries torch calls run well below the machine's rate. On the bench machine (2-core AMD EPYC, one
 thread, dense matmul 102 GFLOP/s), a BERT layer's eight weights against 8 rows: MKL's sgemm (F.linear) 34 GFLOP/s,
 oneDNN with the weight prepacked 58, this kernel 92; against 24 rows 61, 91 and 102; with two threads at 8 rows
 oneDNN 99, this kernel 150. It beats oneDNN at every row count measured up to 64 (`ops.FEW_ROWS_MAX`).
-torch.compile's own CPU GEMM template was slower still (29 GFLOP/s at 8 rows). How: see the .cpp's header.
+torch.compile's own CPU GEMM template was slower still (29 GFLOP/s at 8 rows). A beam step's cross-attention (3
+queries per image and head against 197 image tokens) is too small for batched sgemm too: `attend` takes a layer's
+in 0.69 ms where two batched products take 1.7 (the bench's beam-3 decode). How: see the .cpp's header.
 
 The kernel is built on first use with the C++ compiler found (`$CXX`, else g++, c++ or clang++) into
 `$XDG_CACHE_HOME/med_train` (default `~/.cache/med_train`), keyed by a hash of the source and flags, and loaded
@@ -38,7 +42,7 @@ import torch
 SOURCE = Path(__file__).with_name("few_rows.cpp")
 FLAGS = ["-O3", "-std=c++17", "-mavx512f", "-mfma", "-fopenmp", "-shared", "-fPIC"]
 PANEL = 48  # outputs per packed panel (kPanel in the source)
-VERSION = 4  # med_few_rows_version() of the source this module speaks to
+VERSION = 5  # med_few_rows_version() of the source this module speaks to
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
@@ -101,6 +105,10 @@ def _load() -> ctypes.CDLL | None:
     i64, pointer = ctypes.c_int64, ctypes.c_void_p
     library.med_few_rows_matmul.argtypes = [pointer, i64, i64, i64, i64, pointer, i64, i64, pointer, i64, pointer,
                                             i64, ctypes.c_int]
+    library.med_few_rows_attend.restype = None
+    strides = ctypes.POINTER(i64)
+    library.med_few_rows_attend.argtypes = [pointer, strides, pointer, strides, pointer, strides, pointer, strides,
+                                            pointer, strides, i64, i64, i64, i64, i64, ctypes.c_float, ctypes.c_int]
     return library
 
 
@@ -150,6 +158,48 @@ def matmul(x: torch.Tensor, panels: torch.Tensor, outputs: int) -> torch.Tensor:
     _check_panels(panels, (batch, -(-outputs // PANEL), k, PANEL), outputs)
     _check(x, k)
     return _run(x, panels, panels.stride(0), outputs, None, 0)
+
+
+def attend(query: torch.Tensor, keys_t: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None = None,
+           scale: float | None = None) -> torch.Tensor:
+    """softmax(query @ keys_t * scale + mask) @ value for each (batch, head), in one pass that keeps the scores in
+    cache: query (B, H, R, D), keys_t (B, H, D, S) (the keys transposed: each head's keys stored as D rows of S),
+    value (B, H, S, D), mask an additive bias broadcastable to (B, H, R, S) or None, scale D ** -0.5 by default;
+    fp32 on the CPU. Returns (B, H, R, D), as F.scaled_dot_product_attention(query, keys_t.transpose(-1, -2),
+    value, mask) to float rounding (the softmax's exp is a polynomial good to about 1 ulp). Needs `available()`."""
+    if not available():
+        raise RuntimeError("the few-row kernel is not available here (see few_rows.available)")
+    if query.dim() != 4 or keys_t.dim() != 4 or value.dim() != 4:
+        raise ValueError(f"attend takes 4-d query, keys_t and value, got {query.dim()}, {keys_t.dim()} and "
+                         f"{value.dim()} dimensions")
+    b, h, r, d = query.shape
+    s = keys_t.shape[-1]
+    if keys_t.shape != (b, h, d, s) or value.shape != (b, h, s, d):
+        raise ValueError(f"attend: query {tuple(query.shape)} needs keys_t (B, H, D, S) = ({b}, {h}, {d}, S) and "
+                         f"value (B, H, S, D), got {tuple(keys_t.shape)} and {tuple(value.shape)}")
+    for name, t in (("query", query), ("keys_t", keys_t), ("value", value)) + ((("mask", mask),) if mask is not None
+                                                                              else ()):
+        if t.dtype != torch.float32 or t.device.type != "cpu":
+            raise ValueError(f"attend takes fp32 CPU tensors, got {name} {t.dtype} on {t.device}")
+    query, keys_t, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, keys_t, value))
+    if mask is not None:
+        mask = mask.expand(b, h, r, s)
+        if mask.stride(-1) != 1:
+            mask = mask.contiguous()
+    out = query.new_empty(b, h, r, d)
+    if out.numel() == 0:
+        return out
+    if s == 0:
+        raise ValueError("attend needs at least one key")
+
+    def strides(t):
+        return (ctypes.c_int64 * 3)(*t.stride()[:3])
+
+    _library.med_few_rows_attend(query.data_ptr(), strides(query), keys_t.data_ptr(), strides(keys_t),
+                                 value.data_ptr(), strides(value), None if mask is None else mask.data_ptr(),
+                                 None if mask is None else strides(mask), out.data_ptr(), strides(out), b, h, r, s, d,
+                                 d**-0.5 if scale is None else scale, torch.get_num_threads())
+    return out
 
 
 def _run(x, panels, panels_stride, outputs, bias, bias_stride) -> torch.Tensor:

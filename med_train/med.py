@@ -5,7 +5,8 @@ This follows the seed (a walk-through of BLIP's `models/med.py`): same class nam
 state-dict names, so BLIP's released weights and transformers' `BlipTextLMHeadModel` weights load unchanged. What
 differs from BLIP's code, on purpose:
 - attention runs through `F.scaled_dot_product_attention` (fused), equal in value to matmul/softmax/mask, except
-  a CPU decoding step's few queries (`few_query_attention`);
+  in CPU decoding: cross-attention in fp32 runs in the few-row kernel's fused attention (`few_rows.attend`, over
+  keys stored transposed), and a step's few self-attention queries through two products (`few_query_attention`);
 - a `DecoderCache` keeps self-attention K/V (grown one step at a time) and cross-attention K/V (computed once per
   image for the whole decode; a query batch that is a multiple of the image batch, e.g. beams, shares them
   without copies), or, when a CPU decode asks each image few queries (greedy), the image tokens themselves, with
@@ -108,9 +109,16 @@ class DecoderCache:
         if self.cross_kv and isinstance(self.cross_kv[0], ImageTokens):  # a folding cache: one entry for all layers
             self.cross_kv = [self.cross_kv[0].select(images)] * len(self.cross_kv)
         else:
-            self.cross_kv = [(k.index_select(0, images), v.index_select(0, images)) for k, v in self.cross_kv]
+            self.cross_kv = [(_select_images(k, images), v.index_select(0, images)) for k, v in self.cross_kv]
         if self.cross_mask is not None:
             self.cross_mask = self.cross_mask.index_select(0, images)
+
+
+def _select_images(key: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """`key.index_select(0, images)` in key's own layout (cross keys may be stored transposed: `_kernel_keys`)."""
+    if not key.is_contiguous() and key.transpose(-1, -2).is_contiguous():
+        return key.transpose(-1, -2).index_select(0, images).transpose(-1, -2)
+    return key.index_select(0, images)
 
 
 class Slots(NamedTuple):
@@ -300,43 +308,41 @@ FEW_QUERIES = 4
 
 
 def _cpu_inference(x: torch.Tensor) -> bool:
-    """No autograd graph is recorded and `x` is on the CPU: decoding there, where the cached image K/V are made
-    contiguous, a step's few queries attend through `few_query_attention`, and the image projections may be
-    folded (`folding_pays`): all measured on the CPU only."""
+    """No autograd graph is recorded and `x` is on the CPU: decoding there, where the cached image K/V are copied
+    once into the layout their attention reads (`_kernel_keys`), a step's few queries attend through
+    `few_query_attention` or `few_rows.attend`, and the image projections may be folded (`folding_pays`): all
+    measured on the CPU only."""
     return x.device.type == "cpu" and not torch.is_grad_enabled()
 
 
-def few_query_attention(query, key, value, attention_mask=None, *, kept: bool = False):
+def few_query_attention(query, key, value, attention_mask=None):
     """softmax(q k^T / sqrt(d) + mask) v as two batched products, the softmax in fp32 (as SDPA accumulates).
-    query (B, nh, T, hs), key/value (B, nh, S, hs), attention_mask an additive bias broadcastable to (B, nh, T, S).
-    `kept`: key and value stay the same over the decode (an image's cross-attention K/V), so from their second
-    use (ops.kept_copy) they are kept in the few-row kernel's layout and the two products run there (fp32, where
-    it is built): per (image, head), a beam search's 3 rows against 197 ViT-B tokens are too small for MKL's
-    batched sgemm (the bench's beam-3 decode: 0.4 and 0.6 ms a layer and step for the two products)."""
-    b, nh, t, hs = query.shape
-    panels = _few_query_panels(key, value) if kept and query.dtype == torch.float32 else None
-
-    def times(x, which: int, m):  # x (B, nh, T, K) @ m (B, nh, K, N): in the kernel with m's panels, else matmul
-        if panels is None:
-            return torch.matmul(x, m)
-        n = m.shape[-1]
-        return few_rows.matmul(x.reshape(b * nh, t, -1), panels[which], n).view(b, nh, t, n)
-
-    scores = times(query * hs**-0.5, 0, key.transpose(-1, -2))
+    query (B, nh, T, hs), key/value (B, nh, S, hs), attention_mask an additive bias broadcastable to (B, nh, T, S)."""
+    hs = query.shape[-1]
+    scores = torch.matmul(query * hs**-0.5, key.transpose(-1, -2))
     if attention_mask is not None:
         scores = scores + attention_mask
-    return times(scores.softmax(-1, dtype=torch.float32).to(value.dtype), 1, value)
+    return torch.matmul(scores.softmax(-1, dtype=torch.float32).to(value.dtype), value)
 
 
-def _few_query_panels(key, value) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """K^T (hs, S) and V (S, hs) of each (image, head) in the few-row kernel's layout, kept with the tensors (the
-    cache's cross K/V, (B, nh, S, hs)); None where the kernel does not run or at their first use."""
-    if not (key.dtype == value.dtype == torch.float32 and key.device.type == "cpu" and few_rows.available()):
-        return None
-    s, hs = key.shape[2], key.shape[3]
-    key_panels = kept_copy(key, "few-query scores", lambda k: few_rows.pack(k.reshape(-1, s, hs).transpose(1, 2)))
-    value_panels = kept_copy(value, "few-query mix", lambda v: few_rows.pack(v.reshape(-1, s, hs)))
-    return None if key_panels is None or value_panels is None else (key_panels, value_panels)
+def _kernel_keys(key: torch.Tensor) -> torch.Tensor:
+    """Cross-attention keys (B_img, nh, S, hs) to keep for a CPU decode: where the few-row kernel attends
+    (`_attends_in_kernel`, fp32), stored transposed, each head's keys as hs rows of S (the returned tensor is
+    that memory seen as (B_img, nh, S, hs)); else contiguous. Either way one copy, which makes each step's read
+    of them sequential (a greedy step's cross-attention, ViT-B image tokens: 17 -> 10 ms with bmm)."""
+    if key.dtype == torch.float32 and few_rows.available():
+        return key.transpose(-1, -2).contiguous().transpose(-1, -2)
+    return key.contiguous()
+
+
+def _attends_in_kernel(query, key, value, attention_mask) -> bool:
+    """Whether `few_rows.attend` takes this cross-attention: CPU inference in fp32 over keys that `_kernel_keys`
+    stored transposed. The bench's beam-3 decode (8 images, 3 beams, ViT-B/16 tokens), a layer's step: 0.69 ms
+    against 0.75 with the keys and values packed for two few-row products (and their packing once per decode),
+    1.7 with matmul; the data (9.7 MB of K/V a layer) come from memory every step, which bounds it (0.37 ms)."""
+    return (query.dtype == key.dtype == value.dtype == torch.float32 and key.transpose(-1, -2).is_contiguous()
+            and (attention_mask is None or attention_mask.dtype == torch.float32)
+            and _cpu_inference(query) and few_rows.available())
 
 
 # A CPU decode folds the image projections into the queries (`DecoderCache.folding`) when its estimated cost is
@@ -459,10 +465,8 @@ class BertSelfAttention(nn.Module):
             else:
                 key = self.transpose_for_scores(self.key(encoder_hidden_states))  # (B_img, nh, N, hs)
                 value = self.transpose_for_scores(self.value(encoder_hidden_states))
-                if _cpu_inference(key):
-                    # decoding keeps these for every step: one copy now makes each step's read of them sequential
-                    # (a greedy step's cross-attention on the CPU, ViT-B image tokens: 17 -> 10 ms)
-                    key, value = key.contiguous(), value.contiguous()
+                if _cpu_inference(key):  # decoding keeps these for every step: one copy in the layout it reads
+                    key, value = _kernel_keys(key), value.contiguous()
         else:
             key = heads(self.key(hidden_states))
             value = heads(self.value(hidden_states))
@@ -483,9 +487,10 @@ class BertSelfAttention(nn.Module):
         dropout_p = self.dropout_p if self.training else 0.0
         if folded:
             context = folded_cross_attention(query, past_key_value, self.key, self.value, attention_mask)
+        elif self.is_cross_attention and dropout_p == 0.0 and _attends_in_kernel(query, key, value, attention_mask):
+            context = few_rows.attend(query, key.transpose(-1, -2), value, attention_mask)
         elif query.shape[2] < FEW_QUERIES and dropout_p == 0.0 and not is_causal and _cpu_inference(query):
-            context = few_query_attention(query, key, value, attention_mask,
-                                          kept=self.is_cross_attention and past_key_value is not None)
+            context = few_query_attention(query, key, value, attention_mask)
         else:
             context = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
                                                      dropout_p=dropout_p, is_causal=is_causal and attention_mask is None)

@@ -93,6 +93,52 @@ def test_matmul_equals_bmm(shape):
 
 
 @needs_kernel
+@pytest.mark.parametrize("shape", [(8, 12, 3, 197, 64), (2, 3, 5, 17, 40), (1, 2, 1, 1, 8), (3, 2, 9, 100, 70),
+                                   (2, 2, 4, 96, 16), (1, 1, 2, 300, 3)])
+@pytest.mark.parametrize("masked", ["none", "per image", "full"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_attend_equals_sdpa(shape, masked, threads):
+    """softmax(q k^T / sqrt(d) + mask) v per (batch, head) for any rows (blocks of 4 and a remainder), keys that
+    fill their last 16-wide vector or not, head widths under and over 64, a mask broadcast over heads and rows or
+    full (with hidden keys), strided inputs, one thread or two."""
+    b, h, r, s, d = shape
+    g = torch.Generator().manual_seed(s)
+    q, k, v = torch.randn(b, h, r, d, generator=g), torch.randn(b, h, s, d, generator=g), torch.randn(b, h, s, d,
+                                                                                                      generator=g)
+    mask = {"none": None, "per image": torch.randn(b, 1, 1, s, generator=g),
+            "full": torch.randn(b, h, r, s, generator=g)}[masked]
+    if mask is not None and s > 1:
+        mask[..., s // 2] = torch.finfo(torch.float32).min
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = few_rows.attend(q, k.transpose(-1, -2).contiguous(), v, mask)
+        strided = few_rows.attend(q.transpose(1, 2).contiguous().transpose(1, 2), k.transpose(-1, -2), v, mask)
+    finally:
+        torch.set_num_threads(before)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(strided, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(few_rows.attend(q, k.transpose(-1, -2), v, mask, scale=0.5),
+                               F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.5), atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+def test_attend_refuses_what_it_cannot_take():
+    q, kt, v = torch.randn(2, 3, 4, 8), torch.randn(2, 3, 8, 5), torch.randn(2, 3, 5, 8)
+    with pytest.raises(ValueError, match="keys_t"):
+        few_rows.attend(q, kt.transpose(-1, -2), v)
+    with pytest.raises(ValueError, match="fp32"):
+        few_rows.attend(q.double(), kt, v)
+    with pytest.raises(ValueError, match="fp32"):
+        few_rows.attend(q, kt, v, torch.zeros(2, 1, 1, 5, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="4-d"):
+        few_rows.attend(q[0], kt, v)
+    with pytest.raises(RuntimeError):  # a mask that does not broadcast
+        few_rows.attend(q, kt, v, torch.zeros(2, 1, 1, 6))
+
+
+@needs_kernel
 def test_ops_linear_routes_few_rows_to_the_kernel_and_more_to_onednn():
     """From a weight's second use: up to FEW_ROWS_MAX rows through the kernel's panels, more through oneDNN's
     blocked copy, each kept; fp32 results equal F.linear's either way."""

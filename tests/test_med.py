@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from transformers import BlipTextConfig
 from transformers.models.blip.modeling_blip_text import BlipTextLMHeadModel
 
-from med_train import few_rows, med, ops
+from med_train import few_rows, med
 from med_train.med import BertLMHeadModel, DecoderCache, med_config
 
 V, H, W_IMG, LAYERS, HEADS = 60, 32, 24, 2, 4
@@ -225,38 +225,51 @@ def test_few_query_attention_equals_sdpa(dtype, queries, masked):
 
 
 @pytest.mark.parametrize("beams", [1, 3])
-def test_decoding_steps_without_gradients_attend_with_products(monkeypatch, beams):
-    """A CPU decoding step (no gradient, one query per text row) attends through `few_query_attention`, over cross
-    K/V stored contiguous, with the logits of the full forward; the prompt (4 queries per image) still uses SDPA."""
+@pytest.mark.parametrize("kernel", [True, False])
+def test_cpu_decoding_attends_outside_sdpa(monkeypatch, beams, kernel):
+    """CPU decoding without gradients, with the logits of the full forward: where the few-row kernel is built
+    (fp32), cross-attention runs in its fused attention (`few_rows.attend`), prompt and steps, over cross keys
+    stored transposed; a step's one self-attention query per text row attends through `few_query_attention`;
+    the prompt's self-attention (4 queries) still uses SDPA. Without the kernel, cross keys are stored contiguous
+    and the steps' cross-attention uses `few_query_attention` too."""
+    if kernel and not few_rows.available():
+        pytest.skip("the few-row kernel is not built here")
+    if not kernel:
+        monkeypatch.setattr(few_rows, "available", lambda: False)
     ours, _ = _pair()
     _, _, _, images = _inputs()
     text = torch.randint(3, V, (B * beams, 7), generator=torch.Generator().manual_seed(3))
     full = ours(text, encoder_hidden_states=images.repeat_interleave(beams, 0)).logits
-    sdpa_calls = []
-    real_sdpa = F.scaled_dot_product_attention
-    monkeypatch.setattr(med.F, "scaled_dot_product_attention",
-                        lambda q, *a, **kw: sdpa_calls.append(q.shape[2]) or real_sdpa(q, *a, **kw))
+    calls = []
+    for module, name in ((med.F, "scaled_dot_product_attention"), (med.few_rows, "attend"),
+                         (med, "few_query_attention")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name,
+                            lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
 
     def decode():
         with torch.no_grad():
             out = ours(text[:, :4], encoder_hidden_states=images, use_cache=True, cache=DecoderCache())
             logits = [out.logits]
-            prompt_sdpa = len(sdpa_calls)
+            prompt = list(calls)
+            calls.clear()
             for t in range(4, 7):
                 out = ours(text[:, t:t + 1], cache=out.cache, use_cache=True)
                 logits.append(out.logits)
-        return torch.cat(logits, 1), out.cache, prompt_sdpa
+        return torch.cat(logits, 1), out.cache, prompt
 
-    logits, cache, prompt_sdpa = decode()
+    logits, cache, prompt = decode()
     torch.testing.assert_close(logits, full, atol=1e-5, rtol=1e-5)
-    assert prompt_sdpa == 2 * LAYERS and len(sdpa_calls) == prompt_sdpa  # no step called SDPA
-    assert all(t.is_contiguous() for t in cache.cross_kv[0])
-    if few_rows.available():  # from the cross K/V's second step, their products ran in the few-row kernel
-        assert ops._PACKED[cache.cross_kv[0][0]][1]["few-query scores"] is not None
-    monkeypatch.setattr(med, "FEW_QUERIES", 0)  # the counter would see SDPA in the steps without the rule
-    sdpa_calls.clear()
+    cross = "attend" if kernel else "few_query_attention"
+    assert prompt == ["scaled_dot_product_attention", "attend" if kernel else "scaled_dot_product_attention"] * LAYERS
+    assert calls == ["few_query_attention", cross] * LAYERS * 3
+    key, value = cache.cross_kv[0]
+    assert value.is_contiguous() and key.transpose(-1, -2).is_contiguous() == kernel and key.is_contiguous() != kernel
+    monkeypatch.setattr(med, "FEW_QUERIES", 0)  # the steps' few queries go back to SDPA (not the kernel's)
+    calls.clear()
     torch.testing.assert_close(decode()[0], full, atol=1e-5, rtol=1e-5)
-    assert len(sdpa_calls) == 2 * LAYERS * 4
+    cross = "attend" if kernel else "scaled_dot_product_attention"
+    assert calls == ["scaled_dot_product_attention", cross] * LAYERS * 3
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -330,6 +343,26 @@ def test_folding_cache_decodes_like_projected_kv(monkeypatch, beams):
     cache.keep_images(torch.tensor([2, 0]), torch.arange(2 * beams))
     assert cache.cross_kv[0] is cache.cross_kv[1] and torch.equal(cache.cross_kv[0].tokens, images[[2, 0]])
     assert torch.equal(cache.cross_mask, image_bias[[2, 0]]) and len(cache) == 7
+
+
+def test_keep_images_keeps_the_cross_keys_layout():
+    """`keep_images` on a projected cache selects the images' cross K/V in the layout they were stored in (keys
+    transposed where the few-row kernel attends), so the steps after it still attend in the kernel; the next
+    step's logits are the full forward's for the images kept."""
+    ours, _ = _pair()
+    _, _, _, images = _inputs()
+    text = torch.randint(3, V, (B, 5), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        full = ours(text, encoder_hidden_states=images).logits
+        out = ours(text[:, :4], encoder_hidden_states=images, use_cache=True, cache=DecoderCache())
+        cache = out.cache
+        kept = torch.tensor([2, 0])
+        before = [(k.stride(), v.stride()) for k, v in cache.cross_kv]
+        cache.keep_images(kept, kept)
+        assert [(k.stride(), v.stride()) for k, v in cache.cross_kv] == before  # (B_img, ...) strides: B_img first
+        assert cache.cross_kv[0][0].transpose(-1, -2).is_contiguous() == few_rows.available()
+        step = ours(text[kept, 4:5], cache=cache, use_cache=True).logits
+    torch.testing.assert_close(step, full[kept, 4:5], atol=1e-5, rtol=1e-5)
 
 
 def test_static_cache_steps_give_the_full_forwards_logits():
