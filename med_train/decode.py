@@ -3,8 +3,9 @@
 Our own loop (transformers' `generate` internals change between releases). The prompt is run once per image; the
 cross-attention K/V are computed once per image and shared by its beams (see `med.DecoderCache`), or, on the CPU
 when the decode asks each image few queries (greedy decoding, sampling), never computed: the key and value
-projections are folded into the queries (`med.folded_cross_attention`); each step feeds one token per row. On a
-GPU each step is a replay of one captured CUDA graph over a preallocated cache (`StaticSteps`).
+projections are folded into the queries (`med.folded_cross_attention`); each step feeds one token per row. On the
+CPU in fp32 the steps continue the prompt in a `med.HistoryCache` (self K/V never copied: beams reorder a table).
+On a GPU each step is a replay of one captured CUDA graph over a preallocated cache (`StaticSteps`).
 
     ids = generate(decoder, image_embeds, prompt_ids, eos_token_id=102, pad_token_id=0, num_beams=3,
                    max_length=20, min_length=5)   # (B, L) token ids, prompt included, pads after [SEP]
@@ -202,6 +203,8 @@ def greedy_or_sample(decoder, image_embeds, prompt_ids, *, eos_token_id, pad_tok
     steps = None
     if static and max_length - tokens.shape[1] > 1:
         steps = _static_steps(decoder, cache, None, max_length - 1, reorders=False)
+    elif med.history_pays(decoder, image_embeds):
+        cache = med.HistoryCache.following(cache, torch.arange(tokens.shape[0]), max_length)
     finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
     for cur_len in range(tokens.shape[1], max_length):
         logits = _process_logits(logits.float(), tokens, cur_len, eos_token_id=eos_token_id, min_length=min_length,
@@ -254,6 +257,8 @@ def beam_search(decoder, image_embeds, prompt_ids, *, eos_token_id, pad_token_id
     steps = None
     if static and max_length - prompt_len > 1:
         steps = _static_steps(decoder, cache, rows, max_length - 1, reorders=True)
+    elif med.history_pays(decoder, image_embeds):  # each beam's self K/V stay where computed (cross: per image)
+        cache = med.HistoryCache.following(cache, rows, max_length)
     else:
         cache.reorder(rows)  # the prompt's self K/V, k copies per image (cross K/V stay one per image)
     logits = logits[rows]

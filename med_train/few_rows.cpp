@@ -16,12 +16,16 @@
 // 6 vectors of 16 keys at a time from the keys stored transposed (D rows of S), the softmax runs over the row in
 // the thread's buffer, then the probabilities times the values (S rows of D) in blocks of 4 rows x 64 columns;
 // the scores never leave L1/L2 and the keys and values are read once, in their own layout (no packing).
+// Self-attention over a history (med_few_rows_attend_history): per (row, head), one query's dot products with
+// the keys of each position's stored row (a table says which), softmax, then the weighted values; a 64-wide head
+// is held in 4 registers.
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
 
 #include <array>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -285,6 +289,82 @@ void med_few_rows_attend(const float* q, const int64_t* q_strides, const float* 
   auto run = [&](int64_t first, int64_t step) {
     std::vector<float> scores(R * lds), query(R * D);
     for (int64_t t = first; t < tasks; t += step) task(t, scores.data(), query.data());
+  };
+  if (threads > 1 && tasks > 1) {
+#pragma omp parallel num_threads(threads)
+    run(omp_get_thread_num(), omp_get_num_threads());
+  } else {
+    run(0, 1);
+  }
+}
+
+
+// Self-attention of one new query per text row over keys and values that were never reordered: position p's
+// K/V of text row r lie in the store's row source[r][p] (a beam search records where each beam's history went
+// instead of copying it every step). For each (r, h) < (R, H): out[r][h] = softmax(q[r][h] . K[p] * scale) V[p]
+// over p < T, where K[p] = keys + p * pos_stride + source[r * source_stride + p] * row_stride + h * D (D
+// contiguous floats; values alike); q and out are (R, H, D) contiguous.
+void med_few_rows_attend_history(const float* q, int64_t R, int64_t H, int64_t D, const float* keys,
+                                 const float* values, int64_t pos_stride, int64_t row_stride, const int64_t* source,
+                                 int64_t source_stride, int64_t T, float scale, float* out, int threads) {
+  const int64_t lds = (T + 15) / 16 * 16;
+  auto task = [&](int64_t t, float* scores) {
+    const int64_t r = t / H, h = t % H;
+    const int64_t* from = source + r * source_stride;
+    const float* base_k = keys + h * D;
+    const float* base_v = values + h * D;
+    const float* qi = q + (r * H + h) * D;
+    float* o = out + (r * H + h) * D;
+    // a head of 16 x V floats (BERT's 64: V = 4) in registers, unmasked; other widths in masked 64-wide blocks
+    auto head = [&](auto vectors) {
+      constexpr int V = decltype(vectors)::value;
+      __m512 query[V];
+      for (int j = 0; j < V; ++j) query[j] = _mm512_mul_ps(_mm512_loadu_ps(qi + 16 * j), _mm512_set1_ps(scale));
+      for (int64_t p = 0; p < T; ++p) {
+        const float* k = base_k + p * pos_stride + from[p] * row_stride;
+        __m512 sum = _mm512_mul_ps(query[0], _mm512_loadu_ps(k));
+        for (int j = 1; j < V; ++j) sum = _mm512_fmadd_ps(query[j], _mm512_loadu_ps(k + 16 * j), sum);
+        scores[p] = _mm512_reduce_add_ps(sum);
+      }
+      softmax_rows(scores, 1, T, lds);
+      __m512 mixed[V];
+      for (int j = 0; j < V; ++j) mixed[j] = _mm512_setzero_ps();
+      for (int64_t p = 0; p < T; ++p) {
+        const float* v = base_v + p * pos_stride + from[p] * row_stride;
+        const __m512 weight = _mm512_set1_ps(scores[p]);
+        for (int j = 0; j < V; ++j) mixed[j] = _mm512_fmadd_ps(weight, _mm512_loadu_ps(v + 16 * j), mixed[j]);
+      }
+      for (int j = 0; j < V; ++j) _mm512_storeu_ps(o + 16 * j, mixed[j]);
+    };
+    if (D == 64) {
+      head(std::integral_constant<int, 4>());
+      return;
+    }
+    const int64_t vectors = (D + 15) / 16;
+    for (int64_t p = 0; p < T; ++p) {
+      const float* k = base_k + p * pos_stride + from[p] * row_stride;
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t j = 0; j < vectors; ++j) {
+        const __mmask16 m = lanes(D - 16 * j);
+        sum = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, qi + 16 * j), _mm512_maskz_loadu_ps(m, k + 16 * j), sum);
+      }
+      scores[p] = _mm512_reduce_add_ps(sum) * scale;
+    }
+    softmax_rows(scores, 1, T, lds);
+    for (int64_t j = 0; j < vectors; ++j) {
+      const __mmask16 m = lanes(D - 16 * j);
+      __m512 mixed = _mm512_setzero_ps();
+      for (int64_t p = 0; p < T; ++p) {
+        const float* v = base_v + p * pos_stride + from[p] * row_stride;
+        mixed = _mm512_fmadd_ps(_mm512_set1_ps(scores[p]), _mm512_maskz_loadu_ps(m, v + 16 * j), mixed);
+      }
+      _mm512_mask_storeu_ps(o + 16 * j, m, mixed);
+    }
+  };
+  const int64_t tasks = R * H;
+  auto run = [&](int64_t first, int64_t step) {
+    std::vector<float> scores(lds);
+    for (int64_t t = first; t < tasks; t += step) task(t, scores.data());
   };
   if (threads > 1 && tasks > 1) {
 #pragma omp parallel num_threads(threads)

@@ -1,11 +1,13 @@
 """Products of a decoding step's few rows on the CPU, fp32 (AVX-512), from `few_rows.cpp`: x W^T + b, x[i] b[i],
-and the few queries' attention over stored keys and values (`attend`).
+the few queries' attention over stored keys and values (`attend`), and a step's self-attention over each row's
+history where it was stored (`attend_history`: beams are never copied).
 
     if few_rows.available():
         panels = few_rows.pack(weight.t())              # once per weight (N, K): (ceil(N / 48), K, 48)
         y = few_rows.linear(x, panels, weight.shape[0], bias)   # F.linear(x, weight, bias)
         y = few_rows.matmul(x, few_rows.pack(b), b.shape[-1])   # torch.bmm(x, b), b (B, K, N)
         out = few_rows.attend(q, k.transpose(-1, -2), v, mask)  # SDPA(q, k, v, mask), keys stored transposed
+        out = few_rows.attend_history(q, keys, values, source)   # SDPA over keys[p, source[r, p]], p < T
 
 Why: a decoding step multiplies every decoder weight by a handful of rows (8 for greedy at batch 8, 24 for beam 3),
 where the libraries torch calls run well below the machine's rate. On the bench machine (2-core AMD EPYC, one
@@ -109,6 +111,9 @@ def _load() -> ctypes.CDLL | None:
     strides = ctypes.POINTER(i64)
     library.med_few_rows_attend.argtypes = [pointer, strides, pointer, strides, pointer, strides, pointer, strides,
                                             pointer, strides, i64, i64, i64, i64, i64, ctypes.c_float, ctypes.c_int]
+    library.med_few_rows_attend_history.restype = None
+    library.med_few_rows_attend_history.argtypes = [pointer, i64, i64, i64, pointer, pointer, i64, i64, pointer, i64,
+                                                    i64, ctypes.c_float, pointer, ctypes.c_int]
     return library
 
 
@@ -199,6 +204,42 @@ def attend(query: torch.Tensor, keys_t: torch.Tensor, value: torch.Tensor, mask:
                                  value.data_ptr(), strides(value), None if mask is None else mask.data_ptr(),
                                  None if mask is None else strides(mask), out.data_ptr(), strides(out), b, h, r, s, d,
                                  d**-0.5 if scale is None else scale, torch.get_num_threads())
+    return out
+
+
+def attend_history(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, source: torch.Tensor,
+                   scale: float | None = None) -> torch.Tensor:
+    """Self-attention of one new query per text row over a history that was never reordered: query (R, H, D);
+    keys and values (P, S, H, D), position p's K/V of every stored row; source (R, T) int64, the stored row that
+    holds text row r's position p (T <= P). Returns (R, H, D): softmax(q . K[p, source[r, p]] * scale) weighted
+    V[p, source[r, p]] over p < T, scale D ** -0.5 by default; fp32 on the CPU. Needs `available()`."""
+    if not available():
+        raise RuntimeError("the few-row kernel is not available here (see few_rows.available)")
+    if query.dim() != 3 or keys.dim() != 4 or keys.shape != values.shape or keys.shape[2:] != query.shape[1:]:
+        raise ValueError(f"attend_history takes query (R, H, D) and keys/values (P, S, H, D), got "
+                         f"{tuple(query.shape)}, {tuple(keys.shape)} and {tuple(values.shape)}")
+    r, h, d = query.shape
+    if source.dim() != 2 or source.shape[0] != r or source.dtype != torch.int64 or source.shape[1] > keys.shape[0]:
+        raise ValueError(f"attend_history: source must be int64 ({r}, T <= {keys.shape[0]}), got {source.dtype} "
+                         f"{tuple(source.shape)}")
+    for name, t in (("query", query), ("keys", keys), ("values", values)):
+        if t.dtype != torch.float32 or t.device.type != "cpu":
+            raise ValueError(f"attend_history takes fp32 CPU tensors, got {name} {t.dtype} on {t.device}")
+    if keys.stride() != values.stride() or keys.stride()[2:] != (d, 1):
+        raise ValueError("attend_history: keys and values need the same strides, each position's rows (H, D) "
+                         "contiguous")
+    if source.numel() and (int(source.min()) < 0 or int(source.max()) >= keys.shape[1]):
+        raise ValueError(f"attend_history: source rows must lie in 0 .. {keys.shape[1] - 1}")
+    query, source = query.contiguous(), source if source.stride(1) == 1 else source.contiguous()
+    out = query.new_empty(r, h, d)
+    if out.numel() == 0:
+        return out
+    if source.shape[1] == 0:
+        raise ValueError("attend_history needs at least one position")
+    _library.med_few_rows_attend_history(query.data_ptr(), r, h, d, keys.data_ptr(), values.data_ptr(),
+                                         keys.stride(0), keys.stride(1), source.data_ptr(), source.stride(0),
+                                         source.shape[1], d**-0.5 if scale is None else scale, out.data_ptr(),
+                                         torch.get_num_threads())
     return out
 
 

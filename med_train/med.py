@@ -11,6 +11,9 @@ differs from BLIP's code, on purpose:
   image for the whole decode; a query batch that is a multiple of the image batch, e.g. beams, shares them
   without copies), or, when a CPU decode asks each image few queries (greedy), the image tokens themselves, with
   the key and value projections folded into the queries (`folded_cross_attention`);
+- for decoding on the CPU (fp32, where the few-row kernel is built), a `HistoryCache` writes each step's
+  self-attention K/V once, where they were computed, and follows the beams' reordering in a table of stored rows
+  (`Lineage`) instead of copying every layer's K/V;
 - for decoding on a GPU, a `StaticDecoderCache` keeps every tensor in place (self-attention K/V in preallocated
   slots, written at a device-side position), so that a decoding step can be captured in a CUDA graph;
 - gradient checkpointing works;
@@ -97,6 +100,9 @@ class DecoderCache:
 
     def __len__(self) -> int:  # tokens already cached
         return 0 if not self.self_kv or self.self_kv[0] is None else self.self_kv[0][0].shape[2]
+
+    def advance(self, tokens: int) -> None:
+        """Called after a forward over `tokens` new positions (a cache whose length is not its tensors' counts)."""
 
     def reorder(self, index: torch.Tensor) -> None:
         """Select text rows (beam reordering / expansion); cross K/V are per image and never move."""
@@ -202,6 +208,95 @@ class StaticDecoderCache(DecoderCache):
 
     def keep_images(self, images: torch.Tensor, rows: torch.Tensor) -> None:
         raise TypeError("a StaticDecoderCache keeps every image to the end (its shapes never change)")
+
+
+@dataclass
+class Lineage:
+    """Where each text row's self-attention history lies in a `HistoryCache`, shared by all its layers: `source`
+    (text rows, capacity), the stored row that holds text row r's K/V at position p, and `length`, the positions
+    written. (The layers' entries point here, not at the cache: no reference cycle keeps a finished decode's
+    memory alive until the garbage collector runs.)"""
+
+    source: torch.Tensor
+    length: int
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Text row i continues text row index[i]'s history (beam reordering; fewer rows: images dropped)."""
+        index = index.cpu()
+        source = torch.arange(index.shape[0])[:, None].repeat(1, self.source.shape[1])
+        source[:, : self.length] = self.source.index_select(0, index)[:, : self.length]
+        self.source = source
+
+
+class History(NamedTuple):
+    """A `HistoryCache`'s self-attention entry for one layer: every position's K/V where it was computed, never
+    moved: key and value (capacity, stored rows, heads, head_dim), and the cache's `Lineage`."""
+
+    key: torch.Tensor
+    value: torch.Tensor
+    lineage: Lineage
+
+    def attend(self, query, key, value, attention_mask) -> torch.Tensor:
+        """Write this step's key and value (R, nh, 1, hs) at position `length` and attend the query (R, nh, 1, hs)
+        over positions 0 .. length of each text row's history: (R, nh, 1, hs)."""
+        rows, position = query.shape[0], self.lineage.length
+        if query.shape[2] != 1 or attention_mask is not None:
+            raise ValueError("a HistoryCache takes decoding steps: one token per row, no attention mask")
+        if position >= self.key.shape[0] or rows > self.key.shape[1]:
+            raise ValueError(f"the HistoryCache holds {self.key.shape[0]} positions of {self.key.shape[1]} rows; "
+                             f"position {position} of {rows} rows asked")
+        self.key[position, :rows].copy_(key[:, :, 0])
+        self.value[position, :rows].copy_(value[:, :, 0])
+        return few_rows.attend_history(query[:, :, 0], self.key, self.value,
+                                       self.lineage.source[:, : position + 1])[:, :, None]
+
+
+class HistoryCache(DecoderCache):
+    """A CPU decoding cache whose self-attention K/V are written once, where they were computed, and never copied:
+    instead of reordering every layer's K/V when beams are reordered (and growing them with a copy each step), it
+    reorders its `Lineage`. A step writes its K/V at position `length` in stored rows 0 .. R-1 and attends there
+    through `few_rows.attend_history`. Cross K/V and mask are the prefilled cache's. Make one with `following`.
+
+    The bench's beam-3 decode: a layer's step of self-attention 0.58 ms (the growing cache's copy, the beams'
+    reordering and two products) -> 0.26 ms (the kernel 0.17 ms, the rest writing K/V and Python)."""
+
+    def __init__(self, self_kv, cross_kv, cross_mask, lineage: Lineage):
+        super().__init__(self_kv=self_kv, cross_kv=cross_kv, cross_mask=cross_mask)
+        self.lineage = lineage
+
+    @classmethod
+    def following(cls, cache: DecoderCache, rows: torch.Tensor, capacity: int) -> HistoryCache:
+        """The prefilled `cache` (its prompt K/V, one row per image) continued for text `rows` (the image of each:
+        e.g. each image k times for k beams), with room for `capacity` positions in all."""
+        length = len(cache)
+        source = torch.arange(rows.shape[0])[:, None].repeat(1, capacity)
+        source[:, :length] = rows.to(torch.long).cpu()[:, None]
+        lineage = Lineage(source, length)
+        stored = max(rows.shape[0], cache.self_kv[0][0].shape[0])
+        self_kv = []
+        for key, value in cache.self_kv:  # (B_img, nh, P, hs) -> positions first; unwritten slots are never read
+            b, nh, _, hs = key.shape
+            keys, values = (key.new_empty(capacity, stored, nh, hs) for _ in range(2))
+            keys[:length, :b].copy_(key.permute(2, 0, 1, 3))
+            values[:length, :b].copy_(value.permute(2, 0, 1, 3))
+            self_kv.append(History(keys, values, lineage))
+        return cls(self_kv, cache.cross_kv, cache.cross_mask, lineage)
+
+    def __len__(self) -> int:
+        return self.lineage.length
+
+    def advance(self, tokens: int) -> None:
+        self.lineage.length += tokens
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.lineage.reorder(index)
+
+
+def history_pays(decoder: nn.Module, image_embeds: torch.Tensor) -> bool:
+    """Whether a decode continues its prompt in a `HistoryCache`: CPU inference in fp32 (no autocast), a decoder
+    in eval mode (no attention dropout), where the few-row kernel is built."""
+    return (not decoder.training and _cpu_inference(image_embeds) and image_embeds.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu") and few_rows.available())
 
 
 def cpu_savings_pay(device: torch.device) -> bool:
@@ -470,7 +565,9 @@ class BertSelfAttention(nn.Module):
         else:
             key = heads(self.key(hidden_states))
             value = heads(self.value(hidden_states))
-            if isinstance(past_key_value, Slots):  # a static cache: write this step's K/V in its slot
+            if isinstance(past_key_value, History):  # written and attended in place (HistoryCache.attend)
+                pass
+            elif isinstance(past_key_value, Slots):  # a static cache: write this step's K/V in its slot
                 past_key_value.key.index_copy_(2, past_key_value.position, key.to(past_key_value.key.dtype))
                 past_key_value.value.index_copy_(2, past_key_value.position, value.to(past_key_value.value.dtype))
                 key, value = past_key_value.key, past_key_value.value
@@ -487,6 +584,8 @@ class BertSelfAttention(nn.Module):
         dropout_p = self.dropout_p if self.training else 0.0
         if folded:
             context = folded_cross_attention(query, past_key_value, self.key, self.value, attention_mask)
+        elif isinstance(past_key_value, History):
+            context = past_key_value.attend(query, key, value, attention_mask)
         elif self.is_cross_attention and dropout_p == 0.0 and _attends_in_kernel(query, key, value, attention_mask):
             context = few_rows.attend(query, key.transpose(-1, -2), value, attention_mask)
         elif query.shape[2] < FEW_QUERIES and dropout_p == 0.0 and not is_causal and _cpu_inference(query):
@@ -497,7 +596,7 @@ class BertSelfAttention(nn.Module):
         if group > 1:
             context = context.view(-1, nh, group, t, hs).transpose(1, 2).reshape(b, nh, t, hs)
         context = context.transpose(1, 2).reshape(b, t, self.all_head_size)  # (B, T, H)
-        kept = past_key_value if folded or isinstance(past_key_value, Slots) else (key, value)
+        kept = past_key_value if folded or isinstance(past_key_value, (Slots, History)) else (key, value)
         return (context if packing is None else packing.unpad(context)), kept
 
 
@@ -615,6 +714,7 @@ class BertEncoder(nn.Module):
             cache = DecoderCache()
         cache.self_kv = new_self_kv
         cache.cross_kv = new_cross_kv if mode == "multimodal" else []
+        cache.advance(hidden_states.shape[1])
         return hidden_states, cache
 
 

@@ -171,6 +171,42 @@ def test_masked_image_padding_is_ignored_at_every_step():
 
 @pytest.mark.parametrize("kwargs", [dict(num_beams=1), dict(num_beams=3), dict(num_beams=3, drop_finished=False),
                                     dict(do_sample=True, top_p=0.9)])
+def test_history_cache_gives_the_same_captions(monkeypatch, kwargs):
+    """Where a CPU decode keeps its self-attention history in place (`med.HistoryCache`, fp32 with the few-row
+    kernel), the captions are those of the growing cache: greedy, beam search (images leaving the batch or not)
+    and sampling, with a masked image padding."""
+    from med_train import decode, few_rows, med
+
+    if not few_rows.available():
+        pytest.skip("the few-row kernel is not built here")
+    caches = []
+    real_step = decode._step
+    monkeypatch.setattr(decode, "_step", lambda decoder, tokens, cache: caches.append(type(cache))
+                        or real_step(decoder, tokens, cache))
+    decoder, images, mask = _ending_decoder_and_padded_images()
+
+    def run(history: bool):
+        monkeypatch.setattr(med, "history_pays", lambda *a: history)
+        caches.clear()
+        generator = torch.Generator().manual_seed(7) if kwargs.get("do_sample") else None
+        ids = generate(decoder, images, torch.tensor([BOS, 7]), eos_token_id=EOS, pad_token_id=PAD, max_length=12,
+                       min_length=3, image_mask=mask, generator=generator, **kwargs)
+        return ids, set(caches)
+
+    growing, growing_caches = run(False)
+    kept, kept_caches = run(True)
+    assert growing_caches == {med.DecoderCache} and kept_caches == {med.HistoryCache}
+    assert torch.equal(kept, growing)
+    assert len({int((row != PAD).sum()) for row in kept}) > 1  # captions of different lengths
+    monkeypatch.undo()
+    with torch.no_grad():  # decoding's own conditions: no gradient, eval mode (no attention dropout), fp32
+        assert med.history_pays(decoder, images) and not med.history_pays(decoder, images.double())
+        assert not med.history_pays(decoder.train(), images)
+    assert not med.history_pays(decoder.eval(), images)  # gradients recorded
+
+
+@pytest.mark.parametrize("kwargs", [dict(num_beams=1), dict(num_beams=3), dict(num_beams=3, drop_finished=False),
+                                    dict(do_sample=True, top_p=0.9)])
 def test_folded_image_projections_give_the_same_captions(monkeypatch, kwargs):
     """Where a CPU decode folds the cross-attention's image projections into the queries (`med.folding_pays`),
     the captions are those of the projected image K/V: greedy, beam search (images leaving the batch or not) and

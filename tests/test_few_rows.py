@@ -139,6 +139,51 @@ def test_attend_refuses_what_it_cannot_take():
 
 
 @needs_kernel
+@pytest.mark.parametrize("shape", [(24, 12, 64, 20, 24, 17), (5, 3, 40, 9, 7, 9), (2, 1, 8, 4, 2, 1),
+                                   (3, 2, 70, 6, 5, 4), (4, 2, 16, 40, 4, 33)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_attend_history_equals_sdpa_over_each_rows_history(shape, threads):
+    """One query per row attends over its own history, gathered from a store that was never reordered: position p
+    of row r from stored row source[r, p]; BERT's 64-wide heads (registers, unmasked) and other widths."""
+    rows, heads, width, capacity, stored, length = shape
+    g = torch.Generator().manual_seed(length)
+    q = torch.randn(rows, heads, width, generator=g)
+    keys, values = (torch.randn(capacity, stored, heads, width, generator=g) for _ in range(2))
+    source = torch.randint(0, stored, (rows, length), generator=g)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = few_rows.attend_history(q, keys, values, source)
+        scaled = few_rows.attend_history(q, keys, values, source, scale=0.3)
+    finally:
+        torch.set_num_threads(before)
+    positions = torch.arange(length)[None]
+    k, v = (t[positions, source].transpose(1, 2) for t in (keys, values))  # (R, H, T, D)
+    want = F.scaled_dot_product_attention(q[:, :, None], k, v)[:, :, 0]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(scaled, F.scaled_dot_product_attention(q[:, :, None], k, v, scale=0.3)[:, :, 0],
+                               atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+def test_attend_history_refuses_what_it_cannot_take():
+    q, keys = torch.randn(2, 3, 8), torch.randn(5, 4, 3, 8)
+    source = torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="source rows"):
+        few_rows.attend_history(q, keys, keys, source + 4)
+    with pytest.raises(ValueError, match="int64"):
+        few_rows.attend_history(q, keys, keys, source.int())
+    with pytest.raises(ValueError, match="int64"):
+        few_rows.attend_history(q, keys, keys, torch.zeros(2, 6, dtype=torch.long))  # more positions than stored
+    with pytest.raises(ValueError, match="query"):
+        few_rows.attend_history(q[:, :2], keys, keys, source)
+    with pytest.raises(ValueError, match="strides"):
+        few_rows.attend_history(q, keys, keys.transpose(0, 1).contiguous().transpose(0, 1), source)
+    with pytest.raises(ValueError, match="fp32"):
+        few_rows.attend_history(q.double(), keys.double(), keys.double(), source)
+
+
+@needs_kernel
 def test_ops_linear_routes_few_rows_to_the_kernel_and_more_to_onednn():
     """From a weight's second use: up to FEW_ROWS_MAX rows through the kernel's panels, more through oneDNN's
     blocked copy, each kept; fp32 results equal F.linear's either way."""

@@ -365,6 +365,52 @@ def test_keep_images_keeps_the_cross_keys_layout():
     torch.testing.assert_close(step, full[kept, 4:5], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.skipif(not few_rows.available(), reason="the few-row kernel is not built here")
+def test_history_cache_follows_reordered_beams_like_the_growing_cache():
+    """A `HistoryCache` (self K/V written once where computed, the beams' reordering kept as a table of stored
+    rows) gives the logits of the growing `DecoderCache` that copies K/V on every reorder: prompt once per image,
+    three rows per image, reordered each step, then an image dropped (`keep_images`). A finished decode's cache is
+    freed without the garbage collector (no reference cycle)."""
+    import gc
+    import weakref
+
+    ours, _ = _pair()
+    _, _, _, images = _inputs()
+    g = torch.Generator().manual_seed(9)
+    prompt = torch.randint(3, V, (B, 3), generator=g)
+    rows = torch.arange(B).repeat_interleave(3)
+    steps = [(torch.randint(3, V, (B * 3,), generator=g), torch.randint(0, B * 3, (B * 3,), generator=g))
+             for _ in range(4)]
+    with torch.no_grad():
+        prefilled = [ours(prompt, encoder_hidden_states=images, use_cache=True, cache=DecoderCache()).cache
+                     for _ in range(2)]
+        growing = prefilled[0]
+        growing.reorder(rows)
+        history = med.HistoryCache.following(prefilled[1], rows, 10)
+        assert len(history) == len(growing) == 3
+        for tokens, src in steps:
+            got, want = (ours(tokens[:, None], cache=cache, use_cache=True).logits for cache in (history, growing))
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            assert len(history) == len(growing)
+            history.reorder(src)
+            growing.reorder(src)
+        kept, kept_rows = torch.tensor([2, 0]), torch.tensor([7, 6, 8, 0, 2, 1])
+        history.keep_images(kept, kept_rows)
+        growing.keep_images(kept, kept_rows)
+        tokens = torch.randint(3, V, (6, 1), generator=g)
+        torch.testing.assert_close(ours(tokens, cache=history, use_cache=True).logits,
+                                   ours(tokens, cache=growing, use_cache=True).logits, atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="one token per row"):
+            ours(torch.randint(3, V, (6, 2), generator=g), cache=history, use_cache=True)
+    store = weakref.ref(history.self_kv[0].key)
+    gc.disable()
+    try:
+        del history
+        assert store() is None
+    finally:
+        gc.enable()
+
+
 def test_static_cache_steps_give_the_full_forwards_logits():
     """A `StaticDecoderCache` (what a GPU's captured decoding step runs over): loaded from a prefilled cache, with
     each image's row repeated for beams, its steps write K/V in place at a device-side position and give the full
