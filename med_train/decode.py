@@ -245,6 +245,8 @@ def beam_search(decoder, image_embeds, prompt_ids, *, eos_token_id, pad_token_id
     """
     k = num_beams
     device = image_embeds.device
+    if max_length <= prompt_ids.shape[-1]:  # no token to add (as greedy decoding): each image's caption is the prompt
+        return prompt_ids.to(device).expand(image_embeds.shape[0], -1).clone()
     if drop_finished is None:
         drop_finished = device.type == "cpu" and not cuda_graphs
     if drop_finished and cuda_graphs:

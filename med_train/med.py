@@ -269,6 +269,7 @@ class HistoryCache(DecoderCache):
         """The prefilled `cache` (its prompt K/V, one row per image) continued for text `rows` (the image of each:
         e.g. each image k times for k beams), with room for `capacity` positions in all."""
         length = len(cache)
+        capacity = max(capacity, length)  # a prompt as long as the caption's limit: no step will follow
         source = torch.arange(rows.shape[0])[:, None].repeat(1, capacity)
         source[:, :length] = rows.to(torch.long).cpu()[:, None]
         lineage = Lineage(source, length)

@@ -169,6 +169,20 @@ def test_masked_image_padding_is_ignored_at_every_step():
         assert not torch.equal(run(padded, **kwargs), want), kwargs  # unmasked, the padding changes the captions
 
 
+@pytest.mark.parametrize("kwargs", [dict(num_beams=1), dict(num_beams=3), dict(do_sample=True, top_p=0.9)])
+@pytest.mark.parametrize("history", [True, False])
+def test_a_length_limit_within_the_prompt_returns_the_prompt(monkeypatch, kwargs, history):
+    """`max_length` counts the prompt: at or under its length, every mode returns the prompt for each image."""
+    from med_train import med
+
+    monkeypatch.setattr(med, "history_pays", lambda *a: history)
+    decoder, images, _ = _ending_decoder_and_padded_images()
+    prompt = torch.tensor([BOS, 7, 8])
+    for max_length in (1, 3):
+        ids = generate(decoder, images, prompt, eos_token_id=EOS, pad_token_id=PAD, max_length=max_length, **kwargs)
+        assert torch.equal(ids, prompt.expand(len(images), -1))
+
+
 @pytest.mark.parametrize("kwargs", [dict(num_beams=1), dict(num_beams=3), dict(num_beams=3, drop_finished=False),
                                     dict(do_sample=True, top_p=0.9)])
 def test_history_cache_gives_the_same_captions(monkeypatch, kwargs):
