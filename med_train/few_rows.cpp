@@ -74,7 +74,6 @@ using Block = void (*)(const float*, int64_t, const float*, int64_t, const float
 constexpr Block kBlocks[kRows + 1] = {nullptr, block<1>, block<2>, block<3>, block<4>,
                                       block<5>, block<6>, block<7>, block<8>};
 
-
 // exp(x) for x <= 0 (a softmax's shifted scores), to about 1 ulp: exp(x) = 2^n exp(r), n = round(x / ln 2),
 // r = x - n ln 2 (in two parts), exp(r) by Cephes' degree-6 polynomial, 2^n applied by scalef (0 far below).
 inline __m512 exp_nonpositive(__m512 x) {
@@ -96,7 +95,6 @@ inline __m512 exp_nonpositive(__m512 x) {
 inline __mmask16 lanes(int64_t left) { return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1); }
 
 constexpr int kAttendRows = 4;  // query rows per block
-
 constexpr int kKeyVectors = 6;  // 16-key vectors per block of the scores: 4 x 6 sums in registers
 constexpr int kDimVectors = 4;  // 16-wide vectors of a head per block of the mix: 4 x 4 sums
 
@@ -247,7 +245,6 @@ void med_few_rows_matmul(const float* x, int64_t batch, int64_t x_stride, int64_
     for (int64_t t = 0; t < batch * count; ++t) task(t);
   }
 }
-
 
 // For each (b, h) < (B, H): out[b][h] = softmax(q[b][h] kt[b][h] * scale + mask[b][h]) v[b][h], with q (R, D),
 // kt (D, S) (the keys transposed), v (S, D), mask (R, S) additive (null: none) and out (R, D), each row-major

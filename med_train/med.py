@@ -566,7 +566,7 @@ class BertSelfAttention(nn.Module):
         else:
             key = heads(self.key(hidden_states))
             value = heads(self.value(hidden_states))
-            if isinstance(past_key_value, History):  # written and attended in place (HistoryCache.attend)
+            if isinstance(past_key_value, History):  # written and attended in place below (History.attend)
                 pass
             elif isinstance(past_key_value, Slots):  # a static cache: write this step's K/V in its slot
                 past_key_value.key.index_copy_(2, past_key_value.position, key.to(past_key_value.key.dtype))
