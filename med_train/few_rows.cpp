@@ -210,6 +210,22 @@ void softmax_rows(float* scores, int64_t R, int64_t S, int64_t lds) {
   }
 }
 
+// Runs task(t, scratch) for t < tasks, split among `threads` OpenMP threads (none: no OpenMP region, which costs
+// microseconds per call even for one thread); each thread has its own scratch buffer of `scratch` floats.
+template <typename F>
+void for_each_task(int64_t tasks, int threads, int64_t scratch, F task) {
+  auto run = [&](int64_t first, int64_t step) {
+    std::vector<float> buffer(scratch);
+    for (int64_t t = first; t < tasks; t += step) task(t, buffer.data());
+  };
+  if (threads > 1 && tasks > 1) {
+#pragma omp parallel num_threads(threads)
+    run(omp_get_thread_num(), omp_get_num_threads());
+  } else {
+    run(0, 1);
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -282,17 +298,8 @@ void med_few_rows_attend(const float* q, const int64_t* q_strides, const float* 
       });
     }
   };
-  const int64_t tasks = B * H;
-  auto run = [&](int64_t first, int64_t step) {
-    std::vector<float> scores(R * lds), query(R * D);
-    for (int64_t t = first; t < tasks; t += step) task(t, scores.data(), query.data());
-  };
-  if (threads > 1 && tasks > 1) {
-#pragma omp parallel num_threads(threads)
-    run(omp_get_thread_num(), omp_get_num_threads());
-  } else {
-    run(0, 1);
-  }
+  for_each_task(B * H, threads, R * lds + R * D,
+                [&](int64_t t, float* scratch) { task(t, scratch, scratch + R * lds); });  // scores, then query
 }
 
 
@@ -358,17 +365,7 @@ void med_few_rows_attend_history(const float* q, int64_t R, int64_t H, int64_t D
       _mm512_mask_storeu_ps(o + 16 * j, m, mixed);
     }
   };
-  const int64_t tasks = R * H;
-  auto run = [&](int64_t first, int64_t step) {
-    std::vector<float> scores(lds);
-    for (int64_t t = first; t < tasks; t += step) task(t, scores.data());
-  };
-  if (threads > 1 && tasks > 1) {
-#pragma omp parallel num_threads(threads)
-    run(omp_get_thread_num(), omp_get_num_threads());
-  } else {
-    run(0, 1);
-  }
+  for_each_task(R * H, threads, lds, task);
 }
 
 }  // extern "C"

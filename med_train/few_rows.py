@@ -172,8 +172,7 @@ def attend(query: torch.Tensor, keys_t: torch.Tensor, value: torch.Tensor, mask:
     value (B, H, S, D), mask an additive bias broadcastable to (B, H, R, S) or None, scale D ** -0.5 by default;
     fp32 on the CPU. Returns (B, H, R, D), as F.scaled_dot_product_attention(query, keys_t.transpose(-1, -2),
     value, mask) to float rounding (the softmax's exp is a polynomial good to about 1 ulp). Needs `available()`."""
-    if not available():
-        raise RuntimeError("the few-row kernel is not available here (see few_rows.available)")
+    _require_fp32_cpu("attend", query=query, keys_t=keys_t, value=value, mask=mask)
     if query.dim() != 4 or keys_t.dim() != 4 or value.dim() != 4:
         raise ValueError(f"attend takes 4-d query, keys_t and value, got {query.dim()}, {keys_t.dim()} and "
                          f"{value.dim()} dimensions")
@@ -182,10 +181,6 @@ def attend(query: torch.Tensor, keys_t: torch.Tensor, value: torch.Tensor, mask:
     if keys_t.shape != (b, h, d, s) or value.shape != (b, h, s, d):
         raise ValueError(f"attend: query {tuple(query.shape)} needs keys_t (B, H, D, S) = ({b}, {h}, {d}, S) and "
                          f"value (B, H, S, D), got {tuple(keys_t.shape)} and {tuple(value.shape)}")
-    for name, t in (("query", query), ("keys_t", keys_t), ("value", value)) + ((("mask", mask),) if mask is not None
-                                                                              else ()):
-        if t.dtype != torch.float32 or t.device.type != "cpu":
-            raise ValueError(f"attend takes fp32 CPU tensors, got {name} {t.dtype} on {t.device}")
     query, keys_t, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, keys_t, value))
     if mask is not None:
         mask = mask.expand(b, h, r, s)
@@ -213,8 +208,7 @@ def attend_history(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
     keys and values (P, S, H, D), position p's K/V of every stored row; source (R, T) int64, the stored row that
     holds text row r's position p (T <= P). Returns (R, H, D): softmax(q . K[p, source[r, p]] * scale) weighted
     V[p, source[r, p]] over p < T, scale D ** -0.5 by default; fp32 on the CPU. Needs `available()`."""
-    if not available():
-        raise RuntimeError("the few-row kernel is not available here (see few_rows.available)")
+    _require_fp32_cpu("attend_history", query=query, keys=keys, values=values)
     if query.dim() != 3 or keys.dim() != 4 or keys.shape != values.shape or keys.shape[2:] != query.shape[1:]:
         raise ValueError(f"attend_history takes query (R, H, D) and keys/values (P, S, H, D), got "
                          f"{tuple(query.shape)}, {tuple(keys.shape)} and {tuple(values.shape)}")
@@ -222,9 +216,6 @@ def attend_history(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
     if source.dim() != 2 or source.shape[0] != r or source.dtype != torch.int64 or source.shape[1] > keys.shape[0]:
         raise ValueError(f"attend_history: source must be int64 ({r}, T <= {keys.shape[0]}), got {source.dtype} "
                          f"{tuple(source.shape)}")
-    for name, t in (("query", query), ("keys", keys), ("values", values)):
-        if t.dtype != torch.float32 or t.device.type != "cpu":
-            raise ValueError(f"attend_history takes fp32 CPU tensors, got {name} {t.dtype} on {t.device}")
     if keys.stride() != values.stride() or keys.stride()[2:] != (d, 1):
         raise ValueError("attend_history: keys and values need the same strides, each position's rows (H, D) "
                          "contiguous")
@@ -241,6 +232,15 @@ def attend_history(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
                                          source.shape[1], d**-0.5 if scale is None else scale, out.data_ptr(),
                                          torch.get_num_threads())
     return out
+
+
+def _require_fp32_cpu(function: str, **tensors: torch.Tensor | None) -> None:
+    """The kernel is loaded and the given tensors (None: absent) are fp32 on the CPU, else a clear error."""
+    if not available():
+        raise RuntimeError("the few-row kernel is not available here (see few_rows.available)")
+    for name, t in tensors.items():
+        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu"):
+            raise ValueError(f"{function} takes fp32 CPU tensors, got {name} {t.dtype} on {t.device}")
 
 
 def _run(x, panels, panels_stride, outputs, bias, bias_stride) -> torch.Tensor:

@@ -222,7 +222,6 @@ class Lineage:
 
     def reorder(self, index: torch.Tensor) -> None:
         """Text row i continues text row index[i]'s history (beam reordering; fewer rows: images dropped)."""
-        index = index.cpu()
         source = torch.arange(index.shape[0])[:, None].repeat(1, self.source.shape[1])
         source[:, : self.length] = self.source.index_select(0, index)[:, : self.length]
         self.source = source
@@ -271,7 +270,7 @@ class HistoryCache(DecoderCache):
         length = len(cache)
         capacity = max(capacity, length)  # a prompt as long as the caption's limit: no step will follow
         source = torch.arange(rows.shape[0])[:, None].repeat(1, capacity)
-        source[:, :length] = rows.to(torch.long).cpu()[:, None]
+        source[:, :length] = rows[:, None]
         lineage = Lineage(source, length)
         stored = max(rows.shape[0], cache.self_kv[0][0].shape[0])
         self_kv = []
