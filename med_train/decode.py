@@ -4,7 +4,8 @@ Our own loop (transformers' `generate` internals change between releases). The p
 cross-attention K/V are computed once per image and shared by its beams (see `med.DecoderCache`), or, on the CPU
 when the decode asks each image few queries (greedy decoding, sampling), never computed: the key and value
 projections are folded into the queries (`med.folded_cross_attention`); each step feeds one token per row. On the
-CPU in fp32 the steps continue the prompt in a `med.HistoryCache` (self K/V never copied: beams reorder a table).
+CPU in fp32 the steps continue the prompt in a `med.HistoryCache` (self K/V never copied: beams reorder a table),
+straight through the few-row kernel (`KernelSteps`: the decoder's arithmetic without its modules).
 On a GPU each step is a replay of one captured CUDA graph over a preallocated cache (`StaticSteps`).
 
     ids = generate(decoder, image_embeds, prompt_ids, eos_token_id=102, pad_token_id=0, num_beams=3,
@@ -23,6 +24,7 @@ from collections import OrderedDict
 import torch
 
 from med_train import med
+from med_train.kernel_steps import KernelSteps
 
 NEG_INF = float("-inf")
 
@@ -57,7 +59,9 @@ def _prefill(decoder, image_embeds, image_mask, prompt_ids, *, rows_per_image: i
     return prompt, out.logits[:, -1], out.cache
 
 
-def _step(decoder, last_tokens, cache):
+def _step(decoder, last_tokens, cache, kernel: KernelSteps | None = None):
+    if kernel is not None:  # a HistoryCache on the CPU: the same step without the modules
+        return kernel.step(last_tokens, cache), cache
     out = decoder(last_tokens[:, None], cache=cache, use_cache=True)
     return out.logits[:, -1], out.cache
 
@@ -200,11 +204,12 @@ def greedy_or_sample(decoder, image_embeds, prompt_ids, *, eos_token_id, pad_tok
     static = _graphs_pay(decoder, image_embeds.device, cuda_graphs)
     tokens, logits, cache = _prefill(decoder, image_embeds, image_mask, prompt_ids, rows_per_image=1,
                                      max_length=max_length, fold=not static)
-    steps = None
+    steps = kernel = None
     if static and max_length - tokens.shape[1] > 1:
         steps = _static_steps(decoder, cache, None, max_length - 1, reorders=False)
     elif med.history_pays(decoder, image_embeds):
         cache = med.HistoryCache.following(cache, torch.arange(tokens.shape[0]), max_length)
+        kernel = KernelSteps.for_decoder(decoder)
     finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
     for cur_len in range(tokens.shape[1], max_length):
         logits = _process_logits(logits.float(), tokens, cur_len, eos_token_id=eos_token_id, min_length=min_length,
@@ -222,7 +227,7 @@ def greedy_or_sample(decoder, image_embeds, prompt_ids, *, eos_token_id, pad_tok
         if steps is not None:
             logits = steps.step(next_tokens)
         else:
-            logits, cache = _step(decoder, next_tokens, cache)
+            logits, cache = _step(decoder, next_tokens, cache, kernel)
     return tokens
 
 
@@ -256,11 +261,12 @@ def beam_search(decoder, image_embeds, prompt_ids, *, eos_token_id, pad_token_id
                                      max_length=max_length, fold=not static)
     batch, prompt_len = prompt.shape
     rows = torch.arange(batch, device=device).repeat_interleave(k)  # image of each text row, image-major
-    steps = None
+    steps = kernel = None
     if static and max_length - prompt_len > 1:
         steps = _static_steps(decoder, cache, rows, max_length - 1, reorders=True)
     elif med.history_pays(decoder, image_embeds):  # each beam's self K/V stay where computed (cross: per image)
         cache = med.HistoryCache.following(cache, rows, max_length)
+        kernel = KernelSteps.for_decoder(decoder)
     else:
         cache.reorder(rows)  # the prompt's self K/V, k copies per image (cross K/V stay one per image)
     logits = logits[rows]
@@ -333,7 +339,7 @@ def beam_search(decoder, image_embeds, prompt_ids, *, eos_token_id, pad_token_id
             continue
         else:
             cache.reorder(src)
-        logits, cache = _step(decoder, next_tokens, cache)
+        logits, cache = _step(decoder, next_tokens, cache, kernel)
 
     # beams still running at max_length finish there
     running = tokens.view(searching.shape[0], k, -1)

@@ -1,5 +1,6 @@
-// y = x B + bias for a few rows of x (a decoding step's 1 to 64 text rows), and a few queries' attention over
-// stored keys and values (cross-attention to image tokens), fp32, AVX-512, OpenMP.
+// y = x B + bias (GELU optional) for a few rows of x (a decoding step's 1 to 64 text rows), a few queries'
+// attention over stored keys and values (cross-attention to image tokens), self-attention over a history, and a
+// residual add with LayerNorm; fp32, AVX-512, OpenMP.
 // Built and loaded by few_rows.py (see there for why); plain C ABI, no Python or torch headers.
 //
 // B (K x N) is packed once into panels of 48 columns, panels[p][k][j] = B[k][48 p + j], zeros past N, so that a
@@ -35,9 +36,11 @@ constexpr int kPanel = 48;        // outputs per panel: three 16-float vectors
 constexpr int kRows = 8;          // rows per block: 8 x 3 sums in registers
 constexpr int kPrefetch = 24;     // how many k ahead the panel is prefetched (24 x 192 bytes)
 
+__m512 gelu(__m512 x);
+
 template <int R>
 void block(const float* x, int64_t ldx, const float* panel, int64_t K, const float* bias, float* y, int64_t ldy,
-           int64_t outputs, const float* next) {
+           int64_t outputs, const float* next, bool activate) {
   __m512 sum[R][3];
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < 3; ++j) sum[r][j] = _mm512_setzero_ps();
@@ -65,12 +68,15 @@ void block(const float* x, int64_t ldx, const float* panel, int64_t K, const flo
     const int64_t left = outputs - 16 * j;
     const __mmask16 mask = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
     const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + 16 * j) : _mm512_setzero_ps();
-    for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(y + r * ldy + 16 * j, mask, _mm512_add_ps(sum[r][j], b));
+    for (int r = 0; r < R; ++r) {
+      const __m512 out = _mm512_add_ps(sum[r][j], b);
+      _mm512_mask_storeu_ps(y + r * ldy + 16 * j, mask, activate ? gelu(out) : out);
+    }
   }
 }
 
 using Block = void (*)(const float*, int64_t, const float*, int64_t, const float*, float*, int64_t, int64_t,
-                      const float*);
+                      const float*, bool);
 constexpr Block kBlocks[kRows + 1] = {nullptr, block<1>, block<2>, block<3>, block<4>,
                                       block<5>, block<6>, block<7>, block<8>};
 
@@ -90,6 +96,27 @@ inline __m512 exp_nonpositive(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
   p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
   return _mm512_scalef_ps(p, n);
+}
+
+// erf by Abramowitz and Stegun's 7.1.26 (absolute error under 1.5e-7), the formula of torch's vectorized erf,
+// and BERT's exact GELU from it, x / 2 (1 + erf(x / sqrt 2)), as torch's F.gelu computes it. (AVX-512F only:
+// the sign is moved with integer operations.)
+inline __m512 erf_ps(__m512 x) {
+  const __m512i sign = _mm512_and_epi32(_mm512_castps_si512(x), _mm512_set1_epi32(int(0x80000000u)));
+  const __m512 a = _mm512_abs_ps(x), one = _mm512_set1_ps(1.0f);
+  const __m512 t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), a, one));
+  __m512 r = _mm512_fmadd_ps(_mm512_set1_ps(1.061405429f), t, _mm512_set1_ps(-1.453152027f));
+  r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(1.421413741f));
+  r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(-0.284496736f));
+  r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(0.254829592f));
+  const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(a, a)));
+  const __m512 y = _mm512_fnmadd_ps(_mm512_mul_ps(e, t), r, one);  // 1 - r t exp(-x^2)
+  return _mm512_castsi512_ps(_mm512_xor_epi32(_mm512_castps_si512(y), sign));
+}
+
+__m512 gelu(__m512 x) {
+  const __m512 half = _mm512_mul_ps(x, _mm512_set1_ps(0.5f));
+  return _mm512_fmadd_ps(half, erf_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f))), half);
 }
 
 inline __mmask16 lanes(int64_t left) { return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1); }
@@ -231,15 +258,16 @@ void for_each_task(int64_t tasks, int threads, int64_t scratch, F task) {
 extern "C" {
 
 // Bumped whenever the layout or the signatures below change (few_rows.py checks it).
-int med_few_rows_version() { return 5; }
+int med_few_rows_version() { return 6; }
 
 // For i < batch: y[i] = x[i] B[i] + bias[i], where x[i] (M, K) and y[i] (M, N) are row-major at x + i * x_stride
 // and y + i * y_stride, B[i] is packed as above at panels + i * panels_stride, and bias[i] (N) is at
-// bias + i * bias_stride (bias null: none). `threads` OpenMP threads (torch's count: the caller's thread may not
-// carry torch's setting) share the batch's panels.
+// bias + i * bias_stride (bias null: none); with `activation` 1, BERT's GELU is applied to each output (after the
+// bias). `threads` OpenMP threads (torch's count: the caller's thread may not carry torch's setting) share the
+// batch's panels.
 void med_few_rows_matmul(const float* x, int64_t batch, int64_t x_stride, int64_t M, int64_t K, const float* panels,
                          int64_t panels_stride, int64_t N, const float* bias, int64_t bias_stride, float* y,
-                         int64_t y_stride, int threads) {
+                         int64_t y_stride, int activation, int threads) {
   const int64_t count = (N + kPanel - 1) / kPanel;
   auto task = [&](int64_t t) {
     const int64_t i = t / count, p = t % count;
@@ -251,7 +279,7 @@ void med_few_rows_matmul(const float* x, int64_t batch, int64_t x_stride, int64_
     for (int64_t m = 0; m < M; m += kRows) {
       const int rows = M - m < kRows ? int(M - m) : kRows;
       const float* next = m == kRows && rows == kRows && p + 1 < count ? panel + K * kPanel : nullptr;
-      kBlocks[rows](xi + m * K, K, panel, K, bi, yi + m * N, N, outputs, next);
+      kBlocks[rows](xi + m * K, K, panel, K, bi, yi + m * N, N, outputs, next, activation == 1);
     }
   };
   if (threads > 1 && batch * count > 1) {
@@ -366,6 +394,42 @@ void med_few_rows_attend_history(const float* q, int64_t R, int64_t H, int64_t D
     }
   };
   for_each_task(R * H, threads, lds, task);
+}
+
+// For each of `rows` rows of `width` floats (all contiguous): out = LayerNorm(x + residual) with the given weight
+// and bias (residual null: LayerNorm(x)); the mean and variance in two passes, as torch's LayerNorm to float
+// rounding. out may be x or residual.
+void med_few_rows_add_norm(const float* x, const float* residual, const float* weight, const float* bias, float eps,
+                           float* out, int64_t rows, int64_t width) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * width;
+    const float* rr = residual ? residual + r * width : nullptr;
+    float* o = out + r * width;
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t i = 0; i < width; i += 16) {
+      const __mmask16 m = lanes(width - i);
+      __m512 v = _mm512_maskz_loadu_ps(m, xr + i);
+      if (rr) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, rr + i));
+      _mm512_mask_storeu_ps(o + i, m, v);
+      total = _mm512_add_ps(total, v);
+    }
+    const float mean = _mm512_reduce_add_ps(total) / float(width);
+    const __m512 centre = _mm512_set1_ps(mean);
+    __m512 squares = _mm512_setzero_ps();
+    for (int64_t i = 0; i < width; i += 16) {
+      const __mmask16 m = lanes(width - i);
+      const __m512 d = _mm512_maskz_sub_ps(m, _mm512_maskz_loadu_ps(m, o + i), centre);
+      squares = _mm512_fmadd_ps(d, d, squares);
+    }
+    const __m512 scale = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(squares) / float(width) + eps));
+    for (int64_t i = 0; i < width; i += 16) {
+      const __mmask16 m = lanes(width - i);
+      const __m512 normed = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, o + i), centre), scale);
+      const __m512 w = weight ? _mm512_maskz_loadu_ps(m, weight + i) : _mm512_set1_ps(1.0f);
+      const __m512 b = bias ? _mm512_maskz_loadu_ps(m, bias + i) : _mm512_setzero_ps();
+      _mm512_mask_storeu_ps(o + i, m, _mm512_fmadd_ps(normed, w, b));
+    }
+  }
 }
 
 }  // extern "C"

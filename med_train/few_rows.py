@@ -1,10 +1,13 @@
-"""Products of a decoding step's few rows on the CPU, fp32 (AVX-512), from `few_rows.cpp`: x W^T + b, x[i] b[i],
-the few queries' attention over stored keys and values (`attend`), and a step's self-attention over each row's
-history where it was stored (`attend_history`: beams are never copied).
+"""Products of a decoding step's few rows on the CPU, fp32 (AVX-512), from `few_rows.cpp`: x W^T + b (GELU
+applied as it is stored, optionally), x[i] b[i], the few queries' attention over stored keys and values
+(`attend`), a step's self-attention over each row's history where it was stored (`attend_history`: beams are
+never copied), and a residual add with LayerNorm in one pass (`Norm`).
 
     if few_rows.available():
         panels = few_rows.pack(weight.t())              # once per weight (N, K): (ceil(N / 48), K, 48)
         y = few_rows.linear(x, panels, weight.shape[0], bias)   # F.linear(x, weight, bias)
+        y = few_rows.Product(panels, weight.shape[0], bias)(x, gelu=True)  # F.gelu(F.linear(...)), bound weight
+        y = few_rows.Norm(ln.weight, ln.bias, ln.eps)(x, residual)        # ln(x + residual)
         y = few_rows.matmul(x, few_rows.pack(b), b.shape[-1])   # torch.bmm(x, b), b (B, K, N)
         out = few_rows.attend(q, k.transpose(-1, -2), v, mask)  # SDPA(q, k, v, mask), keys stored transposed
         out = few_rows.attend_history(q, keys, values, source)   # SDPA over keys[p, source[r, p]], p < T
@@ -44,7 +47,7 @@ import torch
 SOURCE = Path(__file__).with_name("few_rows.cpp")
 FLAGS = ["-O3", "-std=c++17", "-mavx512f", "-mfma", "-fopenmp", "-shared", "-fPIC"]
 PANEL = 48  # outputs per packed panel (kPanel in the source)
-VERSION = 5  # med_few_rows_version() of the source this module speaks to
+VERSION = 6  # med_few_rows_version() of the source this module speaks to
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
@@ -106,11 +109,13 @@ def _load() -> ctypes.CDLL | None:
     library.med_few_rows_matmul.restype = None
     i64, pointer = ctypes.c_int64, ctypes.c_void_p
     library.med_few_rows_matmul.argtypes = [pointer, i64, i64, i64, i64, pointer, i64, i64, pointer, i64, pointer,
-                                            i64, ctypes.c_int]
+                                            i64, ctypes.c_int, ctypes.c_int]
     library.med_few_rows_attend.restype = None
     strides = ctypes.POINTER(i64)
     library.med_few_rows_attend.argtypes = [pointer, strides, pointer, strides, pointer, strides, pointer, strides,
                                             pointer, strides, i64, i64, i64, i64, i64, ctypes.c_float, ctypes.c_int]
+    library.med_few_rows_add_norm.restype = None
+    library.med_few_rows_add_norm.argtypes = [pointer, pointer, pointer, pointer, ctypes.c_float, pointer, i64, i64]
     library.med_few_rows_attend_history.restype = None
     library.med_few_rows_attend_history.argtypes = [pointer, i64, i64, i64, pointer, pointer, i64, i64, pointer, i64,
                                                     i64, ctypes.c_float, pointer, ctypes.c_int]
@@ -142,15 +147,17 @@ def pack(b: torch.Tensor) -> torch.Tensor:
     return panels
 
 
-def linear(x: torch.Tensor, panels: torch.Tensor, outputs: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, panels: torch.Tensor, outputs: int, bias: torch.Tensor | None = None, *,
+           gelu: bool = False) -> torch.Tensor:
     """x @ W^T + bias for `panels = pack(W.t())` with `outputs` = W's rows; x (..., K) fp32 on the CPU, any leading
-    dimensions. Equal to F.linear to float rounding (the sums run over K in order). Needs `available()`."""
+    dimensions. Equal to F.linear to float rounding (the sums run over K in order). `gelu=True`: F.gelu of that
+    (BERT's exact, erf GELU, computed as torch does), applied as each output is stored. Needs `available()`."""
     k = x.shape[-1]
     _check_panels(panels, (-(-outputs // PANEL), k, PANEL), outputs)
     _check(x, k)
     if bias is not None and (bias.dtype != torch.float32 or bias.shape != (outputs,)):
         raise ValueError(f"the bias must be fp32 ({outputs},), got {bias.dtype} {tuple(bias.shape)}")
-    y = _run(x.reshape(1, -1, k), panels, 0, outputs, bias, 0)
+    y = _run(x.reshape(1, -1, k), panels, 0, outputs, bias, 0, activation=int(gelu))
     return y.view(*x.shape[:-1], outputs)
 
 
@@ -166,13 +173,15 @@ def matmul(x: torch.Tensor, panels: torch.Tensor, outputs: int) -> torch.Tensor:
 
 
 def attend(query: torch.Tensor, keys_t: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None = None,
-           scale: float | None = None) -> torch.Tensor:
+           scale: float | None = None, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(query @ keys_t * scale + mask) @ value for each (batch, head), in one pass that keeps the scores in
     cache: query (B, H, R, D), keys_t (B, H, D, S) (the keys transposed: each head's keys stored as D rows of S),
     value (B, H, S, D), mask an additive bias broadcastable to (B, H, R, S) or None, scale D ** -0.5 by default;
     fp32 on the CPU. Returns (B, H, R, D), as F.scaled_dot_product_attention(query, keys_t.transpose(-1, -2),
-    value, mask) to float rounding (the softmax's exp is a polynomial good to about 1 ulp). Needs `available()`."""
-    _require_fp32_cpu("attend", query=query, keys_t=keys_t, value=value, mask=mask)
+    value, mask) to float rounding (the softmax's exp is a polynomial good to about 1 ulp). `out`: where to write it,
+    a (B, H, R, D) view whose last dimension is contiguous (e.g. rows (B, R, H, D) seen heads first). Needs
+    `available()`."""
+    _require_fp32_cpu("attend", query=query, keys_t=keys_t, value=value, mask=mask, out=out)
     if query.dim() != 4 or keys_t.dim() != 4 or value.dim() != 4:
         raise ValueError(f"attend takes 4-d query, keys_t and value, got {query.dim()}, {keys_t.dim()} and "
                          f"{value.dim()} dimensions")
@@ -186,7 +195,11 @@ def attend(query: torch.Tensor, keys_t: torch.Tensor, value: torch.Tensor, mask:
         mask = mask.expand(b, h, r, s)
         if mask.stride(-1) != 1:
             mask = mask.contiguous()
-    out = query.new_empty(b, h, r, d)
+    if out is None:
+        out = query.new_empty(b, h, r, d)
+    elif out.shape != (b, h, r, d) or out.stride(-1) != 1:
+        raise ValueError(f"attend: out must be ({b}, {h}, {r}, {d}) with a contiguous last dimension, got "
+                         f"{tuple(out.shape)} with strides {out.stride()}")
     if out.numel() == 0:
         return out
     if s == 0:
@@ -221,17 +234,82 @@ def attend_history(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
                          "contiguous")
     if source.numel() and (int(source.min()) < 0 or int(source.max()) >= keys.shape[1]):
         raise ValueError(f"attend_history: source rows must lie in 0 .. {keys.shape[1] - 1}")
-    query, source = query.contiguous(), source if source.stride(1) == 1 else source.contiguous()
-    out = query.new_empty(r, h, d)
-    if out.numel() == 0:
-        return out
-    if source.shape[1] == 0:
+    if source.shape[1] == 0 and query.numel():
         raise ValueError("attend_history needs at least one position")
-    _library.med_few_rows_attend_history(query.data_ptr(), r, h, d, keys.data_ptr(), values.data_ptr(),
-                                         keys.stride(0), keys.stride(1), source.data_ptr(), source.stride(0),
-                                         source.shape[1], d**-0.5 if scale is None else scale, out.data_ptr(),
-                                         torch.get_num_threads())
+    return _attend_history(query.contiguous(), keys, values, source if source.stride(1) == 1 else source.contiguous(),
+                           d**-0.5 if scale is None else scale)
+
+
+def _attend_history(query, keys, values, source, scale: float) -> torch.Tensor:
+    """attend_history's kernel call on checked arguments (query contiguous, source rows in range)."""
+    r, h, d = query.shape
+    out = query.new_empty(r, h, d)
+    if out.numel():
+        _library.med_few_rows_attend_history(query.data_ptr(), r, h, d, keys.data_ptr(), values.data_ptr(),
+                                             keys.stride(0), keys.stride(1), source.data_ptr(), source.stride(0),
+                                             source.shape[1], scale, out.data_ptr(), torch.get_num_threads())
     return out
+
+
+class Product:
+    """`linear` with one weight's panels and bias bound, for a decoding step's many calls: x (R, K) fp32, contiguous,
+    on the CPU -> (R, N), or into `out` (R, N) contiguous (e.g. a cache's slot). Checks x on each call, the
+    weight once."""
+
+    def __init__(self, panels: torch.Tensor, outputs: int, bias: torch.Tensor | None = None):
+        self.inputs = panels.shape[-2]
+        _check_panels(panels, (-(-outputs // PANEL), self.inputs, PANEL), outputs)
+        if bias is not None and (bias.dtype != torch.float32 or bias.shape != (outputs,) or bias.device.type != "cpu"):
+            raise ValueError(f"the bias must be fp32 ({outputs},) on the CPU, got {bias.dtype} {tuple(bias.shape)}")
+        self.panels, self.outputs = panels, outputs
+        self.bias = None if bias is None else bias.detach().contiguous()
+        self._bias = None if bias is None else self.bias.data_ptr()
+
+    def __call__(self, x: torch.Tensor, *, out: torch.Tensor | None = None, gelu: bool = False) -> torch.Tensor:
+        if (x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 or x.shape[1] != self.inputs
+                or not x.is_contiguous()):
+            raise ValueError(f"Product takes contiguous fp32 CPU rows (R, {self.inputs}), got {x.dtype} "
+                             f"{tuple(x.shape)} on {x.device}")
+        rows = x.shape[0]
+        if out is None:
+            out = x.new_empty(rows, self.outputs)
+        elif (out.dtype != torch.float32 or out.device.type != "cpu" or out.shape != (rows, self.outputs)
+              or not out.is_contiguous()):
+            raise ValueError(f"Product's out must be contiguous fp32 ({rows}, {self.outputs}) on the CPU, got "
+                             f"{out.dtype} {tuple(out.shape)}")
+        if rows:
+            _library.med_few_rows_matmul(x.data_ptr(), 1, 0, rows, self.inputs, self.panels.data_ptr(), 0,
+                                         self.outputs, self._bias, 0, out.data_ptr(), 0, int(gelu),
+                                         torch.get_num_threads())
+        return out
+
+
+class Norm:
+    """`add_norm` with a LayerNorm's weight, bias and eps bound: `norm(x, residual)` = LayerNorm(x + residual) for
+    contiguous fp32 CPU rows (R, W) (residual None: of x alone)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, eps: float):
+        _require_fp32_cpu("Norm", weight=weight, bias=bias)
+        if weight.dim() != 1 or bias.shape != weight.shape:
+            raise ValueError(f"Norm takes weight and bias (W,), got {tuple(weight.shape)} and {tuple(bias.shape)}")
+        self.weight, self.bias, self.eps = weight.detach().contiguous(), bias.detach().contiguous(), float(eps)
+        self._weight, self._bias = self.weight.data_ptr(), self.bias.data_ptr()
+        self.width = weight.shape[0]
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        for t in (x, residual):
+            if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() != 2
+                                  or t.shape[1] != self.width or not t.is_contiguous()):
+                raise ValueError(f"Norm takes contiguous fp32 CPU rows (R, {self.width}), got {t.dtype} "
+                                 f"{tuple(t.shape)} on {t.device}")
+        if residual is not None and residual.shape != x.shape:
+            raise ValueError(f"Norm: residual {tuple(residual.shape)} is not shaped as x {tuple(x.shape)}")
+        out = torch.empty_like(x)
+        if out.numel():
+            _library.med_few_rows_add_norm(x.data_ptr(), None if residual is None else residual.data_ptr(),
+                                           self._weight, self._bias, self.eps, out.data_ptr(), x.shape[0],
+                                           self.width)
+        return out
 
 
 def _require_fp32_cpu(function: str, **tensors: torch.Tensor | None) -> None:
@@ -243,8 +321,8 @@ def _require_fp32_cpu(function: str, **tensors: torch.Tensor | None) -> None:
             raise ValueError(f"{function} takes fp32 CPU tensors, got {name} {t.dtype} on {t.device}")
 
 
-def _run(x, panels, panels_stride, outputs, bias, bias_stride) -> torch.Tensor:
-    """The kernel over x (batch, rows, K) made contiguous, into a new (batch, rows, outputs)."""
+def _run(x, panels, panels_stride, outputs, bias, bias_stride, activation: int = 0) -> torch.Tensor:
+    """The kernel over x (batch, rows, K) made contiguous, into a new (batch, rows, outputs) (activation 1: GELU)."""
     x = x.contiguous()
     batch, rows, k = x.shape
     y = x.new_empty(batch, rows, outputs)
@@ -253,7 +331,7 @@ def _run(x, panels, panels_stride, outputs, bias, bias_stride) -> torch.Tensor:
     if batch and rows and outputs:
         _library.med_few_rows_matmul(x.data_ptr(), batch, rows * k, rows, k, panels.data_ptr(), panels_stride,
                                      outputs, None if bias is None else bias.data_ptr(), bias_stride, y.data_ptr(),
-                                     rows * outputs, torch.get_num_threads())
+                                     rows * outputs, activation, torch.get_num_threads())
     return y
 
 

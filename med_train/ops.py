@@ -58,25 +58,35 @@ def _packed_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
 
 def _packed_weight(weight: torch.Tensor, layout: torch.dtype | str) -> torch.Tensor | None:
     """`weight` in oneDNN's blocked layout in that dtype, or FEW_ROWS's panels: see `kept_copy`."""
-    return kept_copy(weight, layout, (lambda w: few_rows.pack(w.t())) if layout == FEW_ROWS
+    return kept_copy(weight, layout, _few_row_pack if layout == FEW_ROWS
                      else lambda w: torch.ops.mkldnn._reorder_linear_weight(w.detach().to(layout)))
 
 
-def kept_copy(weight: torch.Tensor, layout: object, make) -> torch.Tensor | None:
+def _few_row_pack(weight: torch.Tensor) -> torch.Tensor:
+    return few_rows.pack(weight.t())
+
+
+def kept_copy(weight: torch.Tensor, layout: object, make, *, now: bool = False) -> torch.Tensor | None:
     """`make(weight)`, a copy of `weight` in another layout, made at the weight's second use in that layout and
     kept until the weight changes (an optimizer step or a loaded checkpoint writes into it in place, which bumps
     its version) or `release_packed`. None at the first use: a weight used once (the ViT's, captioning one batch)
-    is not worth the copy, which costs about what one product saves."""
+    is not worth the copy, which costs about what one product saves; `now=True` makes it at the first use."""
     key = (weight._version, weight.data_ptr())
     entry = _PACKED.get(weight)
     if entry is None or entry[0] != key:
         entry = _PACKED[weight] = (key, {})
     copies = entry[1]
-    if layout not in copies:
+    if layout not in copies and not now:
         copies[layout] = None
-    elif copies[layout] is None:
+    elif copies.get(layout) is None:
         copies[layout] = make(weight)
     return copies[layout]
+
+
+def few_row_panels(weight: torch.Tensor) -> torch.Tensor:
+    """`weight`'s panels for the few-row kernel (`few_rows.pack(weight.t())`), the copy `linear` keeps and uses,
+    made now if not yet."""
+    return kept_copy(weight, FEW_ROWS, _few_row_pack, now=True)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,

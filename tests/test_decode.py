@@ -122,8 +122,8 @@ def test_beam_search_without_finished_images_gives_the_same_captions(monkeypatch
 
     rows = []
     real_step = decode._step
-    monkeypatch.setattr(decode, "_step", lambda decoder, tokens, cache: rows.append(len(tokens))
-                        or real_step(decoder, tokens, cache))
+    monkeypatch.setattr(decode, "_step", lambda decoder, tokens, cache, *kernel: rows.append(len(tokens))
+                        or real_step(decoder, tokens, cache, *kernel))
     fewest = []
     for seed in range(4):
         decoder = _decoder(vocab=30, seed=seed)
@@ -187,30 +187,38 @@ def test_a_length_limit_within_the_prompt_returns_the_prompt(monkeypatch, kwargs
                                     dict(do_sample=True, top_p=0.9)])
 def test_history_cache_gives_the_same_captions(monkeypatch, kwargs):
     """Where a CPU decode keeps its self-attention history in place (`med.HistoryCache`, fp32 with the few-row
-    kernel), the captions are those of the growing cache: greedy, beam search (images leaving the batch or not)
-    and sampling, with a masked image padding."""
+    kernel), the captions are those of the growing cache, whether its steps run through the decoder's modules or
+    straight through the kernel (`KernelSteps`, what decoding uses there): greedy, beam search (images leaving the
+    batch or not) and sampling, with a masked image padding."""
     from med_train import decode, few_rows, med
 
     if not few_rows.available():
         pytest.skip("the few-row kernel is not built here")
-    caches = []
-    real_step = decode._step
-    monkeypatch.setattr(decode, "_step", lambda decoder, tokens, cache: caches.append(type(cache))
-                        or real_step(decoder, tokens, cache))
+    calls = []
+    real_step, real_steps = decode._step, decode.KernelSteps.for_decoder
+
+    def step(decoder, tokens, cache, kernel=None):
+        calls.append((type(cache), type(kernel)))
+        return real_step(decoder, tokens, cache, kernel)
+
+    monkeypatch.setattr(decode, "_step", step)
     decoder, images, mask = _ending_decoder_and_padded_images()
 
-    def run(history: bool):
+    def run(history: bool, kernel: bool):
         monkeypatch.setattr(med, "history_pays", lambda *a: history)
-        caches.clear()
+        monkeypatch.setattr(decode.KernelSteps, "for_decoder", real_steps if kernel else lambda decoder: None)
+        calls.clear()
         generator = torch.Generator().manual_seed(7) if kwargs.get("do_sample") else None
         ids = generate(decoder, images, torch.tensor([BOS, 7]), eos_token_id=EOS, pad_token_id=PAD, max_length=12,
                        min_length=3, image_mask=mask, generator=generator, **kwargs)
-        return ids, set(caches)
+        return ids, set(calls)
 
-    growing, growing_caches = run(False)
-    kept, kept_caches = run(True)
-    assert growing_caches == {med.DecoderCache} and kept_caches == {med.HistoryCache}
-    assert torch.equal(kept, growing)
+    growing, growing_calls = run(False, False)
+    kept, kept_calls = run(True, False)
+    kernel, kernel_calls = run(True, True)
+    assert growing_calls == {(med.DecoderCache, type(None))} and kept_calls == {(med.HistoryCache, type(None))}
+    assert kernel_calls == {(med.HistoryCache, decode.KernelSteps)}
+    assert torch.equal(kept, growing) and torch.equal(kernel, growing)
     assert len({int((row != PAD).sum()) for row in kept}) > 1  # captions of different lengths
     monkeypatch.undo()
     with torch.no_grad():  # decoding's own conditions: no gradient, eval mode (no attention dropout), fp32
@@ -229,8 +237,8 @@ def test_folded_image_projections_give_the_same_captions(monkeypatch, kwargs):
 
     entries = []
     real_step = decode._step
-    monkeypatch.setattr(decode, "_step", lambda decoder, tokens, cache: entries.append(type(cache.cross_kv[0]))
-                        or real_step(decoder, tokens, cache))
+    monkeypatch.setattr(decode, "_step", lambda decoder, tokens, cache, *kernel:
+                        entries.append(type(cache.cross_kv[0])) or real_step(decoder, tokens, cache, *kernel))
     decoder, images, mask = _ending_decoder_and_padded_images()
 
     def run(fold_below):

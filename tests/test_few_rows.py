@@ -121,6 +121,10 @@ def test_attend_equals_sdpa(shape, masked, threads):
     torch.testing.assert_close(strided, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(few_rows.attend(q, k.transpose(-1, -2), v, mask, scale=0.5),
                                F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.5), atol=1e-5, rtol=1e-5)
+    rows_first = torch.full((b, r, h, d), float("nan"))  # written through a heads-first view: (B, H, R, D) strided
+    returned = few_rows.attend(q, k.transpose(-1, -2), v, mask, out=rows_first.transpose(1, 2))
+    assert returned.data_ptr() == rows_first.data_ptr()
+    torch.testing.assert_close(rows_first.transpose(1, 2), want, atol=1e-5, rtol=1e-5)
 
 
 @needs_kernel
@@ -136,6 +140,8 @@ def test_attend_refuses_what_it_cannot_take():
         few_rows.attend(q[0], kt, v)
     with pytest.raises(RuntimeError):  # a mask that does not broadcast
         few_rows.attend(q, kt, v, torch.zeros(2, 1, 1, 6))
+    with pytest.raises(ValueError, match="out must be"):
+        few_rows.attend(q, kt, v, out=torch.empty(2, 3, 8, 4).transpose(-1, -2))
 
 
 @needs_kernel
@@ -181,6 +187,65 @@ def test_attend_history_refuses_what_it_cannot_take():
         few_rows.attend_history(q, keys, keys.transpose(0, 1).contiguous().transpose(0, 1), source)
     with pytest.raises(ValueError, match="fp32"):
         few_rows.attend_history(q.double(), keys.double(), keys.double(), source)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 8, 24, 70])
+def test_product_with_gelu_and_into_a_given_tensor(rows):
+    """`Product` (a weight's panels and bias bound) equals F.linear, with `gelu=True` F.gelu of it (BERT's erf GELU,
+    applied as the kernel stores each output: every panel, the partial last one too), also into a given `out`
+    such as a cache's slot; GELU itself within float rounding over a wide range of inputs."""
+    g = torch.Generator().manual_seed(rows)
+    weight, bias, x = torch.randn(100, 64, generator=g) / 8, torch.randn(100, generator=g), torch.randn(rows, 64,
+                                                                                                     generator=g)
+    product = few_rows.Product(few_rows.pack(weight.t()), 100, bias)
+    torch.testing.assert_close(product(x), F.linear(x, weight, bias), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(product(x, gelu=True), F.gelu(F.linear(x, weight, bias)), atol=1e-5, rtol=1e-5)
+    slot = torch.full((2, rows, 100), float("nan"))
+    assert product(x, out=slot[1], gelu=True).data_ptr() == slot[1].data_ptr()
+    torch.testing.assert_close(slot[1], F.gelu(F.linear(x, weight, bias)), atol=1e-5, rtol=1e-5)
+    assert slot[0].isnan().all()  # nothing written outside
+    identity = few_rows.Product(few_rows.pack(torch.ones(1, 1)), 1)
+    points = torch.linspace(-12, 12, 20001)[:, None]
+    torch.testing.assert_close(identity(points, gelu=True), F.gelu(points), atol=2e-6, rtol=1e-6)
+
+
+@needs_kernel
+def test_product_and_norm_refuse_what_they_cannot_take():
+    product = few_rows.Product(few_rows.pack(torch.randn(5, 3).t()), 5, torch.zeros(5))
+    with pytest.raises(ValueError, match=r"\(R, 3\)"):
+        product(torch.randn(2, 4))
+    with pytest.raises(ValueError, match="contiguous fp32"):
+        product(torch.randn(3, 2).t())
+    with pytest.raises(ValueError, match="out must be"):
+        product(torch.randn(2, 3), out=torch.empty(2, 4))
+    with pytest.raises(ValueError, match="bias"):
+        few_rows.Product(few_rows.pack(torch.randn(5, 3).t()), 5, torch.zeros(4))
+    with pytest.raises(ValueError, match="panels"):
+        few_rows.Product(few_rows.pack(torch.randn(5, 3).t()), 49)
+    norm = few_rows.Norm(torch.ones(4), torch.zeros(4), 1e-5)
+    with pytest.raises(ValueError, match="residual"):
+        norm(torch.randn(2, 4), torch.randn(3, 4))
+    with pytest.raises(ValueError, match=r"\(R, 4\)"):
+        norm(torch.randn(2, 5))
+    with pytest.raises(ValueError, match="fp32"):
+        few_rows.Norm(torch.ones(4, dtype=torch.float64), torch.zeros(4), 1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("width", [768, 32, 7, 100])
+def test_norm_equals_layer_norm_of_the_sum(width):
+    """`Norm(weight, bias, eps)(x, residual)` is F.layer_norm(x + residual) (or of x alone), for widths that fill
+    their last 16-wide vector or not, rows far from zero mean, and when it writes over nothing it reads."""
+    g = torch.Generator().manual_seed(width)
+    x, residual = 3 * torch.randn(5, width, generator=g) + 2, torch.randn(5, width, generator=g)
+    weight, bias = torch.randn(width, generator=g), torch.randn(width, generator=g)
+    for eps in (1e-12, 1e-5):
+        norm = few_rows.Norm(weight, bias, eps)
+        torch.testing.assert_close(norm(x, residual), F.layer_norm(x + residual, (width,), weight, bias, eps),
+                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(norm(x), F.layer_norm(x, (width,), weight, bias, eps), atol=1e-5, rtol=1e-5)
+    assert norm(x[:0]).shape == (0, width)
 
 
 @needs_kernel
