@@ -1,13 +1,14 @@
 """Products of a decoding step's few rows on the CPU, fp32 (AVX-512), from `few_rows.cpp`: x W^T + b (GELU
 applied as it is stored, optionally), x[i] b[i], the few queries' attention over stored keys and values
 (`attend`), a step's self-attention over each row's history where it was stored (`attend_history`: beams are
-never copied), and a residual add with LayerNorm in one pass (`Norm`).
+never copied), a residual add with LayerNorm in one pass (`Norm`), and a beam step's candidates (`beam_candidates`).
 
     if few_rows.available():
         panels = few_rows.pack(weight.t())              # once per weight (N, K): (ceil(N / 48), K, 48)
         y = few_rows.linear(x, panels, weight.shape[0], bias)   # F.linear(x, weight, bias)
         y = few_rows.Product(panels, weight.shape[0], bias)(x, gelu=True)  # F.gelu(F.linear(...)), bound weight
         y = few_rows.Norm(ln.weight, ln.bias, ln.eps)(x, residual)        # ln(x + residual)
+        ending, top, tokens = few_rows.beam_candidates(logits, beam_scores, eos, k)  # log_softmax + top-k
         y = few_rows.matmul(x, few_rows.pack(b), b.shape[-1])   # torch.bmm(x, b), b (B, K, N)
         out = few_rows.attend(q, k.transpose(-1, -2), v, mask)  # SDPA(q, k, v, mask), keys stored transposed
         out = few_rows.attend_history(q, keys, values, source)   # SDPA over keys[p, source[r, p]], p < T
@@ -47,7 +48,7 @@ import torch
 SOURCE = Path(__file__).with_name("few_rows.cpp")
 FLAGS = ["-O3", "-std=c++17", "-mavx512f", "-mfma", "-fopenmp", "-shared", "-fPIC"]
 PANEL = 48  # outputs per packed panel (kPanel in the source)
-VERSION = 6  # med_few_rows_version() of the source this module speaks to
+VERSION = 7  # med_few_rows_version() of the source this module speaks to
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
@@ -116,6 +117,9 @@ def _load() -> ctypes.CDLL | None:
                                             pointer, strides, i64, i64, i64, i64, i64, ctypes.c_float, ctypes.c_int]
     library.med_few_rows_add_norm.restype = None
     library.med_few_rows_add_norm.argtypes = [pointer, pointer, pointer, pointer, ctypes.c_float, pointer, i64, i64]
+    library.med_few_rows_beam_candidates.restype = None
+    library.med_few_rows_beam_candidates.argtypes = [pointer, i64, i64, i64, pointer, i64, i64, pointer, pointer,
+                                                     pointer, ctypes.c_int]
     library.med_few_rows_attend_history.restype = None
     library.med_few_rows_attend_history.argtypes = [pointer, i64, i64, i64, pointer, pointer, i64, i64, pointer, i64,
                                                     i64, ctypes.c_float, pointer, ctypes.c_int]
@@ -249,6 +253,32 @@ def _attend_history(query, keys, values, source, scale: float) -> torch.Tensor:
                                              keys.stride(0), keys.stride(1), source.data_ptr(), source.stride(0),
                                              source.shape[1], scale, out.data_ptr(), torch.get_num_threads())
     return out
+
+
+def beam_candidates(logits: torch.Tensor, beam_scores: torch.Tensor, eos: int | None, k: int):
+    """A beam search step's candidates, per row: with c = beam_scores[:, None] + logits.log_softmax(-1) (R, V),
+    returns (c[:, eos] (R,), the k largest of c over the tokens other than eos (R, k) best first, and their tokens
+    (R, k) int64), in one pass over the logits instead of log_softmax, a sum and a top-k over (R, V) tensors.
+    Ties go to the lower token. logits (R, V) fp32 on the CPU, its last dimension contiguous; beam_scores (R,);
+    eos None: no token is set apart (the first result is then -inf). Needs `available()`."""
+    _require_fp32_cpu("beam_candidates", logits=logits, beam_scores=beam_scores)
+    if logits.dim() != 2 or beam_scores.shape != logits.shape[:1] or not 0 < k <= logits.shape[1] - (eos is not None):
+        raise ValueError(f"beam_candidates takes logits (R, V), beam_scores (R,) and 0 < k < V, got "
+                         f"{tuple(logits.shape)}, {tuple(beam_scores.shape)} and k={k}")
+    if eos is not None and not 0 <= eos < logits.shape[1]:
+        raise ValueError(f"beam_candidates: eos {eos} is not a token of the {logits.shape[1]}")
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    beam_scores = beam_scores.contiguous()
+    rows = logits.shape[0]
+    ending, scores = logits.new_empty(rows), logits.new_empty(rows, k)
+    tokens = torch.empty(rows, k, dtype=torch.int64)
+    if rows:
+        _library.med_few_rows_beam_candidates(logits.data_ptr(), rows, logits.shape[1], logits.stride(0),
+                                              beam_scores.data_ptr(), -1 if eos is None else eos, k,
+                                              ending.data_ptr(), scores.data_ptr(), tokens.data_ptr(),
+                                              torch.get_num_threads())
+    return ending, scores, tokens
 
 
 class Product:

@@ -71,6 +71,34 @@ def test_beam_search_equals_exhaustive_search_when_the_beam_covers_the_space(len
         assert all(t == PAD for t in got[len(want):])
 
 
+@pytest.mark.parametrize("kwargs", [dict(num_beams=3), dict(num_beams=5, length_penalty=0.5, min_length=6),
+                                    dict(num_beams=3, repetition_penalty=1.5, early_stopping="never")])
+def test_beam_candidates_from_the_kernel_give_the_same_captions(monkeypatch, kwargs):
+    """On the CPU a beam step's candidates come from one kernel pass over the logits (`few_rows.beam_candidates`:
+    each row's ending score and k best, then each image's k best of its rows'): the captions are those of
+    log_softmax and a top-k over each image's k x V running sums."""
+    from med_train import decode, few_rows
+
+    if not few_rows.available():
+        pytest.skip("the few-row kernel is not built here")
+    calls = []
+    real = few_rows.beam_candidates
+    monkeypatch.setattr(few_rows, "beam_candidates", lambda *a: calls.append(1) or real(*a))
+    decoder, images, mask = _ending_decoder_and_padded_images()
+
+    def run(kernel: bool):
+        monkeypatch.setattr(decode, "_kernel_candidates", lambda logits, k: kernel)
+        calls.clear()
+        ids = generate(decoder, images, torch.tensor([BOS, 7]), eos_token_id=EOS, pad_token_id=PAD, max_length=12,
+                       image_mask=mask, **kwargs)
+        return ids, len(calls)
+
+    (kernel, kernel_calls), (torch_path, torch_calls) = run(True), run(False)
+    assert kernel_calls > 0 and torch_calls == 0
+    assert torch.equal(kernel, torch_path)
+    assert len({int((row != PAD).sum()) for row in kernel}) > 1  # captions of different lengths
+
+
 def test_greedy_equals_beam_of_one_and_uncached_greedy():
     decoder = _decoder(vocab=40, seed=1)
     images = torch.randn(4, 5, 8, generator=torch.Generator().manual_seed(0))

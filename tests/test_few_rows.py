@@ -249,6 +249,58 @@ def test_norm_equals_layer_norm_of_the_sum(width):
 
 
 @needs_kernel
+@pytest.mark.parametrize("rows,vocab,k", [(24, 30524, 3), (6, 50, 5), (4, 17, 16), (3, 5, 1), (5, 40, 39)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_beam_candidates_equal_log_softmax_and_top_k(rows, vocab, k, threads):
+    """Each row's ending score (beam score + log-probability of eos) and its k best other continuations, as
+    log_softmax, a sum and top-k give them: dead beams (-inf scores), a forbidden eos (-inf logit), repeated
+    logits (ties go to the lower token), vocabularies that fill their last 16-wide vector or not, strided rows."""
+    g = torch.Generator().manual_seed(vocab + k)
+    logits = (3 * torch.randn(rows, vocab + 3, generator=g))[:, :vocab]  # rows at a stride of their own
+    logits[:, vocab // 2] = logits[:, 1]  # ties
+    logits[0, 2] = float("-inf")
+    beam_scores = torch.randn(rows, generator=g)
+    beam_scores[1:2] = float("-inf")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ending, scores, tokens = few_rows.beam_candidates(logits, beam_scores, 2, k)
+        no_eos = few_rows.beam_candidates(logits, beam_scores, None, k)
+    finally:
+        torch.set_num_threads(before)
+    sums = beam_scores[:, None] + logits.log_softmax(-1)
+    torch.testing.assert_close(ending, sums[:, 2], atol=1e-5, rtol=1e-6)
+    assert no_eos[0].isneginf().all()
+    for eos, (got_scores, got_tokens) in ((2, (scores, tokens)), (None, no_eos[1:])):
+        candidates = sums.clone()
+        if eos is not None:
+            candidates[:, eos] = float("-inf")
+        want_scores, _ = candidates.topk(k, dim=1)
+        alive = beam_scores > float("-inf")
+        torch.testing.assert_close(got_scores[alive], want_scores[alive], atol=1e-5, rtol=1e-6)
+        assert got_scores[~alive].isneginf().all()
+        # the tokens are the ones scored, best first, the lower token first among equals, never eos
+        torch.testing.assert_close(candidates.gather(1, got_tokens)[alive], got_scores[alive], atol=1e-5, rtol=1e-6)
+        for row, picked in zip(got_tokens[alive].tolist(), got_scores[alive].tolist(), strict=True):
+            assert len(set(row)) == k and eos not in row
+            pairs = zip(picked[:-1], picked[1:], row[:-1], row[1:], strict=True)
+            assert all(a > b or (a == b and s < t) for a, b, s, t in pairs)
+
+
+@needs_kernel
+def test_beam_candidates_refuse_what_they_cannot_take():
+    logits, scores = torch.randn(3, 10), torch.zeros(3)
+    with pytest.raises(ValueError, match="0 < k < V"):
+        few_rows.beam_candidates(logits, scores, 2, 10)  # 9 tokens besides eos
+    with pytest.raises(ValueError, match="0 < k < V"):
+        few_rows.beam_candidates(logits, scores[:2], 2, 3)
+    with pytest.raises(ValueError, match="eos 10"):
+        few_rows.beam_candidates(logits, scores, 10, 3)
+    with pytest.raises(ValueError, match="fp32"):
+        few_rows.beam_candidates(logits.double(), scores, 2, 3)
+
+
+@needs_kernel
 def test_ops_linear_routes_few_rows_to_the_kernel_and_more_to_onednn():
     """From a weight's second use: up to FEW_ROWS_MAX rows through the kernel's panels, more through oneDNN's
     blocked copy, each kept; fp32 results equal F.linear's either way."""
