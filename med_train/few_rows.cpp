@@ -122,7 +122,6 @@ __m512 gelu(__m512 x) {
 inline __mmask16 lanes(int64_t left) { return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1); }
 
 constexpr int kAttendRows = 4;  // query rows per block
-constexpr int kFetchLines = 4;  // cache lines of the next task's keys or values fetched per step of a block
 constexpr int kKeyVectors = 6;  // 16-key vectors per block of the scores: 4 x 6 sums in registers
 constexpr int kDimVectors = 4;  // 16-wide vectors of a head per block of the mix: 4 x 4 sums
 
@@ -132,13 +131,13 @@ constexpr int kDimVectors = 4;  // 16-wide vectors of a head per block of the mi
 template <int R, int V, bool MaskLast>
 __attribute__((always_inline)) inline void rows_times(const float* a, int64_t lda, int64_t count, const float* b,
                                                       int64_t ldb, __mmask16 tail, __m512 (&sum)[R][V],
-                                                      const char* fetch) {
+                                                      const float* fetch) {
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < V; ++j) sum[r][j] = _mm512_setzero_ps();
   for (int64_t i = 0; i < count; ++i) {
     const float* row = b + i * ldb;
-    if (fetch) {  // the next task's data, kFetchLines lines an iteration (a hint: never faults)
-      for (int l = 0; l < kFetchLines; ++l) _mm_prefetch(fetch + (i * kFetchLines + l) * 64, _MM_HINT_T2);
+    if (fetch) {  // the same row of the next task's block (a hint: never faults)
+      for (int j = 0; j < V; ++j) _mm_prefetch(reinterpret_cast<const char*>(fetch + i * ldb + 16 * j), _MM_HINT_T2);
     }
     __m512 vec[V];
     for (int j = 0; j < V; ++j)
@@ -154,7 +153,7 @@ __attribute__((always_inline)) inline void rows_times(const float* a, int64_t ld
 // holding `last` keys (fewer than 16 with MaskLast).
 template <int R, int V, bool MaskLast>
 void scores_block(const float* q, int64_t D, const float* kt, int64_t ldk, int64_t last, const float* mask,
-                  int64_t ldm, float* scores, int64_t lds, const char* fetch) {
+                  int64_t ldm, float* scores, int64_t lds, const float* fetch) {
   const __mmask16 tail = MaskLast ? lanes(last) : __mmask16(0xFFFF);
   __m512 sum[R][V];
   rows_times<R, V, MaskLast>(q, D, D, kt, ldk, tail, sum, fetch);
@@ -171,7 +170,7 @@ void scores_block(const float* q, int64_t D, const float* kt, int64_t ldk, int64
 // `last` wide): the probabilities times the values.
 template <int R, int V, bool MaskLast>
 void mix_block(const float* p, int64_t lds, int64_t S, const float* v, int64_t ldv, int64_t last, float* out,
-               int64_t ldo, const char* fetch) {
+               int64_t ldo, const float* fetch) {
   const __mmask16 tail = MaskLast ? lanes(last) : __mmask16(0xFFFF);
   __m512 sum[R][V];
   rows_times<R, V, MaskLast>(p, lds, S, v, ldv, tail, sum, fetch);
@@ -181,9 +180,9 @@ void mix_block(const float* p, int64_t lds, int64_t S, const float* v, int64_t l
 }
 
 using ScoresBlock = void (*)(const float*, int64_t, const float*, int64_t, int64_t, const float*, int64_t, float*,
-                             int64_t, const char*);
+                             int64_t, const float*);
 using MixBlock = void (*)(const float*, int64_t, int64_t, const float*, int64_t, int64_t, float*, int64_t,
-                          const char*);
+                          const float*);
 
 // Tables of the blocks by [masked last vector][rows - 1][vectors - 1].
 template <int R, bool M, size_t... V>
@@ -307,16 +306,13 @@ void med_few_rows_attend(const float* q, const int64_t* q_strides, const float* 
                          int64_t D, float scale, int threads) {
   // strides: {b, h, row} in floats; a row's elements are contiguous
   const int64_t lds = (S + 15) / 16 * 16;
-  // While a task computes, it fetches the next one's keys (in the first query block's score blocks) and values
-  // (in its mix): alone, a task would wait for memory, then compute, then wait again (cold: 0.61 ms a beam-3
-  // layer; in cache 0.29 ms; reading the K/V alone 0.37 ms).
+  // While a task computes, each block of its first query rows fetches the same block of the next task's keys or
+  // values, row by row as it reads its own: alone, a task would wait for memory, then compute, then wait again
+  // (cold: 0.61 ms a beam-3 layer; in cache 0.29 ms; reading the K/V alone 0.37 ms).
   auto task = [&](int64_t t, int64_t next, float* scores, float* query) {
     const int64_t b = t / H, h = t % H;
-    const char* next_k = next < 0 ? nullptr
-        : reinterpret_cast<const char*>(kt + next / H * kt_strides[0] + next % H * kt_strides[1]);
-    const char* next_v = next < 0 ? nullptr
-        : reinterpret_cast<const char*>(v + next / H * v_strides[0] + next % H * v_strides[1]);
-    const int64_t key_bytes = D * kt_strides[2] * 4, fetched = D * kFetchLines * 64;  // per score block
+    const float* next_k = next < 0 ? nullptr : kt + next / H * kt_strides[0] + next % H * kt_strides[1];
+    const float* next_v = next < 0 ? nullptr : v + next / H * v_strides[0] + next % H * v_strides[1];
     const float* qi = q + b * q_strides[0] + h * q_strides[1];
     const float* ki = kt + b * kt_strides[0] + h * kt_strides[1];
     const float* vi = v + b * v_strides[0] + h * v_strides[1];
@@ -328,11 +324,9 @@ void med_few_rows_attend(const float* q, const int64_t* q_strides, const float* 
     for (int64_t r = 0; r < R; r += kAttendRows) {
       const int rows = R - r < kAttendRows ? int(R - r) : kAttendRows;
       blocks_of(S, kKeyVectors, [&](int64_t s, int vectors, bool masked, int64_t last) {
-        const int64_t offset = s / (16 * kKeyVectors) * fetched;
-        const char* fetch = next_k && r == 0 && offset < key_bytes ? next_k + offset : nullptr;
         kScores[masked][rows - 1][vectors - 1](query + r * D, D, ki + s, kt_strides[2], last,
                                                 mi ? mi + r * ldm + s : nullptr, ldm, scores + r * lds + s, lds,
-                                                fetch);
+                                                next_k && r == 0 ? next_k + s : nullptr);
       });
     }
     softmax_rows(scores, R, S, lds);
@@ -341,7 +335,7 @@ void med_few_rows_attend(const float* q, const int64_t* q_strides, const float* 
       blocks_of(D, kDimVectors, [&](int64_t d, int vectors, bool masked, int64_t last) {
         kMix[masked][rows - 1][vectors - 1](scores + r * lds, lds, S, vi + d, v_strides[2], last,
                                              oi + r * out_strides[2] + d, out_strides[2],
-                                             r == 0 && d == 0 ? next_v : nullptr);
+                                             next_v && r == 0 ? next_v + d : nullptr);
       });
     }
   };

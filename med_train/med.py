@@ -115,16 +115,19 @@ class DecoderCache:
         if self.cross_kv and isinstance(self.cross_kv[0], ImageTokens):  # a folding cache: one entry for all layers
             self.cross_kv = [self.cross_kv[0].select(images)] * len(self.cross_kv)
         else:
-            self.cross_kv = [(_select_images(k, images), v.index_select(0, images)) for k, v in self.cross_kv]
+            self.cross_kv = [(_select_images(k, images), _select_images(v, images)) for k, v in self.cross_kv]
         if self.cross_mask is not None:
             self.cross_mask = self.cross_mask.index_select(0, images)
 
 
-def _select_images(key: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    """`key.index_select(0, images)` in key's own layout (cross keys may be stored transposed: `_kernel_keys`)."""
-    if not key.is_contiguous() and key.transpose(-1, -2).is_contiguous():
-        return key.transpose(-1, -2).index_select(0, images).transpose(-1, -2)
-    return key.index_select(0, images)
+def _select_images(kv: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """`kv.index_select(0, images)` in kv's own memory layout, where it is a permutation of a dense tensor (the
+    kernel's cross keys are stored transposed and its values as projected: `_kernel_keys`)."""
+    order = sorted(range(kv.dim()), key=lambda d: -kv.stride(d))  # dimensions as laid out, outermost first
+    dense = kv.permute(order)
+    if kv.is_contiguous() or not dense.is_contiguous():
+        return kv.index_select(0, images)
+    return dense.index_select(order.index(0), images).permute([order.index(d) for d in range(kv.dim())])
 
 
 class Slots(NamedTuple):
@@ -420,14 +423,16 @@ def few_query_attention(query, key, value, attention_mask=None):
     return torch.matmul(scores.softmax(-1, dtype=torch.float32).to(value.dtype), value)
 
 
-def _kernel_keys(key: torch.Tensor) -> torch.Tensor:
-    """Cross-attention keys (B_img, nh, S, hs) to keep for a CPU decode: where the few-row kernel attends
-    (`_attends_in_kernel`, fp32), stored transposed, each head's keys as hs rows of S (the returned tensor is
-    that memory seen as (B_img, nh, S, hs)); else contiguous. Either way one copy, which makes each step's read
+def _kernel_keys(key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-attention K/V (B_img, nh, S, hs), heads of the projections' rows, to keep for a CPU decode. Where the
+    few-row kernel attends (`_attends_in_kernel`, fp32): the keys stored transposed, each head's keys as hs rows of
+    S (the returned tensor is that memory seen as (B_img, nh, S, hs)), and the values as projected (the kernel
+    reads each head's rows at their stride, fetching the next head's as it goes: as fast as a contiguous copy,
+    which took about 10 ms of the bench's beam-3 decode). Elsewhere both contiguous, which makes each step's read
     of them sequential (a greedy step's cross-attention, ViT-B image tokens: 17 -> 10 ms with bmm)."""
-    if key.dtype == torch.float32 and few_rows.available():
-        return key.transpose(-1, -2).contiguous().transpose(-1, -2)
-    return key.contiguous()
+    if key.dtype == value.dtype == torch.float32 and few_rows.available():
+        return key.transpose(-1, -2).contiguous().transpose(-1, -2), value
+    return key.contiguous(), value.contiguous()
 
 
 def _attends_in_kernel(query, key, value, attention_mask) -> bool:
@@ -561,7 +566,7 @@ class BertSelfAttention(nn.Module):
                 key = self.transpose_for_scores(self.key(encoder_hidden_states))  # (B_img, nh, N, hs)
                 value = self.transpose_for_scores(self.value(encoder_hidden_states))
                 if _cpu_inference(key):  # decoding keeps these for every step: one copy in the layout it reads
-                    key, value = _kernel_keys(key), value.contiguous()
+                    key, value = _kernel_keys(key, value)
         else:
             key = heads(self.key(hidden_states))
             value = heads(self.value(hidden_states))

@@ -264,7 +264,9 @@ def test_cpu_decoding_attends_outside_sdpa(monkeypatch, beams, kernel):
     assert prompt == ["scaled_dot_product_attention", "attend" if kernel else "scaled_dot_product_attention"] * LAYERS
     assert calls == ["few_query_attention", cross] * LAYERS * 3
     key, value = cache.cross_kv[0]
-    assert value.is_contiguous() and key.transpose(-1, -2).is_contiguous() == kernel and key.is_contiguous() != kernel
+    assert key.transpose(-1, -2).is_contiguous() == kernel and key.is_contiguous() != kernel
+    # the kernel reads the values as projected (B_img, N, H) in heads; elsewhere they were made contiguous
+    assert value.is_contiguous() != kernel and value.transpose(1, 2).is_contiguous() == kernel
     monkeypatch.setattr(med, "FEW_QUERIES", 0)  # the steps' few queries go back to SDPA (not the kernel's)
     calls.clear()
     torch.testing.assert_close(decode()[0], full, atol=1e-5, rtol=1e-5)
@@ -347,8 +349,8 @@ def test_folding_cache_decodes_like_projected_kv(monkeypatch, beams):
 
 def test_keep_images_keeps_the_cross_keys_layout():
     """`keep_images` on a projected cache selects the images' cross K/V in the layout they were stored in (keys
-    transposed where the few-row kernel attends), so the steps after it still attend in the kernel; the next
-    step's logits are the full forward's for the images kept."""
+    transposed and values as projected where the few-row kernel attends), so the steps after it still attend in
+    the kernel; the next step's logits are the full forward's for the images kept."""
     ours, _ = _pair()
     _, _, _, images = _inputs()
     text = torch.randint(3, V, (B, 5), generator=torch.Generator().manual_seed(8))
