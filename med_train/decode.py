@@ -359,7 +359,8 @@ def _kernel_candidates(logits: torch.Tensor, k: int) -> bool:
     """Whether a beam step's candidates come from `few_rows.beam_candidates` (CPU, fp32, the kernel built, fewer
     beams than tokens): one pass over the logits (24 x 30524 in the bench) instead of log_softmax, a sum and a
     top-k over them, 0.28 against 1.4 to 4.8 ms a step."""
-    return logits.device.type == "cpu" and logits.dtype == torch.float32 and few_rows.available() and k < logits.shape[-1]
+    return (logits.device.type == "cpu" and logits.dtype == torch.float32 and few_rows.available()
+            and k < logits.shape[-1])
 
 
 _BEAM_ONLY = ("length_penalty", "early_stopping", "drop_finished")

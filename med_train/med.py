@@ -565,7 +565,7 @@ class BertSelfAttention(nn.Module):
             else:
                 key = self.transpose_for_scores(self.key(encoder_hidden_states))  # (B_img, nh, N, hs)
                 value = self.transpose_for_scores(self.value(encoder_hidden_states))
-                if _cpu_inference(key):  # decoding keeps these for every step: one copy in the layout it reads
+                if _cpu_inference(key):  # decoding keeps these for every step, laid out as its attention reads them
                     key, value = _kernel_keys(key, value)
         else:
             key = heads(self.key(hidden_states))
