@@ -36,50 +36,6 @@ constexpr int kPanel = 48;        // outputs per panel: three 16-float vectors
 constexpr int kRows = 8;          // rows per block: 8 x 3 sums in registers
 constexpr int kPrefetch = 24;     // how many k ahead the panel is prefetched (24 x 192 bytes)
 
-__m512 gelu(__m512 x);
-
-template <int R>
-void block(const float* x, int64_t ldx, const float* panel, int64_t K, const float* bias, float* y, int64_t ldy,
-           int64_t outputs, const float* next, bool activate) {
-  __m512 sum[R][3];
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < 3; ++j) sum[r][j] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; ++k) {
-    const float* w = panel + k * kPanel;
-    const char* ahead = reinterpret_cast<const char*>(w + kPrefetch * kPanel);  // a hint: never faults
-    _mm_prefetch(ahead, _MM_HINT_T0);
-    _mm_prefetch(ahead + 64, _MM_HINT_T0);
-    _mm_prefetch(ahead + 128, _MM_HINT_T0);
-    if (next) {
-      const char* later = reinterpret_cast<const char*>(next + k * kPanel);
-      _mm_prefetch(later, _MM_HINT_T1);
-      _mm_prefetch(later + 64, _MM_HINT_T1);
-      _mm_prefetch(later + 128, _MM_HINT_T1);
-    }
-    const __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16), w2 = _mm512_loadu_ps(w + 32);
-    for (int r = 0; r < R; ++r) {
-      const __m512 xr = _mm512_set1_ps(x[r * ldx + k]);
-      sum[r][0] = _mm512_fmadd_ps(xr, w0, sum[r][0]);
-      sum[r][1] = _mm512_fmadd_ps(xr, w1, sum[r][1]);
-      sum[r][2] = _mm512_fmadd_ps(xr, w2, sum[r][2]);
-    }
-  }
-  for (int j = 0; j < 3 && 16 * j < outputs; ++j) {
-    const int64_t left = outputs - 16 * j;
-    const __mmask16 mask = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
-    const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + 16 * j) : _mm512_setzero_ps();
-    for (int r = 0; r < R; ++r) {
-      const __m512 out = _mm512_add_ps(sum[r][j], b);
-      _mm512_mask_storeu_ps(y + r * ldy + 16 * j, mask, activate ? gelu(out) : out);
-    }
-  }
-}
-
-using Block = void (*)(const float*, int64_t, const float*, int64_t, const float*, float*, int64_t, int64_t,
-                      const float*, bool);
-constexpr Block kBlocks[kRows + 1] = {nullptr, block<1>, block<2>, block<3>, block<4>,
-                                      block<5>, block<6>, block<7>, block<8>};
-
 // exp(x) for x <= 0 (a softmax's shifted scores), to about 1 ulp: exp(x) = 2^n exp(r), n = round(x / ln 2),
 // r = x - n ln 2 (in two parts), exp(r) by Cephes' degree-6 polynomial, 2^n applied by scalef (0 far below).
 inline __m512 exp_nonpositive(__m512 x) {
@@ -114,12 +70,53 @@ inline __m512 erf_ps(__m512 x) {
   return _mm512_castsi512_ps(_mm512_xor_epi32(_mm512_castps_si512(y), sign));
 }
 
-__m512 gelu(__m512 x) {
+inline __m512 gelu(__m512 x) {
   const __m512 half = _mm512_mul_ps(x, _mm512_set1_ps(0.5f));
   return _mm512_fmadd_ps(half, erf_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f))), half);
 }
 
 inline __mmask16 lanes(int64_t left) { return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1); }
+
+template <int R>
+void block(const float* x, int64_t ldx, const float* panel, int64_t K, const float* bias, float* y, int64_t ldy,
+           int64_t outputs, const float* next, bool activate) {
+  __m512 sum[R][3];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 3; ++j) sum[r][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const float* w = panel + k * kPanel;
+    const char* ahead = reinterpret_cast<const char*>(w + kPrefetch * kPanel);  // a hint: never faults
+    _mm_prefetch(ahead, _MM_HINT_T0);
+    _mm_prefetch(ahead + 64, _MM_HINT_T0);
+    _mm_prefetch(ahead + 128, _MM_HINT_T0);
+    if (next) {
+      const char* later = reinterpret_cast<const char*>(next + k * kPanel);
+      _mm_prefetch(later, _MM_HINT_T1);
+      _mm_prefetch(later + 64, _MM_HINT_T1);
+      _mm_prefetch(later + 128, _MM_HINT_T1);
+    }
+    const __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16), w2 = _mm512_loadu_ps(w + 32);
+    for (int r = 0; r < R; ++r) {
+      const __m512 xr = _mm512_set1_ps(x[r * ldx + k]);
+      sum[r][0] = _mm512_fmadd_ps(xr, w0, sum[r][0]);
+      sum[r][1] = _mm512_fmadd_ps(xr, w1, sum[r][1]);
+      sum[r][2] = _mm512_fmadd_ps(xr, w2, sum[r][2]);
+    }
+  }
+  for (int j = 0; j < 3 && 16 * j < outputs; ++j) {
+    const __mmask16 mask = lanes(outputs - 16 * j);
+    const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + 16 * j) : _mm512_setzero_ps();
+    for (int r = 0; r < R; ++r) {
+      const __m512 out = _mm512_add_ps(sum[r][j], b);
+      _mm512_mask_storeu_ps(y + r * ldy + 16 * j, mask, activate ? gelu(out) : out);
+    }
+  }
+}
+
+using Block = void (*)(const float*, int64_t, const float*, int64_t, const float*, float*, int64_t, int64_t,
+                      const float*, bool);
+constexpr Block kBlocks[kRows + 1] = {nullptr, block<1>, block<2>, block<3>, block<4>,
+                                      block<5>, block<6>, block<7>, block<8>};
 
 constexpr int kAttendRows = 4;  // query rows per block
 constexpr int kKeyVectors = 6;  // 16-key vectors per block of the scores: 4 x 6 sums in registers
@@ -439,9 +436,8 @@ void med_few_rows_add_norm(const float* x, const float* residual, const float* w
     for (int64_t i = 0; i < width; i += 16) {
       const __mmask16 m = lanes(width - i);
       const __m512 normed = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, o + i), centre), scale);
-      const __m512 w = weight ? _mm512_maskz_loadu_ps(m, weight + i) : _mm512_set1_ps(1.0f);
-      const __m512 b = bias ? _mm512_maskz_loadu_ps(m, bias + i) : _mm512_setzero_ps();
-      _mm512_mask_storeu_ps(o + i, m, _mm512_fmadd_ps(normed, w, b));
+      _mm512_mask_storeu_ps(o + i, m, _mm512_fmadd_ps(normed, _mm512_maskz_loadu_ps(m, weight + i),
+                                                       _mm512_maskz_loadu_ps(m, bias + i)));
     }
   }
 }

@@ -157,12 +157,9 @@ def linear(x: torch.Tensor, panels: torch.Tensor, outputs: int, bias: torch.Tens
     dimensions. Equal to F.linear to float rounding (the sums run over K in order). `gelu=True`: F.gelu of that
     (BERT's exact, erf GELU, computed as torch does), applied as each output is stored. Needs `available()`."""
     k = x.shape[-1]
-    _check_panels(panels, (-(-outputs // PANEL), k, PANEL), outputs)
+    _check_panels(panels, (-(-outputs // PANEL), k, PANEL), outputs)  # panels for x's width
     _check(x, k)
-    if bias is not None and (bias.dtype != torch.float32 or bias.shape != (outputs,)):
-        raise ValueError(f"the bias must be fp32 ({outputs},), got {bias.dtype} {tuple(bias.shape)}")
-    y = _run(x.reshape(1, -1, k), panels, 0, outputs, bias, 0, activation=int(gelu))
-    return y.view(*x.shape[:-1], outputs)
+    return Product(panels, outputs, bias)(x.reshape(-1, k).contiguous(), gelu=gelu).view(*x.shape[:-1], outputs)
 
 
 def matmul(x: torch.Tensor, panels: torch.Tensor, outputs: int) -> torch.Tensor:
@@ -315,8 +312,9 @@ class Product:
 
 
 class Norm:
-    """`add_norm` with a LayerNorm's weight, bias and eps bound: `norm(x, residual)` = LayerNorm(x + residual) for
-    contiguous fp32 CPU rows (R, W) (residual None: of x alone)."""
+    """A LayerNorm's weight, bias and eps bound: `norm(x, residual)` = F.layer_norm(x + residual) over the last
+    dimension, in one pass of the kernel, for contiguous fp32 CPU rows (R, W) (residual None: of x alone). Equal
+    to torch's to float rounding. Needs `available()`."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, eps: float):
         _require_fp32_cpu("Norm", weight=weight, bias=bias)
@@ -351,8 +349,8 @@ def _require_fp32_cpu(function: str, **tensors: torch.Tensor | None) -> None:
             raise ValueError(f"{function} takes fp32 CPU tensors, got {name} {t.dtype} on {t.device}")
 
 
-def _run(x, panels, panels_stride, outputs, bias, bias_stride, activation: int = 0) -> torch.Tensor:
-    """The kernel over x (batch, rows, K) made contiguous, into a new (batch, rows, outputs) (activation 1: GELU)."""
+def _run(x, panels, panels_stride, outputs, bias, bias_stride) -> torch.Tensor:
+    """The kernel over x (batch, rows, K) made contiguous, into a new (batch, rows, outputs)."""
     x = x.contiguous()
     batch, rows, k = x.shape
     y = x.new_empty(batch, rows, outputs)
@@ -361,7 +359,7 @@ def _run(x, panels, panels_stride, outputs, bias, bias_stride, activation: int =
     if batch and rows and outputs:
         _library.med_few_rows_matmul(x.data_ptr(), batch, rows * k, rows, k, panels.data_ptr(), panels_stride,
                                      outputs, None if bias is None else bias.data_ptr(), bias_stride, y.data_ptr(),
-                                     rows * outputs, activation, torch.get_num_threads())
+                                     rows * outputs, 0, torch.get_num_threads())
     return y
 
 

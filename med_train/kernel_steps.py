@@ -79,15 +79,8 @@ class KernelSteps:
     def step(self, tokens: torch.Tensor, cache: med.HistoryCache) -> torch.Tensor:
         """Feed one token per text row, tokens (R,), after the `cache`'s positions: returns the logits (R, V) and
         advances the cache by one position, writing each layer's new K/V into its history."""
-        rows, position = tokens.shape[0], len(cache)
-        keys = cache.self_kv[0].key
-        if position >= keys.shape[0] or rows > keys.shape[1]:
-            raise ValueError(f"the HistoryCache holds {keys.shape[0]} positions of {keys.shape[1]} rows; position "
-                             f"{position} of {rows} rows asked")
-        source = cache.lineage.source[:, : position + 1]  # (R, T): the stored row of each position
-        if source.shape[0] != rows or int(source.min()) < 0 or int(source.max()) >= keys.shape[1]:
-            raise ValueError(f"the HistoryCache's lineage ({source.shape[0]} rows) does not fit {rows} tokens and "
-                             f"{keys.shape[1]} stored rows")
+        rows = tokens.shape[0]
+        position, source = cache.self_kv[0].step_sources(rows)  # (R, T): the stored row of each position
         nh, hs, scale = self.heads, self.head_size, self.head_size**-0.5
         hidden = F.embedding(tokens, self.words)  # (R, H)
         hidden += self.positions[position]

@@ -238,19 +238,31 @@ class History(NamedTuple):
     value: torch.Tensor
     lineage: Lineage
 
-    def attend(self, query, key, value, attention_mask) -> torch.Tensor:
-        """Write this step's key and value (R, nh, 1, hs) at position `length` and attend the query (R, nh, 1, hs)
-        over positions 0 .. length of each text row's history: (R, nh, 1, hs)."""
-        rows, position = query.shape[0], self.lineage.length
-        if query.shape[2] != 1 or attention_mask is not None:
-            raise ValueError("a HistoryCache takes decoding steps: one token per row, no attention mask")
+    def step_sources(self, rows: int) -> tuple[int, torch.Tensor]:
+        """For a step of `rows` text rows: the position it writes, and the stored row of each text row's history at
+        positions 0 .. that one, (rows, position + 1); a clear error where the store is full or the lineage does
+        not fit (the kernel would read outside the store)."""
+        position = self.lineage.length
         if position >= self.key.shape[0] or rows > self.key.shape[1]:
             raise ValueError(f"the HistoryCache holds {self.key.shape[0]} positions of {self.key.shape[1]} rows; "
                              f"position {position} of {rows} rows asked")
+        source = self.lineage.source[:, : position + 1]
+        if source.shape[0] != rows or int(source.min()) < 0 or int(source.max()) >= self.key.shape[1]:
+            raise ValueError(f"the HistoryCache's lineage ({source.shape[0]} rows) does not fit {rows} tokens and "
+                             f"{self.key.shape[1]} stored rows")
+        return position, source
+
+    def attend(self, query, key, value, attention_mask) -> torch.Tensor:
+        """Write this step's key and value (R, nh, 1, hs) at position `length` and attend the query (R, nh, 1, hs)
+        over positions 0 .. length of each text row's history: (R, nh, 1, hs)."""
+        if query.shape[2] != 1 or attention_mask is not None:
+            raise ValueError("a HistoryCache takes decoding steps: one token per row, no attention mask")
+        rows = query.shape[0]
+        position, source = self.step_sources(rows)
         self.key[position, :rows].copy_(key[:, :, 0])
         self.value[position, :rows].copy_(value[:, :, 0])
-        return few_rows.attend_history(query[:, :, 0], self.key, self.value,
-                                       self.lineage.source[:, : position + 1])[:, :, None]
+        return few_rows._attend_history(query[:, :, 0].contiguous(), self.key, self.value, source,
+                                        query.shape[-1] ** -0.5)[:, :, None]
 
 
 class HistoryCache(DecoderCache):
