@@ -183,7 +183,8 @@ def build_models(cfg: Config, tokenizer, workdir: Path, device: str):
     """(ours, peer): our Captioner with random weights and transformers' BLIP loaded from its `export_hf`."""
     from transformers import BlipForConditionalGeneration
 
-    from med_train.model import Captioner, export_hf
+    from med_train.export import export_hf
+    from med_train.model import Captioner
 
     torch.manual_seed(0)
     ours = Captioner(cfg.model, tokenizer, load_weights=False, max_caption_tokens=cfg.tokenizer.max_length)

@@ -83,6 +83,8 @@ def train_command(
         run_dir = train(cfg, config_path=config, resume=run_dir)
     except (TrainingError, DataError) as err:
         _fail(str(err))
+    except ConfigError as err:  # model.init that cannot be read or does not fit
+        _fail(f"{config or run_dir / 'config.yaml'}: {err}", 2)
     typer.echo(f"run folder: {run_dir}")
 
 
@@ -378,7 +380,7 @@ def convert_blip(
     """Import a released BLIP caption checkpoint (read with torch.load(weights_only=True); no code runs)."""
     if not checkpoint.is_file():
         _fail(f"{checkpoint}: no such file", 2)
-    from med_train.model import convert_blip as convert
+    from med_train.convert import convert_blip as convert
 
     try:
         convert(checkpoint, out_dir, tokenizer=tokenizer, image_size=image_size)
@@ -387,20 +389,54 @@ def convert_blip(
     typer.echo(f"wrote {out_dir}")
 
 
-@export_app.command("hf")
-def export_hf(
-    model_dir: Annotated[Path, typer.Argument(help="A med_train model directory or run folder.")],
-    out_dir: Annotated[Path, typer.Argument(help="Where to write the transformers BLIP directory.")],
+@convert_app.command("hf")
+def convert_hf(
+    source: Annotated[str, typer.Argument(help="A transformers BlipForConditionalGeneration: hub id or local "
+                                               "folder (with its processor and tokenizer).")],
+    out_dir: Annotated[Path, typer.Argument(help="Where to write the med_train model directory.")],
+    prompt: Annotated[str, typer.Option(help="Text every caption starts with, after [DEC]. Default: none, "
+                                             "transformers' own behaviour (start from [DEC] alone). BLIP's caption "
+                                             "fine-tunes (Salesforce/blip-image-captioning-*) used 'a picture of '.")
+                      ] = "",
 ):
-    """Write a directory that transformers' BlipForConditionalGeneration and BlipProcessor load."""
-    from med_train.model import Captioner
-    from med_train.model import export_hf as export
+    """Import a transformers BLIP captioner: its weights (the ViT in timm's names), sizes, tokenizer and image
+    size/mean/std."""
+    from med_train.convert import convert_hf as convert
 
     try:
-        export(Captioner.from_pretrained(model_dir), out_dir)
+        convert(source, out_dir, prompt=prompt)
+    except (ValueError, OSError) as err:
+        _fail(str(err))
+    typer.echo(f"wrote {out_dir}")
+
+
+@export_app.command("hf")
+def export_hf(
+    model_dir: Annotated[Path, typer.Argument(help="A run folder (its best model when it has one, else its last) "
+                                                   "or a med_train model directory.")],
+    out_dir: Annotated[Path, typer.Argument(help="Where to write the transformers BLIP directory.")],
+    push_to_hub: Annotated[str | None, typer.Option(metavar="REPO", help="Then publish it as this hub model "
+                                                    "repository (user/name; the token from HF_TOKEN or `hf auth "
+                                                    "login`).")] = None,
+    private: Annotated[bool, typer.Option(help="With --push-to-hub: create the repository private.")] = False,
+):
+    """Write a directory that transformers' BlipForConditionalGeneration and BlipProcessor load, with the run's
+    decoding settings (generation_config.json) and a model card (README.md) whose snippet gives `med caption`'s
+    captions."""
+    from med_train.export import export_run
+    from med_train.export import push_to_hub as push
+
+    try:
+        export_run(model_dir, out_dir, model_id=push_to_hub)
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
     typer.echo(f"wrote {out_dir}")
+    if push_to_hub:
+        try:
+            url = push(out_dir, push_to_hub, private=private)
+        except Exception as err:  # noqa: BLE001 - network, token and hub errors alike: one line, not a traceback
+            _fail(f"--push-to-hub {push_to_hub}: {' '.join(str(err).split()) or type(err).__name__}")
+        typer.echo(f"pushed to {url}")
 
 
 # ---- med bench -----------------------------------------------------------------------------------------------------

@@ -73,6 +73,11 @@ class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     prompt: str = "a picture of "
+    # Start from these weights (all of them; a fresh optimizer at step 0, unlike --resume): a med_train model
+    # folder, a run folder (its last weights; give RUN/best for the best), a transformers BLIP captioner (hub id
+    # or folder), or a BLIP .pth (`blip:PATH`). The sizes above must fit them; `model.text.init` and the vision
+    # weights are then not read. The tokenizer comes with them unless `tokenizer.name` names another.
+    init: str | None = None
 
 
 @dataclass
@@ -561,6 +566,7 @@ _CHECKS: dict[str, _Check] = {
     "model.vision.mean": _RGB,
     "model.vision.std": (lambda v: len(v) == 3 and all(x > 0 for x in v), "must list 3 values (R, G, B), all > 0"),
     "model.text.init": _NOT_EMPTY,
+    "model.init": _NOT_EMPTY,
     "model.text.hidden_size": _POSITIVE,
     "model.text.num_hidden_layers": _POSITIVE,
     "model.text.num_attention_heads": _POSITIVE,

@@ -6,7 +6,8 @@
     model.save_pretrained("runs/x/final");  Captioner.from_pretrained("runs/x/final")
 
 State-dict names are BLIP's (`visual_encoder.*` in timm's names, `text_decoder.bert.*`, `text_decoder.cls.*`),
-so a released BLIP caption checkpoint loads directly (`load_blip_checkpoint`, `med convert blip`).
+so a released BLIP caption checkpoint loads directly. Importing other formats, `model.init` and the export to
+transformers live in `convert.py` and `export.py`.
 """
 
 from __future__ import annotations
@@ -36,6 +37,12 @@ def create_vision_encoder(cfg: VisionConfig, load_weights: bool = True) -> nn.Mo
     import timm
 
     kwargs = dict(num_classes=0, img_size=cfg.image_size, drop_path_rate=cfg.drop_path_rate, **cfg.kwargs)
+    if "layer_norm_eps" in kwargs:  # timm takes a norm layer, not an epsilon (transformers' BLIP ViTs use 1e-5)
+        from functools import partial
+
+        from timm.layers import LayerNorm
+
+        kwargs["norm_layer"] = partial(LayerNorm, eps=kwargs.pop("layer_norm_eps"))
     pretrained = load_weights and (cfg.pretrained or cfg.weights is not None)
     if load_weights and cfg.weights is not None:  # a local file, no hub
         kwargs["pretrained_cfg_overlay"] = dict(file=cfg.weights)
@@ -185,6 +192,13 @@ class Captioner(ReleasesPackedOnTrain, nn.Module):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.max_caption_tokens = max_caption_tokens
+        init = None
+        if load_weights and cfg.init:  # every weight comes from there: the others' sources are not read
+            from med_train.convert import read_init
+
+            init = read_init(cfg.init)
+            cfg.vision.mean, cfg.vision.std = cfg.vision.mean or init.mean, cfg.vision.std or init.std
+            load_weights = False
         from_blip = cfg.text.init.startswith("blip:")  # the ViT's weights come from the BLIP checkpoint too
         self.visual_encoder = create_vision_encoder(cfg.vision, load_weights and not from_blip)
         bert_state = None
@@ -203,6 +217,8 @@ class Captioner(ReleasesPackedOnTrain, nn.Module):
         if bert_state is not None:
             load_bert_into_decoder(self.text_decoder, bert_state)
         if load_weights and from_blip:
+            from med_train.convert import load_blip_checkpoint
+
             load_blip_checkpoint(self, cfg.text.init.removeprefix("blip:"))
 
         self.image_pos_embed = None
@@ -216,6 +232,10 @@ class Captioner(ReleasesPackedOnTrain, nn.Module):
         prompt_ids = torch.tensor(tokenizer(cfg.prompt)["input_ids"][:-1])  # drop [SEP]: the caption follows
         prompt_ids[0] = tokenizer.bos_token_id
         self.register_buffer("prompt_ids", prompt_ids, persistent=False)
+        if init is not None:
+            from med_train.convert import load_init
+
+            load_init(self, init, cfg.init)
 
     @property
     def device(self) -> torch.device:
@@ -357,159 +377,3 @@ def load_bert_into_decoder(decoder: BertLMHeadModel, bert_state: dict) -> None:
         raise ValueError(f"BERT checkpoint lacks decoder keys: {missing[:10]}")
     decoder.load_state_dict(loaded, strict=False)
     decoder.tie_weights()
-
-
-def read_blip_state(path: str | Path) -> dict:
-    """The weights of a released BLIP checkpoint (a pickle with them under 'model'), read without running any
-    pickled code (`weights_only=True`)."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict) or not any(k.startswith("text_decoder.") for k in state):
-        raise ValueError(f"{path}: not a BLIP caption checkpoint (expected the weights under 'model', with "
-                         f"text_decoder.* keys)")
-    # the output bias is stored twice (decoder.bias is cls.predictions.bias); position_ids are an old buffer
-    return {k: v for k, v in state.items()
-            if k != "text_decoder.cls.predictions.decoder.bias" and not k.endswith("position_ids")}
-
-
-def load_blip_checkpoint(model: Captioner, path: str | Path, state: dict | None = None) -> None:
-    """Load a BLIP caption checkpoint into `model`. The ViT's position embeddings are resized (bicubic) when the
-    image size differs; any other shape mismatch or missing key is an error listing the keys."""
-    from timm.layers import resample_abs_pos_embed
-
-    state = dict(read_blip_state(path) if state is None else state)
-    own = model.state_dict()
-    pos_key = "visual_encoder.pos_embed"
-    if pos_key in state and pos_key in own and state[pos_key].shape != own[pos_key].shape:
-        grid = model.visual_encoder.patch_embed.grid_size
-        state[pos_key] = resample_abs_pos_embed(state[pos_key], new_size=list(grid), num_prefix_tokens=1)
-    mismatched = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-                  for k in own if k in state and state[k].shape != own[k].shape]
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(k for k in set(state) - set(own) if k.startswith(("visual_encoder.", "text_decoder.")))
-    if mismatched or missing or unexpected:
-        raise ValueError(f"{path}: does not fit the configured model;\n  shape mismatches: {mismatched}\n"
-                         f"  missing: {missing}\n  unexpected: {unexpected}")
-    model.load_state_dict({k: state[k] for k in own}, strict=True)
-    model.text_decoder.tie_weights()
-
-
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]  # BLIP normalises with CLIP's statistics
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-
-
-def convert_blip(path: str | Path, out_dir: str | Path, tokenizer: str = "bert-base-uncased",
-                 image_size: int | None = None) -> Captioner:
-    """`med convert blip`: a released BLIP caption checkpoint -> a med_train model directory. The sizes are read
-    from the weights (heads = width / 64, as in every BLIP model); `image_size` defaults to the checkpoint's."""
-    state = read_blip_state(path)
-    tok = load_tokenizer(tokenizer)
-    width = state["visual_encoder.cls_token"].shape[-1]
-    patch = state["visual_encoder.patch_embed.proj.weight"].shape[-1]
-    grid = round((state["visual_encoder.pos_embed"].shape[1] - 1) ** 0.5)
-    depth = len({k.split(".")[2] for k in state if k.startswith("visual_encoder.blocks.")})
-    hidden = state["text_decoder.bert.embeddings.word_embeddings.weight"].shape[1]
-    vocab = state["text_decoder.bert.embeddings.word_embeddings.weight"].shape[0]
-    if vocab != len(tok):
-        raise ValueError(f"{path}: the checkpoint's vocabulary has {vocab} tokens but the tokenizer {tokenizer!r} "
-                         f"has {len(tok)} (with [DEC] and [ENC])")
-    cfg = ModelConfig(
-        vision=VisionConfig(name="vit_large_patch16_224" if width == 1024 else "vit_base_patch16_224",
-                            image_size=image_size or grid * patch, mean=CLIP_MEAN, std=CLIP_STD,
-                            kwargs=dict(patch_size=patch, embed_dim=width, depth=depth, num_heads=width // 64)),
-        text=TextConfig(
-            hidden_size=hidden, num_attention_heads=hidden // 64,
-            num_hidden_layers=len({k.split(".")[4] for k in state if k.startswith("text_decoder.bert.encoder.layer.")}),
-            intermediate_size=state["text_decoder.bert.encoder.layer.0.intermediate.dense.weight"].shape[0],
-            max_position_embeddings=state["text_decoder.bert.embeddings.position_embeddings.weight"].shape[0]),
-    )
-    model = Captioner(cfg, tok, load_weights=False)
-    load_blip_checkpoint(model, path, state)
-    model.save_pretrained(out_dir)
-    return model
-
-
-# ---- export to transformers -----------------------------------------------------------------------------------
-
-_VIT_TO_HF = [  # timm ViT name -> transformers BlipVisionModel name (after "vision_model.")
-    ("cls_token", "embeddings.class_embedding"),
-    ("pos_embed", "embeddings.position_embedding"),
-    ("patch_embed.proj.", "embeddings.patch_embedding."),
-    ("norm.", "post_layernorm."),
-    ("blocks.", "encoder.layers."),
-    (".norm1.", ".layer_norm1."),
-    (".norm2.", ".layer_norm2."),
-    (".attn.qkv.", ".self_attn.qkv."),
-    (".attn.proj.", ".self_attn.projection."),
-]
-
-
-def _hf_vision_key(key: str) -> str:
-    for old, new in _VIT_TO_HF:
-        if key.startswith(old) and old[0] != ".":
-            key = new + key[len(old):]
-        elif old[0] == ".":
-            key = key.replace(old, new)
-    return "vision_model." + key
-
-
-def export_hf(model: Captioner, out_dir: str | Path) -> None:
-    """Write a directory that `transformers.BlipForConditionalGeneration.from_pretrained` (and `BlipProcessor`)
-    load, giving the same greedy captions. Only plain ViTs (class token, no register tokens, qkv bias, pre-LN,
-    final norm, GELU MLP) have a transformers counterpart; anything else is refused with the reason."""
-    from transformers import (
-        BlipConfig,
-        BlipForConditionalGeneration,
-        BlipImageProcessor,
-        BlipProcessor,
-        BlipTextConfig,
-        BlipVisionConfig,
-    )
-
-    vit = model.visual_encoder
-    if model.image_pos_embed is not None:
-        raise ValueError("model.vision.decoder_pos_embed has no transformers BLIP equivalent: not a plain ViT")
-    vision_state = {k: v for k, v in vit.state_dict().items()}
-    expected = {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight",
-                "norm.bias"}
-    extra = [k for k in vision_state if k not in expected and not k.startswith("blocks.")]
-    block_keys = {k.split(".", 2)[2] for k in vision_state if k.startswith("blocks.")}
-    plain_block = {f"{m}.{p}" for m in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
-                   for p in ("weight", "bias")}
-    if extra or block_keys != plain_block or getattr(vit, "num_reg_tokens", 0) or not getattr(vit, "has_class_token",
-                                                                                                True):
-        raise ValueError(f"model.vision.name {model.cfg.vision.name!r}: not a plain ViT, no transformers BLIP "
-                         f"equivalent (extra keys: {extra[:5]}, block keys: {sorted(block_keys ^ plain_block)[:5]})")
-    t, tok = model.cfg.text, model.tokenizer
-    patch = vit.patch_embed.patch_size[0]
-    config = BlipConfig(
-        text_config=BlipTextConfig(
-            vocab_size=len(tok), hidden_size=t.hidden_size, encoder_hidden_size=vit.num_features,
-            intermediate_size=t.intermediate_size, num_hidden_layers=t.num_hidden_layers,
-            num_attention_heads=t.num_attention_heads, max_position_embeddings=t.max_position_embeddings,
-            layer_norm_eps=t.layer_norm_eps, hidden_dropout_prob=t.hidden_dropout_prob,
-            attention_probs_dropout_prob=t.attention_probs_dropout_prob, label_smoothing=t.label_smoothing,
-            bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id, sep_token_id=tok.sep_token_id,
-            eos_token_id=tok.sep_token_id),
-        vision_config=BlipVisionConfig(
-            hidden_size=vit.num_features, intermediate_size=vit.blocks[0].mlp.fc1.out_features,
-            num_hidden_layers=len(vit.blocks), num_attention_heads=vit.blocks[0].attn.num_heads,
-            image_size=model.cfg.vision.image_size, patch_size=patch, layer_norm_eps=vit.norm.eps,
-            hidden_act="gelu"),
-    )
-    hf = BlipForConditionalGeneration(config).eval()
-    state = {_hf_vision_key(k): v for k, v in vision_state.items()}
-    for key, value in model.text_decoder.state_dict().items():
-        state[f"text_decoder.{key}"] = value
-    state["text_decoder.cls.predictions.decoder.bias"] = state["text_decoder.cls.predictions.bias"]
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k.startswith(("vision_model.", "text_decoder."))]
-    if missing or unexpected:
-        raise ValueError(f"export to transformers failed: missing {missing[:10]}, unexpected {unexpected[:10]}")
-    out = Path(out_dir)
-    hf.save_pretrained(out)
-    mean, std = model.image_mean_std()
-    size = model.cfg.vision.image_size
-    image_processor = BlipImageProcessor(size={"height": size, "width": size}, image_mean=list(mean),
-                                         image_std=list(std), resample=3)  # bicubic, as our eval transform
-    BlipProcessor(image_processor=image_processor, tokenizer=tok).save_pretrained(out)

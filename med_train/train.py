@@ -161,6 +161,7 @@ def train(cfg: Config, config_path: str | Path | None = None, resume: str | Path
     from accelerate.utils import broadcast_object_list, set_seed
 
     from med_train import data as data_lib
+    from med_train.convert import init_tokenizer
     from med_train.evaluate import evaluate
     from med_train.model import Captioner
     from med_train.tokenizer import build_tokenizer, load_tokenizer
@@ -188,6 +189,8 @@ def train(cfg: Config, config_path: str | Path | None = None, resume: str | Path
     # -- tokenizer and model
     if resume:
         tokenizer = load_tokenizer(str(run_dir))
+    elif (tokenizer := init_tokenizer(cfg.model, cfg.tokenizer.name)) is not None:  # the init weights' vocabulary
+        say(f"tokenizer: model.init's ({cfg.model.init})")
     elif cfg.tokenizer.name == "train":
         # trained on prompt + caption, so that the prompt's words are whole tokens too. By the main process only:
         # the trainer can break ties differently in each process, and every process must use the same vocabulary

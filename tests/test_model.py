@@ -6,7 +6,8 @@ import pytest
 import torch
 from conftest import tiny_model_config
 
-from med_train.model import Captioner, load_blip_checkpoint
+from med_train.convert import load_blip_checkpoint
+from med_train.model import Captioner
 from med_train.tokenizer import encode_captions
 
 CAPTIONS = ["a red circle above a blue square", "a small green triangle", "a cat on the sofa"]
@@ -204,7 +205,7 @@ def test_weights_that_do_not_match_the_config_fail_with_the_keys(tokenizer, tiny
 def test_conv_stem_and_sincos_position_embeddings(tokenizer):
     from timm.layers import build_sincos2d_pos_embed
 
-    from med_train.model import export_hf
+    from med_train.export import export_hf
 
     cfg = tiny_model_config()
     cfg.vision.stem, cfg.vision.pos_embed_init = "conv", "sincos"
@@ -222,7 +223,7 @@ def test_conv_stem_and_sincos_position_embeddings(tokenizer):
 
 
 def test_decoder_position_embeddings_are_added_to_the_image_tokens(tokenizer):
-    from med_train.model import export_hf
+    from med_train.export import export_hf
 
     cfg = tiny_model_config()
     cfg.vision.decoder_pos_embed = True
