@@ -200,14 +200,15 @@ def read_hf_captioner(source: str, prompt: str = "") -> HfCaptioner:
                         hidden_dropout_prob=t.hidden_dropout_prob,
                         attention_probs_dropout_prob=t.attention_probs_dropout_prob),
         prompt=prompt)
-    with _quiet_loading():
+    with quiet_progress():
         hf = BlipForConditionalGeneration.from_pretrained(source, dtype=torch.float32)
     return HfCaptioner(model_config, state_from_hf(hf.state_dict()), tokenizer)
 
 
 @contextmanager
-def _quiet_loading():
-    """Without transformers' progress bar: an error after loading stays the one line on stderr."""
+def quiet_progress():
+    """Without transformers' progress bars (loading, writing): an error after them stays the one line on
+    stderr."""
     from transformers.utils import logging
 
     was_enabled = logging.is_progress_bar_enabled()

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from med_train.config import Config, GenerateConfig
-from med_train.convert import hf_vision_key
+from med_train.convert import hf_vision_key, quiet_progress
 from med_train.model import Captioner
 
 
@@ -73,7 +73,8 @@ def export_hf(model: Captioner, out_dir: str | Path, generate: GenerateConfig | 
         raise ValueError(f"export to transformers failed: missing {missing[:10]}, unexpected {unexpected[:10]}")
     hf.generation_config = generation_config(model, generate or GenerateConfig())
     out = Path(out_dir)
-    hf.save_pretrained(out)
+    with quiet_progress():
+        hf.save_pretrained(out)
     mean, std = model.image_mean_std()
     size = model.cfg.vision.image_size
     image_processor = BlipImageProcessor(size={"height": size, "width": size}, image_mean=list(mean),
@@ -145,7 +146,7 @@ def model_card(model: Captioner, cfg: Config, path: Path, model_id: str) -> str:
                f"`{cfg.data.train_split}`, evaluated on `{cfg.data.eval_split}`"] if is_run
               else ["- not recorded (exported from a model directory, not a run folder)"])
     settings = [("model.vision.image_size", m.vision.image_size), ("model.prompt", repr(m.prompt)),
-                ("vocabulary", len(model.tokenizer)), ("model.text.hidden_size", m.text.hidden_size)]
+                ("tokenizer (vocabulary size)", len(model.tokenizer)), ("model.text.hidden_size", m.text.hidden_size)]
     if is_run:
         settings += [("train.max_steps", t.max_steps), ("train.batch_size", t.batch_size), ("train.lr", t.lr),
                      ("train.weight_decay", t.weight_decay), ("train.warmup_steps", t.warmup_steps),

@@ -101,6 +101,25 @@ def test_convert_hf_with_a_prompt_matches_transformers_given_the_prompt(hf_blip,
     assert _until(mine, sep) == _until(theirs, sep)
 
 
+def test_the_model_card_of_a_prompt_free_import_captions_as_med_caption(hf_blip, tmp_path):
+    from PIL import Image
+    from test_export import _snippet
+
+    _, folder = hf_blip
+    assert runner.invoke(app, ["convert", "hf", str(folder), str(tmp_path / "ours")]).exit_code == 0
+    assert runner.invoke(app, ["export", "hf", str(tmp_path / "ours"), str(tmp_path / "hf")]).exit_code == 0
+    snippet = _snippet((tmp_path / "hf" / "README.md").read_text())
+    assert "text=" not in snippet  # no prompt: transformers starts from [DEC] alone
+    path = tmp_path / "photo.png"
+    pixels = torch.randint(0, 256, (40, 56, 3), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    Image.fromarray(pixels.numpy()).save(path)
+    namespace: dict = {}
+    exec(snippet.replace("photo.jpg", str(path)), namespace)
+    result = runner.invoke(app, ["caption", str(path), "--model", str(tmp_path / "ours"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip().split("\t")[1] == namespace["caption"].strip()
+
+
 def test_export_then_convert_gives_back_every_tensor_and_caption(tokenizer, tmp_path):
     from test_export import _trained_tiny
 
