@@ -187,3 +187,14 @@ def test_push_to_hub_creates_the_repository_and_uploads_the_export(tokenizer, tm
                                  "--push-to-hub", "me/tiny"])
     assert result.exit_code == 1
     assert result.stderr.strip() == "error: --push-to-hub me/tiny: 401 Client Error: Unauthorized Invalid token"
+
+
+def test_the_card_reports_the_validation_that_chose_the_exported_weights(tmp_path):
+    from med_train.export import _scores_table
+
+    records = [{"step": 1, "loss": 3.0}, {"step": 3, "eval": {"CIDEr": 0.9, "images": 6}},
+               {"step": 6, "eval": {"CIDEr": 0.7, "images": 6}}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert _scores_table(tmp_path)[-1] == "| validation at step 6 | 0.7000 | 6 |"  # no best/: the last weights
+    (tmp_path / "best").mkdir()
+    assert _scores_table(tmp_path)[-1] == "| validation at step 3 | 0.9000 | 6 |"  # best/: the best CIDEr
