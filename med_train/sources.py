@@ -428,7 +428,8 @@ def pack(cfg: DataConfig, out: str | Path, *, fmt: str = "webdataset", shard_siz
     if fmt not in ("webdataset", "parquet"):
         raise ValueError(f"pack format must be webdataset or parquet, got {fmt!r}")
     all_stats = {}
-    for split in splits or [cfg.train_split, cfg.eval_split]:
+    defaults = dict.fromkeys(s for s in (cfg.train_split, cfg.val_split, cfg.eval_split) if s)  # in order, once
+    for split in splits or list(defaults):
         try:
             table = open_split(cfg, split)
         except DataError:

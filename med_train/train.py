@@ -172,10 +172,10 @@ def validation_source(cfg: Config):
     return d.train_split, Holdout.of(d, cfg.train.seed)
 
 
-def _announce_validation(cfg: Config, validation, val_loader, run_dir: Path, *, record: bool, say, notice) -> None:
+def _announce_validation(cfg: Config, split: str, holdout, val_loader, run_dir: Path, *, record: bool, say,
+                         notice) -> None:
     """Warn when validation is also the reported split; for a held-out slice, check it is not empty and record it."""
     d = cfg.data
-    split, holdout = validation
     if holdout is None:
         if split == d.eval_split:
             notice(f"warning: data.val_split {split!r} is also data.eval_split: best/ is chosen on the split it is "
@@ -311,15 +311,16 @@ def train(cfg: Config, config_path: str | Path | None = None, resume: str | Path
     accelerator.wait_for_everyone()
 
     # -- data: the data layer shards across processes and workers itself, so accelerate must not re-shard it
-    validation = validation_source(cfg)
+    val_split, holdout = validation_source(cfg)
     stats = data_lib.BadRowStats()
     loader = data_lib.build_dataloader(
         cfg.data, cfg.data.train_split, train=True, batch_size=t.batch_size, image_size=cfg.model.vision.image_size,
         tokenizer=tokenizer, prompt=cfg.model.prompt, max_length=cfg.tokenizer.max_length,
         seed=t.seed, num_processes=accelerator.num_processes, process_index=accelerator.process_index, stats=stats,
-        pin_memory=accelerator.device.type == "cuda", holdout=validation[1])
-    val_loader = heldout_loader(model, cfg, validation[0], accelerator=accelerator, holdout=validation[1])
-    _announce_validation(cfg, validation, val_loader, run_dir, record=main and not resume, say=say, notice=notice)
+        pin_memory=accelerator.device.type == "cuda", holdout=holdout)
+    val_loader = heldout_loader(model, cfg, val_split, accelerator=accelerator, holdout=holdout)
+    _announce_validation(cfg, val_split, holdout, val_loader, run_dir, record=main and not resume, say=say,
+                         notice=notice)
     if t.max_steps is None:  # train.epochs: counted from the data once; a resume keeps the recorded count
         steps = _steps_for_epochs(cfg, loader, accelerator, run_dir, resume, say)
         cfg = replace(cfg, train=replace(t, max_steps=steps))
