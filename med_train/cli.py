@@ -316,8 +316,8 @@ def data_pack(
     out: Annotated[Path, typer.Argument(help="Folder to write: OUT/<split>/<split>-00000.tar|parquet.")],
     format: Annotated[str, typer.Option("--format", help="webdataset | parquet")] = "webdataset",
     shard_size: Annotated[int, typer.Option(help="Rows per shard.")] = 1000,
-    split: Annotated[list[str] | None, typer.Option(help="Split to pack (repeatable; default: the train and "
-                                                         "eval splits the source has).")] = None,
+    split: Annotated[list[str] | None, typer.Option(help="Split to pack (repeatable; default: the train, val "
+                                                         "and eval splits the source has).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the training split's shuffle.")] = 0,
     sets: SetOption = None,
 ) -> None:

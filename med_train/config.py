@@ -96,6 +96,12 @@ class DataConfig:
     format: str = "auto"  # auto | hub | imagefolder | blip_json | webdataset | parquet
     config_name: str | None = None  # hub dataset configuration
     train_split: str = "train"
+    # Training validates on `val_split` and keeps `best/` by its CIDEr; `eval_split` is the split reported by
+    # `med eval`. A source without a `val_split` (or with val_split null) gives validation a held-out slice of the
+    # training split: each image whose hash of (train.seed, image) falls in the first `val_holdout` fraction of the
+    # hash range, skipped by training in every epoch, worker and process (see sources.Holdout).
+    val_split: str | None = "val"
+    val_holdout: float = 0.01
     eval_split: str = "test"
     streaming: bool = False
     image_column: str = "image"
@@ -118,7 +124,11 @@ class TrainConfig:
     output_dir: str = "runs"
     run_name: str | None = None  # default: <config name>-<timestamp>
     seed: int = 42
-    max_steps: int = 1000
+    # How long to train: `max_steps` optimizer steps, or `epochs` passes over the training examples (captions, held
+    # out images excluded), counted from the data at the start. Exactly one is set; setting one (in the file or by
+    # --set) clears the other's value from an earlier layer, both in one layer is an error.
+    max_steps: int | None = 1000
+    epochs: float | None = None
     batch_size: int = 32
     grad_accum_steps: int = 1
     lr: float = 1e-4
@@ -136,6 +146,7 @@ class TrainConfig:
     save_every: int = 500
     keep_checkpoints: int = 2
     trackers: list[str] = field(default_factory=list)  # accelerate trackers: tensorboard, wandb, ...
+    project: str = "med_train"  # the trackers' project (W&B project, MLflow experiment); the run is the folder name
     quiet: bool = False
 
 
@@ -187,6 +198,9 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
         key, value = _parse_override(text, file)
         _set_dotted(data, key, value, _Where(file, {key: text}))
         origins[key] = text
+        other = _TRAINING_LENGTH.get(key)
+        if other and value is not None and other not in origins:  # a later layer's length replaces the file's
+            _set_dotted(data, other, None, _Where(file, {key: text}))
     return _build(data, _Where(file, origins))
 
 
@@ -455,8 +469,15 @@ def _suggest(name: Any, prefix: str, cls: type) -> str:
     return f"valid keys{' in ' + prefix if prefix else ''}: {', '.join(_field_names(cls))}"
 
 
+# The two ways of saying how long to train; setting one replaces the other's value from an earlier layer.
+_TRAINING_LENGTH = {"train.max_steps": "train.epochs", "train.epochs": "train.max_steps"}
+
+
 def _build(data: Any, where: _Where) -> Config:
     cfg = _convert(data, Config, "", where)
+    given = data.get("train") if isinstance(data, Mapping) else None
+    if cfg.train.epochs is not None and "max_steps" not in (given or {}):
+        cfg.train.max_steps = None  # the default step count gives way to epochs
     _check_values(cfg, where)
     return cfg
 
@@ -581,6 +602,8 @@ _CHECKS: dict[str, _Check] = {
     "tokenizer.max_length": _POSITIVE,
     "data.source": _NOT_EMPTY,
     "data.train_split": _NOT_EMPTY,
+    "data.val_split": _NOT_EMPTY,
+    "data.val_holdout": (lambda v: 0 < v < 1, "must be > 0 and < 1 (a fraction of the training images)"),
     "data.eval_split": _NOT_EMPTY,
     "data.image_column": _NOT_EMPTY,
     "data.caption_column": _NOT_EMPTY,
@@ -596,6 +619,7 @@ _CHECKS: dict[str, _Check] = {
                        "must be a plain folder name (no '/', not empty)"),
     "train.seed": (lambda v: 0 <= v < 2**32, "must be between 0 and 2**32 - 1 (numpy's seed range)"),
     "train.max_steps": _POSITIVE,
+    "train.epochs": _POSITIVE,
     "train.batch_size": _POSITIVE,
     "train.grad_accum_steps": _POSITIVE,
     "train.lr": _POSITIVE,
@@ -610,6 +634,7 @@ _CHECKS: dict[str, _Check] = {
     "train.save_every": _NON_NEGATIVE,
     "train.keep_checkpoints": _POSITIVE,
     "train.trackers": (lambda v: all(t.strip() for t in v), "must not hold empty names"),
+    "train.project": _NOT_EMPTY,
     "generate.num_beams": (lambda v: v >= 1, "must be >= 1"),
     "generate.max_length": _POSITIVE,
     "generate.min_length": _NON_NEGATIVE,
@@ -654,6 +679,16 @@ def _check_values(cfg: Config, where: _Where) -> None:
         if _get(cfg, key) > text.max_position_embeddings:
             raise where.error(key, f"must be <= model.text.max_position_embeddings ({text.max_position_embeddings}),"
                                    f" got {_get(cfg, key)}", also=["model.text.max_position_embeddings"])
-    if cfg.train.warmup_steps > cfg.train.max_steps:
+    t = cfg.train
+    if t.max_steps is not None and t.epochs is not None:
+        raise where.error("train.epochs", f"set either train.epochs or train.max_steps, not both (train.max_steps "
+                          f"is {t.max_steps}; null clears it)", also=["train.max_steps"])
+    if t.epochs is not None and cfg.data.streaming:
+        raise where.error("train.epochs", "cannot be counted on a streamed source (data.streaming: true has no known "
+                          "length): set train.max_steps instead", also=["data.streaming"])
+    if t.max_steps is None and t.epochs is None:
+        raise where.error("train.max_steps", "is null and so is train.epochs: set one of them to say how long to "
+                          "train", also=["train.epochs"])
+    if t.max_steps is not None and t.warmup_steps > t.max_steps:
         raise where.error("train.warmup_steps", f"must be <= train.max_steps ({cfg.train.max_steps}), "
                           f"got {cfg.train.warmup_steps}", also=["train.max_steps"])

@@ -44,6 +44,7 @@ from med_train.sources import (
     BadRow,
     BadRowStats,
     DataError,
+    Holdout,
     Row,
     clean_caption,
     clean_captions,
@@ -57,7 +58,7 @@ from med_train.sources import (
     parse_row,
 )
 
-__all__ = ["BadRowStats", "CaptionLoader", "CaptionStream", "DataError", "EvalCollate", "build_dataloader",
+__all__ = ["BadRowStats", "CaptionLoader", "CaptionStream", "DataError", "EvalCollate", "Holdout", "build_dataloader",
            "build_dataset", "build_transform", "check", "clean_caption", "iter_captions", "load_image",
            "make_collate"]
 logger = logging.getLogger(__name__)
@@ -102,20 +103,21 @@ class CaptionStream(torch.utils.data.IterableDataset):
     `{"image", "references", "id", "objects"}` for held-out rows (one per image). See the module docstring.
 
     `epochs=None` runs forever (training); held-out splits always make one pass. Iterated in this process, bad
-    rows are counted into `stats`; in dataloader workers, `CaptionLoader` collects them."""
+    rows are counted into `stats`; in dataloader workers, `CaptionLoader` collects them. With a `holdout`, a
+    training stream skips its images (they are neither read nor counted) and a held-out stream reads only them."""
 
     def __init__(self, cfg: DataConfig, split: str, *, train: bool, transform: Callable, seed: int = 0,
                  num_processes: int = 1, process_index: int = 0, epochs: int | None = 1,
-                 stats: BadRowStats | None = None) -> None:
+                 stats: BadRowStats | None = None, holdout: Holdout | None = None) -> None:
         if not 0 <= process_index < num_processes:
             raise ValueError(f"process_index {process_index} is not in [0, {num_processes})")
         self.cfg, self.split, self.train, self.transform, self.seed = cfg, split, train, transform, seed
         self.num_processes, self.process_index = num_processes, process_index
         self.epochs = epochs if train else 1
         self.stats = stats if stats is not None else BadRowStats()
-        self.table, self.root = open_split(cfg, split), image_root(cfg)
-        self.groups = None if train else group_rows(parse_row(raw, cfg, label, self.root)
-                                                    for label, raw in iter_table(self.table, split))
+        self.table, self.root, self.holdout = open_split(cfg, split), image_root(cfg), holdout
+        rows = (parse_row(raw, cfg, label, self.root) for label, raw in iter_table(self.table, split))
+        self.groups = None if train else group_rows(rows if holdout is None else (r for r in rows if r in holdout))
         self.first_epoch = 0
         self.start: dict[int, tuple[int, int, int]] = {}  # worker id -> (epoch, row, caption) to start from
 
@@ -126,6 +128,19 @@ class CaptionStream(torch.utils.data.IterableDataset):
             if example is not None:
                 yield example
         tally.end()
+
+    def epoch_size(self) -> int:
+        """The examples of one training epoch, all slots together: one per usable caption of each row outside the
+        holdout, counted in one pass without decoding images (so an unreadable image still counts)."""
+        examples = 0
+        for label, raw in iter_table(self.table, self.split):
+            row = parse_row(raw, self.cfg, label, self.root)
+            if self.holdout is None or row not in self.holdout:
+                try:
+                    examples += len(clean_captions(row.captions, self.cfg.max_words))
+                except BadRow:
+                    pass
+        return examples
 
     def iter_with_meta(self) -> Iterator[tuple[dict | None, dict]]:
         """(example, meta) pairs; meta: this worker, its position after the example, the rows read and bad rows
@@ -146,6 +161,8 @@ class CaptionStream(torch.utils.data.IterableDataset):
         while self.epochs is None or epoch < self.first_epoch + self.epochs:
             seen = 0
             for r, row in self._epoch_rows(epoch, slot, slots, row0):
+                if self.groups is None and self.holdout is not None and row in self.holdout:
+                    continue  # a validation image: never trained on
                 seen += 1
                 # A group counts its source rows; a row resumed mid-way was counted before the checkpoint.
                 n_rows = 0 if (r == row0 and sub0) else len(row.captions) if self.groups is not None else 1
@@ -401,25 +418,29 @@ class CaptionLoader:
 
 def build_dataset(cfg: DataConfig, split: str, *, train: bool, image_size: int,
                   stats: BadRowStats | None = None, seed: int = 0, num_processes: int = 1, process_index: int = 0,
-                  epochs: int | None = 1) -> CaptionStream:
-    """The examples of `split` for this process (see CaptionStream); `epochs=None` runs forever."""
+                  epochs: int | None = 1, holdout: Holdout | None = None) -> CaptionStream:
+    """The examples of `split` for this process (see CaptionStream); `epochs=None` runs forever; `holdout`: the
+    images a training stream skips and a held-out stream reads."""
     transform = build_transform(train=train, image_size=image_size, crop_scale_min=cfg.crop_scale_min,
                                 randaugment=cfg.randaugment, hflip=cfg.hflip)
     return CaptionStream(cfg, split, train=train, transform=transform, seed=seed, num_processes=num_processes,
-                         process_index=process_index, epochs=epochs, stats=stats)
+                         process_index=process_index, epochs=epochs, stats=stats, holdout=holdout)
 
 
 def build_dataloader(cfg: DataConfig, split: str, *, train: bool, batch_size: int, image_size: int,
                      tokenizer=None, prompt: str = "", max_length: int = 40, seed: int = 0, num_processes: int = 1,
                      process_index: int = 0, stats: BadRowStats | None = None, epochs: int | None = None,
-                     num_workers: int | None = None, pin_memory: bool = False) -> CaptionLoader:
+                     num_workers: int | None = None, pin_memory: bool = False,
+                     holdout: Holdout | None = None) -> CaptionLoader:
     """Training (`train=True`, endless unless `epochs`) or held-out batches for this process. Do not hand the
     result to `accelerator.prepare`: it is sharded already (module docstring). `pin_memory` (for a CUDA device):
-    batches arrive in page-locked memory, so `.to(device, non_blocking=True)` copies them asynchronously."""
+    batches arrive in page-locked memory, so `.to(device, non_blocking=True)` copies them asynchronously.
+    `holdout`: images set aside for validation (training skips them, a held-out loader reads only them)."""
     if train and tokenizer is None:
         raise ValueError("a training loader needs the tokenizer")
     stream = build_dataset(cfg, split, train=train, image_size=image_size, seed=seed,
-                           num_processes=num_processes, process_index=process_index, epochs=epochs)
+                           num_processes=num_processes, process_index=process_index, epochs=epochs,
+                           holdout=holdout)
     collate = make_collate(tokenizer, prompt, max_length) if train else EvalCollate()
     workers = cfg.num_workers if num_workers is None else num_workers
     return CaptionLoader(stream, batch_size=batch_size, collate=collate, num_workers=workers, seed=seed,

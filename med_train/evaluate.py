@@ -55,28 +55,40 @@ def precision_autocast(device, precision: str | None):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def evaluate(model, cfg: Config, *, split: str | None = None, num_beams: int | None = None,
-             max_images: int | None = None, batch_size: int | None = None, accelerator=None,
-             out_dir: str | Path | None = None, gallery_size: int = 50, quiet: bool = False,
-             precision: str | None = None) -> dict:
-    """Caption the held-out split (each image once, across processes when launched so) and score it. Precision:
-    "fp32" or "bf16" (autocast); None: the accelerator's mixed precision (what training runs with)."""
-    import torch
-    from accelerate.utils import gather_object
-
+def heldout_loader(model, cfg: Config, split: str, *, batch_size: int | None = None, accelerator=None,
+                   holdout=None):
+    """This process's share of a held-out split, one example per image (`holdout`: only those images of it)."""
     from med_train import data as data_lib
-    from med_train import decode
-    from med_train.metrics import cider_per_image, meteor_available, score_captions
 
-    split = split or cfg.data.eval_split
-    num_processes = accelerator.num_processes if accelerator else 1
-    process_index = accelerator.process_index if accelerator else 0
     device = accelerator.device if accelerator else model.device
-    loader = data_lib.build_dataloader(
+    return data_lib.build_dataloader(
         cfg.data, split, train=False, batch_size=batch_size or cfg.generate.batch_size,
         image_size=model.cfg.vision.image_size, tokenizer=model.tokenizer,
         prompt=model.cfg.prompt, max_length=cfg.tokenizer.max_length, seed=cfg.train.seed,
-        num_processes=num_processes, process_index=process_index, pin_memory=device.type == "cuda")
+        num_processes=accelerator.num_processes if accelerator else 1,
+        process_index=accelerator.process_index if accelerator else 0, pin_memory=device.type == "cuda",
+        holdout=holdout)
+
+
+def evaluate(model, cfg: Config, *, split: str | None = None, num_beams: int | None = None,
+             max_images: int | None = None, batch_size: int | None = None, accelerator=None,
+             out_dir: str | Path | None = None, gallery_size: int = 50, quiet: bool = False,
+             precision: str | None = None, loader=None) -> dict:
+    """Caption the held-out split (each image once, across processes when launched so) and score it. Precision:
+    "fp32" or "bf16" (autocast); None: the accelerator's mixed precision (what training runs with). `loader`: a
+    `heldout_loader` built once by a caller that evaluates many times (training), instead of `split`."""
+    import torch
+    from accelerate.utils import gather_object
+
+    from med_train import decode
+    from med_train.metrics import cider_per_image, meteor_available, score_captions
+
+    num_processes = accelerator.num_processes if accelerator else 1
+    process_index = accelerator.process_index if accelerator else 0
+    device = accelerator.device if accelerator else model.device
+    if loader is None:
+        loader = heldout_loader(model, cfg, split or cfg.data.eval_split, batch_size=batch_size,
+                                accelerator=accelerator)
     per_process = None if max_images is None else -(-max_images // num_processes)
     kwargs = generate_kwargs(cfg, num_beams)
     if kwargs.get("do_sample"):

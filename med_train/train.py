@@ -6,8 +6,12 @@
 
 A run folder describes itself:
     runs/<name>/config.yaml             the resolved config
+    runs/<name>/run.json                the run's length in steps (counted from train.epochs when that is set)
+    runs/<name>/val_holdout.json        the training images held out for validation, when the source has no
+                                        data.val_split (the rule, the seed and the image keys)
     runs/<name>/med_config.json, tokenizer files, model.safetensors      the last model (Captioner.from_pretrained)
-    runs/<name>/best/                   the model with the best validation CIDEr
+    runs/<name>/best/                   the model with the best validation CIDEr (data.val_split, not the
+                                        reported data.eval_split)
     runs/<name>/checkpoints/step_N/     model, optimizer, scheduler, scaler, RNG, data position, trainer state
     runs/<name>/metrics.jsonl           one line per logging step and per evaluation
     runs/<name>/curves.png              loss and metric curves
@@ -24,13 +28,16 @@ import os
 import shutil
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from fractions import Fraction
 from pathlib import Path
 
 from med_train.config import Config, save_config
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
+RUN_FILE = "run.json"  # the resolved length of the run: max_steps (counted from train.epochs when that is set)
+HOLDOUT_FILE = "val_holdout.json"  # the validation images held out of the training split, when it came to that
 MAX_NONFINITE_IN_A_ROW = 20
 
 
@@ -152,6 +159,97 @@ def lr_factor(step: int, cfg: Config) -> float:
     return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+# ---- validation, length and tracking ---------------------------------------------------------------------------
+
+def validation_source(cfg: Config):
+    """(split, holdout): what training validates on. `data.val_split` when the source has it; otherwise the
+    images of the training split that `data.val_holdout` sets aside (the same ones the training stream skips)."""
+    from med_train.sources import Holdout, has_split
+
+    d = cfg.data
+    if d.val_split is not None and has_split(d, d.val_split):
+        return d.val_split, None
+    return d.train_split, Holdout.of(d, cfg.train.seed)
+
+
+def _announce_validation(cfg: Config, split: str, holdout, val_loader, run_dir: Path, *, record: bool, say,
+                         notice) -> None:
+    """Warn when validation is also the reported split; for a held-out slice, check it is not empty and record it."""
+    d = cfg.data
+    if holdout is None:
+        if split == d.eval_split:
+            notice(f"warning: data.val_split {split!r} is also data.eval_split: best/ is chosen on the split it is "
+                   f"then reported on, which flatters the report; give validation its own split")
+        return
+    keys = [holdout.key(group) for group in val_loader.stream.groups]
+    why = "data.val_split is null" if d.val_split is None else f"the source has no {d.val_split!r} split"
+    if not keys:
+        raise TrainingError(f"data.val_holdout {holdout.fraction} holds out no image of {split!r} ({why}): "
+                            f"raise it, or set data.val_split to a split the source has")
+    if record:
+        (run_dir / HOLDOUT_FILE).write_text(json.dumps(
+            {"split": split, "fraction": holdout.fraction, "seed": holdout.seed, "rule": holdout.RULE,
+             "base": holdout.base, "images": len(keys), "keys": keys}, indent=1) + "\n")
+    say(f"validation: {len(keys)} images of {split!r} held out from training ({why}; data.val_holdout "
+        f"{holdout.fraction}), listed in {run_dir / HOLDOUT_FILE}")
+
+
+def epoch_steps(epochs: float, examples: int, examples_per_step: int) -> int:
+    """Optimizer steps for `epochs` passes over `examples`: ceil(epochs * examples / examples_per_step), at least
+    1. The epochs are read as written (0.1, not the float just above it), so that a whole count is not rounded up."""
+    return max(1, math.ceil(Fraction(repr(epochs)) * examples / examples_per_step))
+
+
+def _steps_for_epochs(cfg: Config, loader, accelerator, run_dir: Path, resume, say) -> int:
+    """train.epochs as optimizer steps: counted from the training examples (main process, then shared), or the
+    count recorded in run.json when resuming (a resume with other processes keeps the run's length)."""
+    from accelerate.utils import broadcast_object_list
+
+    t = cfg.train
+    if resume and (run_dir / RUN_FILE).is_file():
+        return json.loads((run_dir / RUN_FILE).read_text())["max_steps"]
+    counted = [loader.stream.epoch_size() if accelerator.is_main_process else None]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(counted)
+    examples, per_step = counted[0], t.batch_size * accelerator.num_processes * t.grad_accum_steps
+    if not examples:
+        raise TrainingError(f"train.epochs: {cfg.data.source!r} [{cfg.data.train_split}] has no usable caption "
+                            f"to train on")
+    steps = epoch_steps(t.epochs, examples, per_step)
+    if t.warmup_steps > steps:
+        raise TrainingError(f"train.warmup_steps ({t.warmup_steps}) is more than the {steps} steps of "
+                            f"train.epochs {t.epochs}")
+    say(f"train.epochs {t.epochs}: {examples} examples an epoch, {per_step} a step "
+        f"(batch {t.batch_size} x {accelerator.num_processes} processes x {t.grad_accum_steps} accumulated): "
+        f"{steps} steps")
+    return steps
+
+
+def tracker_config(cfg: Config) -> dict:
+    """The resolved config for the trackers, as dotted keys with scalar values: TensorBoard's hparams take no
+    sections or lists, so sections are flattened and lists written as JSON text (`"model.vision.mean": "[0.5, 0.5,
+    0.5]"`)."""
+    from med_train.config import config_to_dict
+
+    flat: dict = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict) and value:
+            for name, inner in value.items():
+                walk(f"{prefix}.{name}" if prefix else name, inner)
+        else:
+            flat[prefix] = json.dumps(value) if isinstance(value, list | dict) else value
+
+    walk("", config_to_dict(cfg))
+    return flat
+
+
+def tracker_run_names(run_name: str) -> dict:
+    """The run's name for each tracker that takes one. accelerate gives every tracker `train.project` as its
+    project (TensorBoard: a folder in the run folder); the run's own name goes through each tracker's keyword."""
+    return {"wandb": {"name": run_name}, "mlflow": {"run_name": run_name}, "clearml": {"task_name": run_name}}
+
+
 # ---- the loop --------------------------------------------------------------------------------------------------
 
 def train(cfg: Config, config_path: str | Path | None = None, resume: str | Path | None = None) -> Path:
@@ -162,7 +260,7 @@ def train(cfg: Config, config_path: str | Path | None = None, resume: str | Path
 
     from med_train import data as data_lib
     from med_train.convert import init_tokenizer
-    from med_train.evaluate import evaluate
+    from med_train.evaluate import evaluate, heldout_loader
     from med_train.model import Captioner
     from med_train.tokenizer import build_tokenizer, load_tokenizer
 
@@ -216,12 +314,22 @@ def train(cfg: Config, config_path: str | Path | None = None, resume: str | Path
     accelerator.wait_for_everyone()
 
     # -- data: the data layer shards across processes and workers itself, so accelerate must not re-shard it
+    val_split, holdout = validation_source(cfg)
     stats = data_lib.BadRowStats()
     loader = data_lib.build_dataloader(
         cfg.data, cfg.data.train_split, train=True, batch_size=t.batch_size, image_size=cfg.model.vision.image_size,
         tokenizer=tokenizer, prompt=cfg.model.prompt, max_length=cfg.tokenizer.max_length,
         seed=t.seed, num_processes=accelerator.num_processes, process_index=accelerator.process_index, stats=stats,
-        pin_memory=accelerator.device.type == "cuda")
+        pin_memory=accelerator.device.type == "cuda", holdout=holdout)
+    val_loader = heldout_loader(model, cfg, val_split, accelerator=accelerator, holdout=holdout)
+    _announce_validation(cfg, val_split, holdout, val_loader, run_dir, record=main and not resume, say=say,
+                         notice=notice)
+    if t.max_steps is None:  # train.epochs: counted from the data once; a resume keeps the recorded count
+        steps = _steps_for_epochs(cfg, loader, accelerator, run_dir, resume, say)
+        cfg = replace(cfg, train=replace(t, max_steps=steps))
+        t = cfg.train
+    if main:
+        (run_dir / RUN_FILE).write_text(json.dumps({"max_steps": t.max_steps, "epochs": t.epochs}) + "\n")
 
     optimizer = build_optimizer(model, cfg, accelerator.device.type)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
@@ -242,7 +350,7 @@ def train(cfg: Config, config_path: str | Path | None = None, resume: str | Path
             _truncate_metrics(run_dir / "metrics.jsonl", state.step)
         say(f"resuming {run_dir} from step {state.step}")
     if t.trackers:
-        accelerator.init_trackers(run_dir.name, config={"lr": t.lr, "batch_size": t.batch_size})
+        accelerator.init_trackers(t.project, config=tracker_config(cfg), init_kwargs=tracker_run_names(run_dir.name))
 
     # SIGTERM/SIGINT: finish the step in flight, save a checkpoint, exit cleanly
     stop_requested = {"signal": None}
@@ -315,7 +423,7 @@ def train(cfg: Config, config_path: str | Path | None = None, resume: str | Path
             if (t.eval_every and state.step % t.eval_every == 0) or is_last:
                 model.eval()
                 scores = evaluate(raw_model, cfg, max_images=t.eval_images, num_beams=1, accelerator=accelerator,
-                                  quiet=True)
+                                  quiet=True, loader=val_loader)
                 model.train()
                 if main:
                     _append_jsonl(metrics_path, {"step": state.step, "eval": scores})

@@ -259,6 +259,53 @@ def test_set_into_a_non_section() -> None:
     assert err.key == "train.lr" and "--set train.lr.x=1" in str(err)
 
 
+# ---- how long to train: train.max_steps or train.epochs --------------------------------------------------------------
+
+
+def test_epochs_in_a_file_replace_the_default_step_count(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path / "c.yaml", "train:\n  epochs: 2.5\n"))
+    assert (cfg.train.epochs, cfg.train.max_steps) == (2.5, None)
+    save_config(cfg, tmp_path / "saved.yaml")  # the run folder keeps epochs, with max_steps null
+    assert yaml.safe_load((tmp_path / "saved.yaml").read_text())["train"]["max_steps"] is None
+    assert load_config(tmp_path / "saved.yaml") == cfg
+
+
+def test_a_set_length_replaces_the_files_other_length(tmp_path: Path) -> None:
+    steps_file = write(tmp_path / "steps.yaml", "train:\n  max_steps: 300\n")
+    epochs_file = write(tmp_path / "epochs.yaml", "train:\n  epochs: 3\n")
+    cfg = load_config(steps_file, ["train.epochs=1.5"])
+    assert (cfg.train.epochs, cfg.train.max_steps) == (1.5, None)
+    cfg = load_config(epochs_file, ["train.max_steps=40"])
+    assert (cfg.train.epochs, cfg.train.max_steps) == (None, 40)
+    assert load_config(None, ["train.epochs=2"]).train.max_steps is None
+    assert load_config(epochs_file, ["train.epochs=null"]).train.max_steps == 1000  # back to the default
+
+
+@pytest.mark.parametrize(("yaml_text", "sets", "key", "where", "words"), [
+    ("train:\n  max_steps: 5\n  epochs: 2\n", [], "train.epochs", "FILE", "not both"),
+    ("", ["train.epochs=2", "train.max_steps=5"], "train.epochs", "--set train.max_steps=5", "not both"),
+    ("train:\n  max_steps: null\n", [], "train.max_steps", "FILE", "so is train.epochs"),
+    ("", ["train.max_steps=null"], "train.max_steps", "--set train.max_steps=null", "so is train.epochs"),
+    ("data:\n  streaming: true\n", ["train.epochs=1"], "train.epochs", "--set train.epochs=1", "train.max_steps"),
+    ("train:\n  epochs: 0\n", [], "train.epochs", "FILE", "must be > 0"),
+])
+def test_length_errors_name_both_keys(tmp_path: Path, yaml_text: str, sets: list[str], key: str, where: str,
+                                      words: str) -> None:
+    path = write(tmp_path / "c.yaml", yaml_text)
+    err = error_of(path, sets)
+    assert err.key == key
+    assert str(err).startswith(where.replace("FILE", str(path))) and f": {key}: " in str(err)
+    assert words in str(err)
+
+
+def test_validation_keys() -> None:
+    cfg = load_config(None)
+    assert (cfg.data.val_split, cfg.data.eval_split, cfg.data.val_holdout) == ("val", "test", 0.01)
+    assert load_config(None, ["data.val_split=null"]).data.val_split is None
+    for bad in ("data.val_holdout=0", "data.val_holdout=1", "data.val_split= "):
+        assert error_of(None, [bad]).key == bad.split("=")[0]
+
+
 # ---- files -----------------------------------------------------------------------------------------------------------
 
 
@@ -380,6 +427,7 @@ _SPECIAL: dict[str, st.SearchStrategy[Any]] = {
     "generate.max_length": st.integers(5, 64),
     "generate.min_length": st.integers(0, 5),
     "train.max_steps": st.integers(100, 10**7),
+    "train.epochs": st.none(),  # exclusive with max_steps: tested on its own
     "train.warmup_steps": st.integers(0, 100),
     "train.run_name": st.none() | st.from_regex(r"[A-Za-z0-9_-]{1,20}", fullmatch=True),
     "model.vision.mean": st.none() | st.lists(_fraction, min_size=3, max_size=3),

@@ -22,7 +22,7 @@ TINY = {
               "text": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
                        "intermediate_size": 64, "max_position_embeddings": 64}},
     "tokenizer": {"name": "train", "vocab_size": 120},
-    "data": {"format": "imagefolder", "num_workers": 0, "crop_scale_min": 0.9},
+    "data": {"format": "imagefolder", "num_workers": 0, "crop_scale_min": 0.9, "val_holdout": 0.25},
     "train": {"max_steps": 6, "batch_size": 8, "lr": 1e-3, "log_every": 1, "eval_every": 3, "eval_images": 6,
               "save_every": 3, "keep_checkpoints": 2, "quiet": True},
     "generate": {"num_beams": 2, "max_length": 16, "min_length": 5, "batch_size": 4},
