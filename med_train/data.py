@@ -419,10 +419,10 @@ class CaptionLoader:
 
     def _reshard(self, ranks: list[dict], then: tuple[int, int], now: tuple[int, int]) -> None:
         stream = self.stream
-        how = f"resume with {_layout(*then)} (--set data.num_workers={then[1]})"
+        how = f"resume with {layout_text(*then)} (--set data.num_workers={then[1]})"
         if hasattr(stream.table, "num_shards"):
-            raise DataError(f"data.streaming: the data position was saved with {_layout(*then)}, now "
-                            f"{_layout(*now)}; a stream's rows cannot be shared out anew: {how}")
+            raise DataError(f"data.streaming: the data position was saved with {layout_text(*then)}, now "
+                            f"{layout_text(*now)}; a stream's rows cannot be shared out anew: {how}")
         if sorted(s["process_index"] for s in ranks) != list(range(then[0])):
             raise DataError(f"the data position lacks some of its {then[0]} processes' positions: {how}")
         first, stream.carried = _carry_over(ranks, stream.carried, len(stream.table))
@@ -436,7 +436,8 @@ class CaptionLoader:
         self.resharded_from = then
 
 
-def _layout(processes: int, workers: int) -> str:
+def layout_text(processes: int, workers: int) -> str:
+    """E.g. "2 processes x 1 worker"."""
     return f"{processes} process{'es' * (processes != 1)} x {workers} worker{'s' * (workers != 1)}"
 
 
