@@ -2,7 +2,10 @@
 
     med train configs/shapes.yaml --set train.lr=3e-4          # one process, CPU or GPU
     accelerate launch -m med_train.cli train configs/x.yaml     # several GPUs / machines (or torchrun)
-    med train configs/shapes.yaml --resume runs/shapes-...      # continue a stopped run
+    med train --resume [RUN]                                    # continue a stopped run (default: runs/latest)
+
+Mixed precision: train.mixed_precision when the config sets it, else the launcher's (`accelerate launch
+--mixed_precision bf16`, or `accelerate config`), else none.
 
 A run folder describes itself:
     runs/<name>/config.yaml             the resolved config
