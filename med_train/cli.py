@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
+import typer.core
 
 from med_train.config import Config, ConfigError, config_to_yaml, load_config
 
@@ -47,29 +48,48 @@ def _check_model_name(cfg: Config, source: str) -> None:
         raise typer.Exit(code=2)
 
 
-@app.command("train")
+class _TrainCommand(typer.core.TyperCommand):
+    """`--resume=RUN` reads as `--resume RUN`: --resume is a flag (so that it may come last, or before another
+    option), and the run folder, when given, is the positional argument."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        split = []
+        for arg in args:
+            split += ["--resume", arg.removeprefix("--resume=")] if arg.startswith("--resume=") else [arg]
+        return super().parse_args(ctx, split)
+
+
+@app.command("train", cls=_TrainCommand)
 def train_command(
-    config: Annotated[Path | None, typer.Argument(help="A YAML config (not needed with --resume).")] = None,
+    target: Annotated[Path | None, typer.Argument(
+        metavar="CONFIG|RUN", help="A YAML config; with --resume, the run folder to continue "
+                                       "(default: runs/latest).")] = None,
     sets: SetOption = None,
-    resume: Annotated[str | None, typer.Option(
-        flag_value="latest", help="Continue a stopped run from its last checkpoint: a run folder, or none for "
-                                  "runs/latest.")] = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue a stopped run from its last checkpoint: `--resume [RUN]`, in any order.")] = False,
     output_dir: Annotated[Path | None, typer.Option(help="Where run folders go (train.output_dir).")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar; log lines only.")] = False,
 ) -> None:
     """Train a captioner; writes a self-describing run folder and points runs/latest at it."""
     from med_train.train import resolve_run
 
-    run_dir = None
-    if resume is not None:
-        try:
-            run_dir = resolve_run(None if resume == "latest" else resume, output_dir or "runs")
-        except FileNotFoundError as err:
-            _fail(str(err), 2)
+    config = run_dir = None
+    is_run = target is not None and (target / "config.yaml").is_file()
+    if resume:
+        latest = Path(output_dir or "runs") / "latest"
+        if target is None and not latest.exists():
+            _fail(f"nothing to resume: no {latest}; give the run folder, e.g. `med train --resume runs/NAME`", 2)
+        if target is not None and not is_run:
+            what = "not a run folder (no config.yaml in it)" if target.exists() else "no such run folder"
+            _fail(f"{target}: {what}: give the folder of the run to continue, or nothing for {latest}", 2)
+        run_dir = resolve_run(target, latest.parent)
         cfg = _load_config_or_exit(run_dir / "config.yaml", sets)
-    elif config is None:
-        _fail("give a config file (e.g. configs/shapes.yaml) or --resume RUN_DIR", 2)
+    elif is_run:
+        _fail(f"{target} is a run folder: add --resume to continue it", 2)
+    elif target is None:
+        _fail("give a config file (e.g. configs/shapes.yaml) or --resume [RUN_DIR]", 2)
     else:
+        config = target
         cfg = _load_config_or_exit(config, sets)
     if output_dir is not None and run_dir is None:
         cfg.train.output_dir = str(output_dir)

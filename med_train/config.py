@@ -137,7 +137,7 @@ class TrainConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
     clip_grad_norm: float | None = 1.0
-    mixed_precision: str = "no"  # no | bf16 | fp16
+    mixed_precision: str | None = None  # no | bf16 | fp16; None: accelerate launch's / accelerate config's, or no
     freeze_vision: bool = False
     compile: bool = False  # torch.compile the training forward (inductor; needs a C++ compiler on the CPU)
     log_every: int = 10
@@ -663,7 +663,7 @@ def _check_values(cfg: Config, where: _Where) -> None:
             raise where.error(key, f"{requirement}, got {_show(value)}")
     for key, choices in _CHOICES.items():
         value = _get(cfg, key)
-        if value not in choices:
+        if value is not None and value not in choices:
             near = difflib.get_close_matches(value, choices, n=1)
             hint = f"; did you mean '{near[0]}'?" if near else ""
             raise where.error(key, f"must be one of {' | '.join(choices)}, got {_show(value)}{hint}")

@@ -25,12 +25,18 @@ results once at the end (`gather_object`), not per batch.
 Resume is exact: each slot's position (epoch, row, caption) after its last delivered batch is in `state_dict()`.
 A non-streamed split jumps straight there; a stream re-reads rows up to it without decoding images, so its shuffle
 buffer is rebuilt exactly. Under torch.distributed `state_dict()` gathers every process's position (call it on all
-processes, as `accelerator.save_state` does); `load_state_dict` picks this process's. Resuming needs the same
-number of processes and workers.
+processes, as `accelerator.save_state` does); `load_state_dict` picks this process's.
+
+Resuming with another number of processes or workers (another slot layout): a non-streamed split turns the old
+slots' positions into the set of rows each epoch has delivered ("carried", with rows stopped part-way through their
+captions) and shares the rest of those epochs among the new slots; no row is repeated or skipped, only their order
+differs from an uninterrupted run's. A stream has no such global order (each slot shuffles its own rows), so
+`load_state_dict` refuses another layout there with a DataError naming the old and new numbers.
 """
 
 from __future__ import annotations
 
+import base64
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -120,6 +126,9 @@ class CaptionStream(torch.utils.data.IterableDataset):
         self.groups = None if train else group_rows(rows if holdout is None else (r for r in rows if r in holdout))
         self.first_epoch = 0
         self.start: dict[int, tuple[int, int, int]] = {}  # worker id -> (epoch, row, caption) to start from
+        # epoch -> {"consumed": bool per position of the epoch's order, "partial": {position: first caption}}: what
+        # slots of an earlier layout delivered (module docstring); the new slots share out the rest
+        self.carried: dict[int, dict] = {}
 
     def __iter__(self) -> Iterator[dict]:
         tally = _Tally(self.cfg, self.split, self.stats)
@@ -160,43 +169,49 @@ class CaptionStream(torch.utils.data.IterableDataset):
 
         while self.epochs is None or epoch < self.first_epoch + self.epochs:
             seen = 0
-            for r, row in self._epoch_rows(epoch, slot, slots, row0):
+            for r, row, carried_first in self._epoch_rows(epoch, slot, slots, row0):
                 if self.groups is None and self.holdout is not None and row in self.holdout:
                     continue  # a validation image: never trained on
                 seen += 1
+                first = max(sub0 if r == row0 else 0, carried_first)
                 # A group counts its source rows; a row resumed mid-way was counted before the checkpoint.
-                n_rows = 0 if (r == row0 and sub0) else len(row.captions) if self.groups is not None else 1
+                n_rows = 0 if first else len(row.captions) if self.groups is not None else 1
                 pending["rows"] += n_rows
-                examples, total = self._examples(row, sub0 if r == row0 else 0, pending)
+                examples, total = self._examples(row, first, pending)
                 for sub, example in examples:
                     yield example, meta((epoch, r, sub + 1) if sub + 1 < total else (epoch, r + 1, 0))
                 if pending["rows"] >= BAD_WINDOW:  # rows but no example for a while: report the counts
                     yield None, meta((epoch, r + 1, 0))
-            if seen == 0 and row0 == 0 and self.epochs is None:
+            if seen == 0 and row0 == 0 and self.epochs is None and epoch not in self.carried:
                 raise DataError(f"data source {self.cfg.source!r} [{self.split}] has no rows for process "
                                 f"{self.process_index} worker {worker}: fewer rows than processes x workers?")
             epoch, row0, sub0 = epoch + 1, 0, 0
         if pending["rows"] or pending["bad"]:
             yield None, meta((epoch, 0, 0))
 
-    def _epoch_rows(self, epoch: int, slot: int, slots: int, start: int) -> Iterator[tuple[int, Row]]:
-        """(position, row) of this slot's share of one epoch, from position `start` on."""
+    def _epoch_rows(self, epoch: int, slot: int, slots: int, start: int) -> Iterator[tuple[int, Row, int]]:
+        """(position, row, first caption) of this slot's share of one epoch, from position `start` on; the first
+        caption is not 0 only for a row an earlier slot layout stopped in."""
         if self.groups is not None:  # held-out: fixed order, one row per image
             mine = self.groups[slot::slots]
-            yield from ((r, mine[r]) for r in range(start, len(mine)))
+            yield from ((r, mine[r], 0) for r in range(start, len(mine)))
             return
         rng = np.random.default_rng([self.seed, epoch])
         if not hasattr(self.table, "num_shards"):  # map-style: a full permutation, and jumping ahead is free
-            mine = rng.permutation(len(self.table))[slot::slots]
+            order = rng.permutation(len(self.table))
+            carried = self.carried.get(epoch)
+            left = (np.arange(len(order)) if carried is None else np.flatnonzero(~carried["consumed"]))
+            mine = left[slot::slots]  # positions in `order`
+            partial = {} if carried is None else carried["partial"]
             for r in range(start, len(mine)):
-                i = int(mine[r])
-                yield r, parse_row(self.table[i], self.cfg, f"{self.split}:{i}", self.root)
+                i = int(order[mine[r]])
+                yield r, parse_row(self.table[i], self.cfg, f"{self.split}:{i}", self.root), partial.get(int(mine[r]), 0)
             return
         rows = _buffered(self._stream_rows(rng.permutation(self.table.num_shards), slot, slots),
                          self.cfg.shuffle_buffer, np.random.default_rng([self.seed, epoch, slot]))
         for r, (label, raw) in enumerate(rows):
             if r >= start:  # earlier rows were delivered before the resume: skip them undecoded
-                yield r, parse_row(raw, self.cfg, label, self.root)
+                yield r, parse_row(raw, self.cfg, label, self.root), 0
 
     def _stream_rows(self, shard_order: np.ndarray, slot: int, slots: int) -> Iterator[tuple[str, dict]]:
         if len(shard_order) % slots == 0:  # whole shards per slot: each slot reads only its own files
@@ -357,6 +372,7 @@ class CaptionLoader:
         self.stats = BadRowStats()
         self.positions: dict[int, tuple[int, int, int]] = {}  # worker -> position after its last batch
         self.batches = 0
+        self.resharded_from: tuple[int, int] | None = None  # (processes, workers) of a resumed other layout
 
     @property
     def epoch(self) -> int:
@@ -396,22 +412,94 @@ class CaptionLoader:
         if self.stream.num_processes > 1 and dist.is_available() and dist.is_initialized():
             ranks = [None] * dist.get_world_size()
             dist.all_gather_object(ranks, local)
-        return {"version": 1, "ranks": ranks}
+        slowest = min(epoch for saved in ranks for _, _, epoch, _, _ in _slot_positions(saved))
+        return {"version": 2, "ranks": ranks, "carried": _pack_carried(self.stream.carried, slowest)}
 
     def load_state_dict(self, state: dict) -> None:
-        mine = [s for s in state["ranks"] if s["process_index"] == self.stream.process_index]
-        if not mine:
-            raise ValueError(f"the data state has no position for process {self.stream.process_index}")
-        saved = mine[0]
-        now = (self.stream.num_processes, max(1, self.num_workers))
-        if (saved["num_processes"], saved["num_workers"]) != now:
-            raise ValueError(f"the data position was saved with {saved['num_processes']} processes x "
-                             f"{saved['num_workers']} workers, now {now[0]} x {now[1]}: rows are split among them, "
-                             "so resume with the same numbers (data.num_workers) or restart the epoch (set_epoch)")
-        self.stream.first_epoch = saved["first_epoch"]
+        """Continue from `state_dict()`'s position: exactly when the processes and workers are as they were;
+        otherwise a non-streamed split shares the rest out anew, and a streamed one raises DataError."""
+        ranks, stream = state["ranks"], self.stream
+        then = (ranks[0]["num_processes"], ranks[0]["num_workers"])
+        now = (stream.num_processes, max(1, self.num_workers))
+        stream.carried = _unpack_carried(state.get("carried", {}))
+        if any(len(c["consumed"]) != len(stream.table) for c in stream.carried.values()):
+            raise DataError(f"{stream.cfg.source} [{stream.split}] has {len(stream.table)} rows now, not as many as "
+                            "when the data position was saved: resume on the same data")
+        if then != now:
+            self._reshard(ranks, then, now)
+            return
+        saved = next(s for s in ranks if s["process_index"] == stream.process_index)
+        stream.first_epoch = saved["first_epoch"]
         self.positions = {int(w): tuple(p) for w, p in saved["positions"].items()}
         self.batches = saved["batches"]
         self.stats = BadRowStats.from_dict(saved["stats"])
+
+    def _reshard(self, ranks: list[dict], then: tuple[int, int], now: tuple[int, int]) -> None:
+        stream = self.stream
+        how = f"resume with {layout_text(*then)} (--set data.num_workers={then[1]})"
+        if hasattr(stream.table, "num_shards"):
+            raise DataError(f"data.streaming: the data position was saved with {layout_text(*then)}, now "
+                            f"{layout_text(*now)}; a stream's rows cannot be shared out anew: {how}")
+        if sorted(s["process_index"] for s in ranks) != list(range(then[0])):
+            raise DataError(f"the data position lacks some of its {then[0]} processes' positions: {how}")
+        first, stream.carried = _carry_over(ranks, stream.carried, len(stream.table))
+        stream.first_epoch = ranks[0]["first_epoch"]
+        self.positions = {w: (first, 0, 0) for w in range(now[1])}
+        self.batches = max(s["batches"] for s in ranks)
+        self.stats = BadRowStats()
+        if stream.process_index == 0:  # the bad-row counts live on, once
+            for saved in ranks:
+                self.stats.merge(saved["stats"])
+        self.resharded_from = then
+
+
+def layout_text(processes: int, workers: int) -> str:
+    """E.g. "2 processes x 1 worker"."""
+    return f"{processes} process{'es' * (processes != 1)} x {workers} worker{'s' * (workers != 1)}"
+
+
+def _carry_over(ranks: list[dict], carried: dict[int, dict], n_rows: int) -> tuple[int, dict[int, dict]]:
+    """(the first epoch not yet delivered whole, every unfinished epoch's delivered rows): the positions saved by
+    each slot of the old layout, which took `left[slot::slots]` of each epoch's positions still `left`, turned
+    into sets that any layout can share the rest of."""
+    slots = [slot for saved in ranks for slot in _slot_positions(saved)]
+    first = min(s[2] for s in slots)
+    out = {}
+    for e in range(first, max([s[2] for s in slots] + list(carried)) + 1):
+        consumed = carried[e]["consumed"].copy() if e in carried else np.zeros(n_rows, bool)
+        partial = dict(carried[e]["partial"]) if e in carried else {}
+        left = np.flatnonzero(~consumed)
+        for slot, n_slots, epoch, r, sub in slots:
+            mine = left[slot::n_slots]
+            delivered = len(mine) if epoch > e else r if epoch == e else 0
+            consumed[mine[:delivered]] = True
+            if epoch == e and sub:
+                partial[int(mine[r])] = sub
+        out[e] = {"consumed": consumed, "partial": {p: c for p, c in partial.items() if not consumed[p]}}
+    return first, out
+
+
+def _slot_positions(saved: dict) -> Iterator[tuple[int, int, int, int, int]]:
+    """(slot, slots, epoch, row, caption) for each worker of one process's saved state, where it stopped."""
+    workers = saved["num_workers"]
+    for w in range(workers):
+        epoch, r, sub = saved["positions"].get(str(w), (saved["first_epoch"], 0, 0))
+        yield saved["process_index"] * workers + w, saved["num_processes"] * workers, epoch, r, sub
+
+
+def _pack_carried(carried: dict[int, dict], slowest: int) -> dict:
+    """JSON-safe: a bit per position; epochs every worker has left behind are dropped."""
+    return {str(e): {"rows": len(c["consumed"]), "partial": {str(p): s for p, s in c["partial"].items()},
+                     "consumed": base64.b64encode(np.packbits(c["consumed"]).tobytes()).decode()}
+            for e, c in carried.items() if e >= slowest}
+
+
+def _unpack_carried(data: dict) -> dict[int, dict]:
+    def bits(c: dict) -> np.ndarray:
+        return np.unpackbits(np.frombuffer(base64.b64decode(c["consumed"]), np.uint8))[: c["rows"]].astype(bool)
+
+    return {int(e): {"consumed": bits(c), "partial": {int(p): s for p, s in c["partial"].items()}}
+            for e, c in data.items()}
 
 
 # ---- entry points ---------------------------------------------------------------------------------------------------

@@ -2,7 +2,10 @@
 
     med train configs/shapes.yaml --set train.lr=3e-4          # one process, CPU or GPU
     accelerate launch -m med_train.cli train configs/x.yaml     # several GPUs / machines (or torchrun)
-    med train configs/shapes.yaml --resume runs/shapes-...      # continue a stopped run
+    med train --resume [RUN]                                    # continue a stopped run (default: runs/latest)
+
+Mixed precision: train.mixed_precision when the config sets it, else the launcher's (`accelerate launch
+--mixed_precision bf16`, or `accelerate config`), else none.
 
 A run folder describes itself:
     runs/<name>/config.yaml             the resolved config
@@ -13,6 +16,8 @@ A run folder describes itself:
     runs/<name>/best/                   the model with the best validation CIDEr (data.val_split, not the
                                         reported data.eval_split)
     runs/<name>/checkpoints/step_N/     model, optimizer, scheduler, scaler, RNG, data position, trainer state
+                                        (trainer_state.json: step, epoch, best metric and the mixed precision
+                                        the run used: the config's train.mixed_precision, else the launcher's)
     runs/<name>/metrics.jsonl           one line per logging step and per evaluation
     runs/<name>/curves.png              loss and metric curves
 and runs/latest points at the newest run.
@@ -28,6 +33,7 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
@@ -39,6 +45,7 @@ STATE_FILE = "trainer_state.json"
 RUN_FILE = "run.json"  # the resolved length of the run: max_steps (counted from train.epochs when that is set)
 HOLDOUT_FILE = "val_holdout.json"  # the validation images held out of the training split, when it came to that
 MAX_NONFINITE_IN_A_ROW = 20
+LAUNCHER_PRECISIONS = ("no", "fp16", "bf16", "fp8")  # what accelerate accepts
 
 
 class TrainingError(RuntimeError):
@@ -54,6 +61,7 @@ class TrainerState:
     best_metric: float | None = None
     best_step: int | None = None
     nonfinite_steps: int = 0
+    mixed_precision: str | None = None  # the precision used (choose_precision); None in older checkpoints
     data: dict = field(default_factory=dict)  # the dataloader's state_dict
 
 
@@ -65,6 +73,24 @@ def cpu_processes() -> bool:
     import torch
 
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def choose_precision(configured: str | None, environ: Mapping[str, str] = os.environ) -> tuple[str, str | None]:
+    """(the mixed precision to train with, a line to show or None). `accelerate launch --mixed_precision X` and
+    `accelerate config` reach the script as ACCELERATE_MIXED_PRECISION; `Accelerator(mixed_precision=...)` would
+    silently override it. So the launcher's choice applies when train.mixed_precision is unset (null), "no" when
+    neither says; when both say and differ, the config wins, and the line says so."""
+    launcher = environ.get("ACCELERATE_MIXED_PRECISION", "").strip().lower() or None
+    if launcher is not None and launcher not in LAUNCHER_PRECISIONS:
+        raise TrainingError(f"ACCELERATE_MIXED_PRECISION={launcher!r} (from accelerate launch or accelerate config) "
+                            f"must be one of {' | '.join(LAUNCHER_PRECISIONS)}")
+    if configured is None:
+        return launcher or "no", None
+    if launcher is None or launcher == configured:
+        return configured, None
+    return configured, (f"mixed precision {configured} (train.mixed_precision in the config) wins over {launcher} "
+                        "(ACCELERATE_MIXED_PRECISION, from accelerate launch or accelerate config); "
+                        "--set train.mixed_precision=null lets the launcher's apply")
 
 
 def keep_freed_memory() -> bool:
@@ -274,7 +300,8 @@ def train(cfg: Config, config_path: str | Path | None = None, resume: str | Path
         if process.num_processes > 1:
             broadcast_object_list(chosen)
         run_dir = Path(chosen[0])
-    accelerator = Accelerator(cpu=cpu, mixed_precision=t.mixed_precision,
+    precision, precision_note = choose_precision(t.mixed_precision)
+    accelerator = Accelerator(cpu=cpu, mixed_precision=precision,
                               gradient_accumulation_steps=t.grad_accum_steps, log_with=t.trackers or None,
                               project_dir=str(run_dir))
     main = accelerator.is_main_process
@@ -283,6 +310,8 @@ def train(cfg: Config, config_path: str | Path | None = None, resume: str | Path
     set_seed(t.seed, device_specific=True)
     say = accelerator.print if not t.quiet else (lambda *a, **k: None)  # progress notes
     notice = accelerator.print  # what a user must see even in quiet mode
+    if precision_note:
+        notice(precision_note)
 
     # -- tokenizer and model
     if resume:
@@ -338,14 +367,9 @@ def train(cfg: Config, config_path: str | Path | None = None, resume: str | Path
     if t.compile:  # the training forward only: evaluation and checkpoints use raw_model
         model = torch.compile(model)
 
-    state = TrainerState()
+    state = TrainerState(mixed_precision=accelerator.mixed_precision)
     if resume:
-        done = checkpoint_dirs(run_dir)
-        if not done:
-            raise TrainingError(f"{run_dir}: no complete checkpoint to resume from")
-        accelerator.load_state(str(done[-1]))
-        state = TrainerState(**json.loads((done[-1] / STATE_FILE).read_text()))
-        loader.load_state_dict(state.data)
+        state = _resume(accelerator, run_dir, loader, notice)
         if main:  # one writer: the file is shared by every process
             _truncate_metrics(run_dir / "metrics.jsonl", state.step)
         say(f"resuming {run_dir} from step {state.step}")
@@ -461,6 +485,31 @@ def train(cfg: Config, config_path: str | Path | None = None, resume: str | Path
         accelerator.end_training()
     accelerator.wait_for_everyone()
     return run_dir
+
+
+def _resume(accelerator, run_dir: Path, loader, notice) -> TrainerState:
+    """Load the last complete checkpoint into the prepared objects and the loader; say what differs from the run
+    that wrote it (precision; processes or workers, whose data the loader shares out anew or refuses)."""
+    done = checkpoint_dirs(run_dir)
+    if not done:
+        raise TrainingError(f"{run_dir}: no complete checkpoint to resume from")
+    state = TrainerState(**json.loads((done[-1] / STATE_FILE).read_text()))
+    now, then = accelerator.mixed_precision, state.mixed_precision
+    if accelerator.scaler is not None and not (done[-1] / "scaler.pt").is_file():  # load_state would stop on it
+        raise TrainingError(f"{done[-1]} holds no fp16 loss scaler (trained with {then or 'another precision'}): "
+                            f"resume with --set train.mixed_precision={then or 'no'}")
+    if then is not None and then != now:
+        notice(f"resuming with mixed precision {now}; {done[-1]} was trained with {then}")
+    loader.load_state_dict(state.data)  # before the weights: a refused data layout stops at once
+    accelerator.load_state(str(done[-1]))
+    if loader.resharded_from is not None:
+        from med_train.data import layout_text
+
+        notice(f"data: the checkpoint was written by {layout_text(*loader.resharded_from)}, now "
+               f"{layout_text(accelerator.num_processes, max(1, loader.num_workers))}: the rest of each unfinished "
+               "epoch is shared out anew (no row repeated or skipped, in another order)")
+    state.mixed_precision = now
+    return state
 
 
 def _step_loss(accelerator, micro_losses: list, grad_norm) -> tuple[float, bool]:

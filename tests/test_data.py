@@ -371,10 +371,61 @@ def test_resume_mid_row_with_several_captions(tmp_path, tokenizer):
     assert resumed.stats.rows == 5  # the row split by the checkpoint is counted once
 
 
-def test_resume_refuses_another_worker_count(sources, tokenizer):
-    state = loader_for(sources["parquet"], tokenizer, num_workers=2).state_dict()
-    with pytest.raises(ValueError, match="2 workers, now 1 x 1"):
-        loader_for(sources["parquet"], tokenizer, num_workers=0).load_state_dict(state)
+def gathered_state(loaders) -> dict:
+    """The state one process per loader would save: `state_dict` gathers every process's position, as JSON."""
+    states = [json.loads(json.dumps(loader.state_dict())) for loader in loaders]
+    return {**states[0], "ranks": [s["ranks"][0] for s in states]}
+
+
+def run_layout(cfg, tokenizer, processes, workers, state=None, batches=None, **kw) -> tuple[list, list]:
+    """(the captions `processes` x `workers` slots deliver, their loaders): `batches` per process, or to the end."""
+    loaders = [loader_for(cfg, tokenizer, num_processes=processes, process_index=p, num_workers=workers, **kw)
+               for p in range(processes)]
+    seen = []
+    for loader in loaders:
+        if state is not None:
+            loader.load_state_dict(state)
+        seen += [c for _, b in zip(range(batches or 10**6), loader, strict=False) for c in b["captions"]]
+    return seen, loaders
+
+
+@pytest.mark.parametrize("then,now", [((1, 2), (1, 0)), ((1, 0), (1, 3)), ((2, 2), (1, 1)), ((1, 2), (2, 2)),
+                                      ((2, 1), (3, 0))])
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_resume_with_other_processes_or_workers_neither_repeats_nor_skips(tmp_path, tokenizer, then, now, epochs):
+    """(processes, workers) change between the runs; rows of 1-3 captions, so checkpoints fall inside rows too.
+    Before + after is what an uninterrupted run delivers: every caption `epochs` times."""
+    (tmp_path / "train").mkdir()
+    rows, captions = [], []
+    for i in range(11):
+        (tmp_path / "train" / f"{i}.png").write_bytes(png(i))
+        rows.append({"file_name": f"{i}.png", "id": f"r{i}", "captions": [f"c{j} {i}" for j in range(1 + i % 3)]})
+        captions += rows[-1]["captions"]
+    (tmp_path / "train" / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = DataConfig(source=str(tmp_path), cache_dir=str(tmp_path / "cache"))
+    before, old = run_layout(cfg, tokenizer, *then, batches=2, epochs=epochs)
+    after, new = run_layout(cfg, tokenizer, *now, state=gathered_state(old), epochs=epochs)
+    assert Counter(before + after) == {c: epochs for c in captions}
+    assert all(loader.resharded_from == (then[0], max(1, then[1])) for loader in new)
+    assert sum(loader.stats.rows for loader in new) == 11 * epochs  # the counts so far carried over, once
+
+
+def test_a_second_resume_with_yet_another_layout_neither_repeats_nor_skips(sources, tokenizer):
+    """Each resume carries what every earlier layout delivered: 2 workers, then 1, then 3 to the end of epoch 1."""
+    cfg, whole = sources["parquet"], sorted([c for _, c in EXPECTED_TRAIN] * 2)
+    first, loaders = run_layout(cfg, tokenizer, 1, 2, batches=3, epochs=2, batch_size=2)
+    second, loaders = run_layout(cfg, tokenizer, 1, 0, state=gathered_state(loaders), batches=2, epochs=2,
+                                 batch_size=2)
+    third, _ = run_layout(cfg, tokenizer, 1, 3, state=gathered_state(loaders), epochs=2, batch_size=2)
+    assert sorted(first + second + third) == whole
+    assert len(first) == 6 and len(second) == 4  # the third starts inside epoch 0, carrying both before it
+
+
+def test_a_stream_refuses_another_layout_naming_both(sources, tokenizer):
+    cfg = with_(sources["parquet"], streaming=True)
+    state = loader_for(cfg, tokenizer, num_workers=2).state_dict()
+    with pytest.raises(DataError, match=r"1 process x 2 workers, now 1 process x 1 worker.*data.num_workers=2"):
+        loader_for(cfg, tokenizer, num_workers=0).load_state_dict(state)
 
 
 DISTRIBUTED_SCRIPT = """
