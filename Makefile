@@ -27,7 +27,7 @@ lint: install
 
 # med_train against transformers' BLIP on this machine (a few minutes on a 2-core CPU); README "Speed".
 bench: install
-	$(BIN)/med bench --json runs/bench.json
+	$(BIN)/med bench --json-out runs/bench.json
 
 # The demo: write the shapes set, train the small captioner (~10 min on a 2-core CPU), score it, caption a few.
 demo: install

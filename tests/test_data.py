@@ -283,7 +283,8 @@ def test_data_check_json_reports_the_fixture(bad_source):
     result = CliRunner().invoke(app, ["data", "check", bad_source.source, "--json", "--set",
                                       "data.max_image_pixels=5000", "--set", f"data.cache_dir={bad_source.cache_dir}"])
     assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = json.loads(result.stdout)  # the document alone: the human summary went to stderr
+    assert "12 rows, 6 ok, 6 bad" in result.stderr
     assert (report["rows"], report["ok"], report["bad"]) == (12, 6, 6)
     assert report["bad_reasons"] == BAD_REASONS
     assert report["captions"] == 6 and report["words"]["max"] == 2 and report["unk_rate"] == 0.0
