@@ -164,9 +164,13 @@ def test_precision_a_device_cannot_run_is_refused_in_one_line(monkeypatch):
         f"error: --precision bf16: {problem}"]
 
 
-def test_eval_takes_device_and_the_old_out_name(model_dir):
+def test_eval_takes_device_and_the_old_out_name(model_dir, monkeypatch):
     result = runner.invoke(app, ["eval", "--model", str(model_dir), "--device", "tpu"])
     assert result.exit_code == 2 and "--device" in result.output
+    monkeypatch.setenv("WORLD_SIZE", "2")  # launched: each process takes its own device, none is named
+    result = runner.invoke(app, ["eval", "--model", str(model_dir), "--device", "cpu:0"])
+    assert result.exit_code == 2 and "each process of a launch runs on its own device" in result.output
+    monkeypatch.delenv("WORLD_SIZE")
     assert "--output-dir" in runner.invoke(app, ["eval", "--help"]).output
     assert "--out " not in runner.invoke(app, ["eval", "--help"]).output  # hidden, still accepted
 
