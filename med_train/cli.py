@@ -375,7 +375,8 @@ def race_command(
     from med_train.race import format_race, race, write_race
 
     try:
-        results = race(cfg, budget_s=budget, eval_every_s=eval_every, eval_images=eval_images)
+        results = race(cfg, budget_s=budget, eval_every_s=eval_every, eval_images=eval_images,
+                       say=functools.partial(typer.echo, err=json_output))
     except ValueError as err:
         _fail(str(err), 2)
     typer.echo(format_race(results), err=json_output)

@@ -190,7 +190,7 @@ def test_eval_takes_the_generation_device_and_precision_options(trained, tmp_pat
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["images"] == 4
     assert "--out is now --output-dir" in result.stderr and (tmp_path / "ev" / "metrics.json").is_file()
-    assert "img/s" in result.stderr and "4/4" in result.stderr  # the progress bar
+    assert "img/s" in result.stderr and "/4 [" in result.stderr  # the progress bar, of 4 images
     assert calls and all(c["device"] == "cpu" and c["fp16"] and c["do_sample"] and c["top_k"] == 5
                          and c["max_length"] == 12 and c["repetition_penalty"] == 1.1 for c in calls)
 
@@ -202,7 +202,7 @@ def test_caption_refuses_an_unknown_precision_or_device(trained, workspace):
     for command in (["caption", image], ["eval"]):
         result = runner.invoke(app, [*command, "--model", str(trained), "--precision", "fp8"])
         assert result.exit_code == 2 and "Invalid value for '--precision'" in result.output, command
-        assert "'fp8'" in result.output and "<no|bf16|fp16|fp" in runner.invoke(app, [command[0], "--help"]).output
+        assert "'fp8'" in result.output and "no|bf16|fp16|fp" in runner.invoke(app, [command[0], "--help"]).output
     result = runner.invoke(app, ["caption", image, "--model", str(trained), "--device", "tpu"])
     assert result.exit_code == 2 and "--device" in result.output
     if not torch.cuda.is_available():
