@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow lint bench demo clean
+.PHONY: install test test-slow test-lowest lint bench demo clean
 
 install: $(STAMP)
 
@@ -22,12 +22,19 @@ test: install
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow
 
+# The fast tests against the lowest versions pyproject.toml allows (constraints/lowest.txt), in their own venv.
+LOWEST := .venv-lowest
+test-lowest:
+	test -x $(LOWEST)/bin/python || $(PY) -m venv $(LOWEST)
+	$(LOWEST)/bin/pip install -q -c constraints/lowest.txt -e ".[dev]"
+	$(LOWEST)/bin/python -m pytest -q
+
 lint: install
 	$(BIN)/ruff check med_train tests
 
 # med_train against transformers' BLIP on this machine (a few minutes on a 2-core CPU); README "Speed".
 bench: install
-	$(BIN)/med bench --json runs/bench.json
+	$(BIN)/med bench --json-out runs/bench.json
 
 # The demo: write the shapes set, train the small captioner (~10 min on a 2-core CPU), score it, caption a few.
 demo: install
@@ -38,4 +45,4 @@ demo: install
 		data/shapes/test/000003.png
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(LOWEST) build *.egg-info .pytest_cache

@@ -9,6 +9,8 @@ Heavy libraries (torch, transformers, datasets) are imported inside the commands
 
 from __future__ import annotations
 
+import functools
+import sys
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -29,23 +31,150 @@ app.add_typer(convert_app, name="convert")
 app.add_typer(export_app, name="export")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from med_train import __version__
+
+        typer.echo(f"med_train {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                               help="Print the version and exit.")] = False) -> None:
+    """Train, evaluate and run BLIP-style image captioners."""
+
+
 # ---- med train / eval / caption -----------------------------------------------------------------------------------
 
 ModelOption = Annotated[str | None, typer.Option("--model", help="A run folder or model directory "
                                                                    "(default: runs/latest).")]
-PrecisionOption = Annotated[Literal["fp32", "bf16"], typer.Option(
-    help="fp32, or bf16 (autocast: on a GPU, and on CPUs with bf16 instructions, about 1.5x faster captioning).")]
+DeviceOption = Annotated[str | None, typer.Option(
+    help="cpu, cuda or cuda:N (default: cuda when there is one; under accelerate launch, each process's own).")]
+PrecisionOption = Annotated[Literal["no", "bf16", "fp16", "fp32"], typer.Option(
+    help="Autocast, as train.mixed_precision: no, bf16 or fp16 (fp32: the same as no). bf16 captions about 1.5x "
+         "faster on a GPU or a CPU with bf16 instructions; a device that cannot run the one asked is refused.")]
+QuietOption = Annotated[bool, typer.Option(help="No progress bar.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout; tables, notes and "
+                                                         "progress go to stderr.")]
 
 
 def _check_model_name(cfg: Config, source: str) -> None:
-    """An unknown timm name is a config error: caught before data or weights are touched."""
+    """An unknown timm name, or one that is not a ViT, is a config error: caught before data or weights are
+    touched. The model is built on the meta device (no memory, no weights) to see its class."""
     import timm
+    import torch
+    from timm.models.vision_transformer import VisionTransformer
 
-    if not timm.is_model(cfg.model.vision.name):
-        close = timm.list_models(f"*{cfg.model.vision.name.split('_')[0]}*")[:5]
-        typer.echo(f"error: {source}: model.vision.name: unknown timm model {cfg.model.vision.name!r}"
-                   + (f"; did you mean one of {close}?" if close else ""), err=True)
-        raise typer.Exit(code=2)
+    name = cfg.model.vision.name
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
+        _fail(f"{source}: model.vision.name: unknown timm model {name!r}"
+              + (f"; did you mean one of {close}?" if close else ""), 2)
+    with torch.device("meta"):
+        vit = timm.create_model(name, pretrained=False, num_classes=0)
+        if not isinstance(vit, VisionTransformer):
+            _fail(f"{source}: model.vision.name: {name!r} is a timm {type(vit).__name__}, not a ViT; the "
+                  "captioner takes timm's VisionTransformer family (vit_*, deit_*, e.g. vit_base_patch16_224)", 2)
+        try:
+            timm.create_model(name, pretrained=False, num_classes=0, img_size=cfg.model.vision.image_size,
+                              **cfg.model.vision.kwargs)
+        except (TypeError, ValueError, AssertionError) as err:  # an argument the ViT does not take or fit
+            _fail(f"{source}: model.vision.kwargs: {err}", 2)
+
+
+def _device(device: str | None):
+    """The torch device `--device` names (default: cuda when there is one), or a usage error."""
+    import torch
+
+    try:
+        target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as err:
+        raise typer.BadParameter(str(err), param_hint="--device") from None
+    if target.type not in ("cpu", "cuda"):
+        raise typer.BadParameter(f"must be cpu, cuda or cuda:N, got {device!r}", param_hint="--device")
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise typer.BadParameter("no CUDA device is available", param_hint="--device")
+    return target
+
+
+def _check_precision(device, precision: str) -> str:
+    """"no", "bf16" or "fp16" ("fp32" is "no"), after a one-line error (exit 2) where the device cannot run it."""
+    from med_train.evaluate import precision_problem
+
+    problem = precision_problem(device, precision)
+    if problem:
+        _fail(f"--precision {precision}: {problem}", 2)
+    return "no" if precision == "fp32" else precision
+
+
+def _positive(value: float | None) -> float | None:
+    if value is not None and value <= 0:
+        raise typer.BadParameter(f"must be > 0, got {value}")
+    return value
+
+
+# Generation options of `med eval` and `med caption`; each sets a generate.* key of the run's config.
+BeamsOption = Annotated[int | None, typer.Option("--beams", min=1, help="Beam size (default: generate.num_beams).")]
+SampleOption = Annotated[bool | None, typer.Option(
+    "--sample/--no-sample", help="Nucleus sampling instead of beam search (default: generate.do_sample). Turned on "
+                                 "here, BLIP's nucleus recipe: top-p generate.top_p (0.9) and repetition penalty "
+                                 "1.1 (unless --repetition-penalty).")]
+TopPOption = Annotated[float | None, typer.Option(min=0.0, max=1.0, callback=_positive,
+                                                  help="Sampling: the nucleus's probability (default: generate.top_p).")]
+TopKOption = Annotated[int | None, typer.Option(min=0, help="Sampling: only the K likeliest tokens, 0: no limit "
+                                                             "(default: generate.top_k).")]
+TemperatureOption = Annotated[float | None, typer.Option(callback=_positive, help="Sampling: logits divided by "
+                                                                                   "this (default: generate.temperature).")]
+RepetitionPenaltyOption = Annotated[float | None, typer.Option(callback=_positive, help=(
+    "Divides the scores of tokens already in the caption; 1: none (default: generate.repetition_penalty)."))]
+MaxLengthOption = Annotated[int | None, typer.Option(min=1, help="Most tokens per caption, prompt included "
+                                                                 "(default: generate.max_length).")]
+MinLengthOption = Annotated[int | None, typer.Option(min=0, help="Fewest tokens per caption, prompt included "
+                                                                 "(default: generate.min_length).")]
+SeedOption = Annotated[int | None, typer.Option(help="Sampling: the random seed (default: train.seed).")]
+# BLIP's nucleus sampling recipe: top-p 0.9 (generate.top_p's default) with this repetition penalty
+SAMPLING_REPETITION_PENALTY = 1.1
+# The generation options' parameters, and the generate.* key each one sets
+_GENERATE_KEYS = {"beams": "num_beams", "sample": "do_sample", "top_p": "top_p", "top_k": "top_k",
+                  "temperature": "temperature", "repetition_penalty": "repetition_penalty",
+                  "max_length": "max_length", "min_length": "min_length"}
+
+
+def _apply_generate_options(cfg: Config, params: dict[str, object]) -> None:
+    """Write the generation options given into cfg.generate (`params`: the command's parameters by name, None where
+    not given); options that conflict, or that the decoding does not use, are a one-line error (exit 2)."""
+    g = cfg.generate
+    given = {"--" + name.replace("_", "-"): params[name] for name in (*_GENERATE_KEYS, "seed")
+             if params[name] is not None}
+    sampling = given.get("--sample", g.do_sample)
+    if sampling and given.get("--beams", 1) > 1:
+        why = "--sample" if "--sample" in given else "the run samples (generate.do_sample); add --no-sample"
+        _fail(f"--beams {given['--beams']} conflicts with {why}: sampling draws one caption per image", 2)
+    unused = [k for k in ("--top-p", "--top-k", "--temperature", "--seed") if k in given and not sampling]
+    if unused:
+        _fail(f"{unused[0]} applies to sampling only: add --sample", 2)
+    if given.get("--sample") and not g.do_sample:
+        g.repetition_penalty = SAMPLING_REPETITION_PENALTY
+    for name, key in _GENERATE_KEYS.items():
+        if params[name] is not None:
+            setattr(g, key, params[name])
+    cfg.train.seed = given.get("--seed", cfg.train.seed)  # sampling's generator starts from it
+    if g.min_length > g.max_length:
+        _fail(f"--min-length {g.min_length} is over --max-length {g.max_length} (given, or the run's "
+              "generate.min_length/max_length)", 2)
+
+
+def _stderr_is_terminal() -> bool:
+    return sys.stderr.isatty()
+
+
+def _progress(quiet: bool, unit: str = "img", total: int | None = None):
+    """A progress bar on stderr with the rate and time left; off with --quiet or when stderr is not a terminal."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=unit, file=sys.stderr, disable=quiet or not _stderr_is_terminal(),
+                dynamic_ncols=True, leave=False)
 
 
 class _TrainCommand(typer.core.TyperCommand):
@@ -112,48 +241,77 @@ def train_command(
 def eval_command(
     model: ModelOption = None,
     split: Annotated[str | None, typer.Option(help="The held-out split (default: data.eval_split).")] = None,
-    beams: Annotated[int | None, typer.Option(help="Beam size (default: generate.num_beams).")] = None,
     max_images: Annotated[int | None, typer.Option(help="Score only the first N images.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per batch (default: generate.batch_size).")] = None,
-    out: Annotated[Path | None, typer.Option(help="Output folder (default: RUN/eval-SPLIT).")] = None,
-    json_output: Annotated[bool, typer.Option("--json", help="End with one JSON line of the metrics.")] = False,
-    precision: PrecisionOption = "fp32",
+    output_dir: Annotated[Path | None, typer.Option(help="Output folder (default: RUN/eval-SPLIT).")] = None,
+    out: Annotated[Path | None, typer.Option(hidden=True, help="Old name of --output-dir.")] = None,
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+    device: DeviceOption = None,
+    precision: PrecisionOption = "no",
     sets: SetOption = None,
+    beams: BeamsOption = None,
+    sample: SampleOption = None,
+    top_p: TopPOption = None,
+    top_k: TopKOption = None,
+    temperature: TemperatureOption = None,
+    repetition_penalty: RepetitionPenaltyOption = None,
+    max_length: MaxLengthOption = None,
+    min_length: MinLengthOption = None,
+    seed: SeedOption = None,
 ) -> None:
     """Caption a held-out split and score it: BLEU-1..4, METEOR (with Java), ROUGE-L, CIDEr (+ content scores on
-    the shapes set). Writes metrics.json, predictions.json and gallery.html."""
+    the shapes set). Writes metrics.json, predictions.json and gallery.html. Decoding: the run's generate.*, or
+    the options below."""
     import json
+    import os
 
-    from med_train.evaluate import evaluate, load_run
-    from med_train.train import resolve_run
+    from med_train.evaluate import evaluate
 
-    try:
-        run_dir = resolve_run(model)
-    except FileNotFoundError as err:
-        _fail(str(err), 2)
-    try:
-        captioner, cfg = load_run(run_dir, overrides=sets or ())
-    except ConfigError as err:
-        _fail(str(err), 2)
-    from accelerate import Accelerator
+    if out is not None:
+        typer.echo("note: --out is now --output-dir", err=True)
+    target = _device(device)
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if launched and target.index is not None:
+        raise typer.BadParameter("each process of a launch runs on its own device: give cpu or cuda",
+                                 param_hint="--device")
+    precision = _check_precision(target, precision)
+    run_dir, (captioner, cfg) = _load_run_or_exit(model, sets)
+    _apply_generate_options(cfg, locals())
+    accelerator = None
+    if launched:  # each process scores its share of the images
+        from accelerate import Accelerator
 
-    from med_train.train import cpu_processes
-
-    accelerator = Accelerator(cpu=cpu_processes())
-    captioner.to(accelerator.device)
+        accelerator = Accelerator(cpu=target.type == "cpu")
+        target = accelerator.device
+    captioner.to(target)
     split = split or cfg.data.eval_split
-    out_dir = out or run_dir / f"eval-{split}"
-    scores = evaluate(captioner, cfg, split=split, num_beams=beams, max_images=max_images, batch_size=batch_size,
-                      accelerator=accelerator, out_dir=out_dir, precision=precision)
-    if not accelerator.is_main_process:
+    out_dir = output_dir or out or run_dir / f"eval-{split}"
+    main_process = accelerator is None or accelerator.is_main_process
+    with _progress(quiet or not main_process, total=max_images) as bar:
+        scores = evaluate(captioner, cfg, split=split, max_images=max_images, batch_size=batch_size,
+                          accelerator=accelerator, out_dir=out_dir, precision=precision, progress=bar)
+    if not main_process:
         return
-    _print_scores(scores)
-    typer.echo(f"wrote {out_dir}/metrics.json, predictions.json, gallery.html")
+    _print_scores(scores, err=json_output)
+    typer.echo(f"wrote {out_dir}/metrics.json, predictions.json, gallery.html", err=json_output)
     if json_output:
         typer.echo(json.dumps(scores))
 
 
-def _print_scores(scores: dict) -> None:
+def _load_run_or_exit(model: str | None, sets: list[str] | None):
+    """(run folder, (captioner, config)) for `--model` with `--set` overrides, or a one-line error (exit 2)."""
+    from med_train.evaluate import load_run
+    from med_train.train import resolve_run
+
+    try:
+        run_dir = resolve_run(model)
+        return run_dir, load_run(run_dir, overrides=sets or ())
+    except (FileNotFoundError, ConfigError) as err:
+        _fail(str(err), 2)
+
+
+def _print_scores(scores: dict, err: bool = False) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -162,64 +320,64 @@ def _print_scores(scores: dict) -> None:
     table.add_column("value", justify="right")
     for key, value in scores.items():
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
-    Console().print(table)
+    Console(stderr=err).print(table)
 
 
 @app.command("caption")
 def caption_command(
     images: Annotated[list[str], typer.Argument(help="Image files, folders or glob patterns.")],
     model: ModelOption = None,
-    beams: Annotated[int | None, typer.Option(help="Beam size (default: the run's generate.num_beams).")] = None,
-    sample: Annotated[bool, typer.Option(help="Nucleus sampling instead of beam search.")] = False,
-    top_p: Annotated[float, typer.Option(help="Nucleus size for --sample.")] = 0.9,
-    seed: Annotated[int, typer.Option(help="Random seed for --sample.")] = 0,
-    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 16,
-    json_output: Annotated[bool, typer.Option("--json", help="JSON lines: {\"image\", \"caption\"}.")] = False,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: cuda when there is one).")] = None,
-    precision: PrecisionOption = "fp32",
+    batch_size: Annotated[int | None, typer.Option(help="Images per batch (default: generate.batch_size).")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help=(
+        'Print one JSON array on stdout, an {"image", "caption", "error"} object per file in input order (error: '
+        "null, or why the file was not captioned); errors and progress go to stderr."))] = False,
+    quiet: QuietOption = False,
+    device: DeviceOption = None,
+    precision: PrecisionOption = "no",
+    sets: SetOption = None,
+    beams: BeamsOption = None,
+    sample: SampleOption = None,
+    top_p: TopPOption = None,
+    top_k: TopKOption = None,
+    temperature: TemperatureOption = None,
+    repetition_penalty: RepetitionPenaltyOption = None,
+    max_length: MaxLengthOption = None,
+    min_length: MinLengthOption = None,
+    seed: SeedOption = None,
 ) -> None:
     """Print a caption for each image (`path<TAB>caption`). Unreadable files get an error line; the others are
-    still captioned, and the exit code is then 1."""
+    still captioned, and the exit code is then 1. Decoding: the run's generate.*, or the options below."""
     import json
 
     import torch
 
-    from med_train.evaluate import caption_files, expand_image_paths, generate_kwargs, load_run
-    from med_train.train import resolve_run
+    from med_train.evaluate import caption_files, expand_image_paths, generate_kwargs
 
-    try:
-        target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as err:
-        raise typer.BadParameter(str(err), param_hint="--device") from None
-    if target.type not in ("cpu", "cuda"):
-        raise typer.BadParameter(f"must be cpu, cuda or cuda:N, got {device!r}", param_hint="--device")
-    if target.type == "cuda" and not torch.cuda.is_available():
-        raise typer.BadParameter("no CUDA device is available", param_hint="--device")
-    try:
-        run_dir = resolve_run(model)
-    except FileNotFoundError as err:
-        _fail(str(err), 2)
-    captioner, cfg = load_run(run_dir)
+    target = _device(device)
+    precision = _check_precision(target, precision)
+    _, (captioner, cfg) = _load_run_or_exit(model, sets)
+    _apply_generate_options(cfg, locals())
     captioner.to(target)
-    if sample:  # BLIP's nucleus sampling: top-p with a mild repetition penalty
-        cfg.generate.do_sample, cfg.generate.top_p, cfg.generate.repetition_penalty = True, top_p, 1.1
-    kwargs = generate_kwargs(cfg, beams)
-    if sample:
-        kwargs["generator"] = torch.Generator(device=target).manual_seed(seed)
-    failed = 0
+    kwargs = generate_kwargs(cfg)
+    if cfg.generate.do_sample:
+        kwargs["generator"] = torch.Generator(device=target).manual_seed(cfg.train.seed)
     paths = expand_image_paths(images)
     if not paths:
         _fail(f"no images found in {' '.join(images)}", 2)
-    for path, caption, error in caption_files(captioner, paths, batch_size=batch_size, precision=precision,
-                                              max_pixels=cfg.data.max_image_pixels, **kwargs):
-        if error is not None:
-            failed += 1
-            typer.echo(f"error: {path}: {error}", err=True)
-        elif json_output:
-            typer.echo(json.dumps({"image": path, "caption": caption}))
-        else:
-            typer.echo(f"{path}\t{caption}")
-    if failed:
+    results = []
+    with _progress(quiet or len(paths) < 2, total=len(paths)) as bar:
+        for path, caption, error in caption_files(captioner, paths, batch_size=batch_size or cfg.generate.batch_size,
+                                                  precision=precision, max_pixels=cfg.data.max_image_pixels,
+                                                  **kwargs):
+            bar.update()
+            results.append({"image": path, "caption": caption, "error": error})
+            if error is not None:
+                bar.write(f"error: {path}: {error}", file=sys.stderr)
+            elif not json_output:
+                bar.write(f"{path}\t{caption}", file=sys.stdout)
+    if json_output:
+        typer.echo(json.dumps(results, indent=1))
+    if any(r["error"] is not None for r in results):
         raise typer.Exit(code=1)
 
 
@@ -229,7 +387,8 @@ def race_command(
     budget: Annotated[float, typer.Option(help="Training seconds for each model.")] = 600.0,
     eval_every: Annotated[float, typer.Option(help="Evaluate every this many training seconds.")] = 120.0,
     eval_images: Annotated[int, typer.Option(help="Held-out images per evaluation.")] = 200,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write the results here.")] = None,
+    json_output: JsonOption = False,
+    json_out: Annotated[Path | None, typer.Option(help="Also write the results to this JSON file.")] = None,
     sets: SetOption = None,
 ) -> None:
     """Time to quality: med_train against transformers' BLIP with the same sizes, recipe, batches and budget."""
@@ -238,12 +397,17 @@ def race_command(
     from med_train.race import format_race, race, write_race
 
     try:
-        results = race(cfg, budget_s=budget, eval_every_s=eval_every, eval_images=eval_images)
+        results = race(cfg, budget_s=budget, eval_every_s=eval_every, eval_images=eval_images,
+                       say=functools.partial(typer.echo, err=json_output))
     except ValueError as err:
         _fail(str(err), 2)
-    typer.echo(format_race(results))
+    typer.echo(format_race(results), err=json_output)
     if json_out is not None:
         write_race(results, json_out)
+    if json_output:
+        import json
+
+        typer.echo(json.dumps(results))
 
 
 # ---- med data ... -------------------------------------------------------------------------------------------------
@@ -281,7 +445,8 @@ def data_shapes(
 def data_check(
     source_or_config: SourceArgument,
     split: Annotated[str | None, typer.Option(help="Split to read (default: data.train_split).")] = None,
-    json_output: Annotated[bool, typer.Option("--json", help="End with one JSON object on the last line.")] = False,
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
     tokenizer: Annotated[str | None, typer.Option(help="Tokenizer (hub name or folder) for the coverage check; "
                                                        "default: the config's, or one trained on the captions.")] = None,
     limit: Annotated[int | None, typer.Option(help="Read at most this many rows.")] = None,
@@ -303,29 +468,31 @@ def data_check(
         except (OSError, ValueError) as exc:  # e.g. a hub tokenizer while offline: report, train one instead
             tokenizer_error = f"cannot load tokenizer {name!r}: {exc}"
     try:
-        report = check(cfg.data, split or cfg.data.train_split, tokenizer=tok, image_size=cfg.model.vision.image_size,
-                       prompt=cfg.model.prompt, max_length=cfg.tokenizer.max_length, limit=limit,
-                       vocab_size=cfg.tokenizer.vocab_size)
+        with _progress(quiet, unit="row", total=limit) as bar:
+            report = check(cfg.data, split or cfg.data.train_split, tokenizer=tok,
+                           image_size=cfg.model.vision.image_size, prompt=cfg.model.prompt,
+                           max_length=cfg.tokenizer.max_length, limit=limit, vocab_size=cfg.tokenizer.vocab_size,
+                           progress=bar)
     except DataError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(code=1) from None
+        _fail(str(exc))
     if tokenizer_error:
         report["tokenizer_error"] = tokenizer_error
-    typer.echo(f"{report['source']} [{report['split']}] ({report['format']}): {report['rows']} rows, "
-               f"{report['ok']} ok, {report['bad']} bad {report['bad_reasons'] or ''}")
+    say = functools.partial(typer.echo, err=json_output)  # with --json, stdout holds the document alone
+    say(f"{report['source']} [{report['split']}] ({report['format']}): {report['rows']} rows, "
+        f"{report['ok']} ok, {report['bad']} bad {report['bad_reasons'] or ''}")
     for example in report["examples"][:10]:
-        typer.echo(f"  bad row {example['id']}: {example['reason']} ({example['detail']})")
+        say(f"  bad row {example['id']}: {example['reason']} ({example['detail']})")
     words = report["words"]
     if words:
-        typer.echo(f"{report['images']} images, {report['captions']} captions of {words['mean']} words "
-                   f"(min {words['min']}, p95 {words['p95']}, max {words['max']}), vocabulary {report['vocabulary']}")
+        say(f"{report['images']} images, {report['captions']} captions of {words['mean']} words "
+            f"(min {words['min']}, p95 {words['p95']}, max {words['max']}), vocabulary {report['vocabulary']}")
         tokens = report["tokens"]
-        typer.echo(f"tokenizer ({report['tokenizer']}): unknown-token rate {report['unk_rate']:.2%}, "
-                   f"{tokens['mean']} tokens with the prompt (p95 {tokens['p95']}), "
-                   f"{report['truncated_fraction']:.1%} over max_length {cfg.tokenizer.max_length}")
+        say(f"tokenizer ({report['tokenizer']}): unknown-token rate {report['unk_rate']:.2%}, "
+            f"{tokens['mean']} tokens with the prompt (p95 {tokens['p95']}), "
+            f"{report['truncated_fraction']:.1%} over max_length {cfg.tokenizer.max_length}")
     if tokenizer_error:
-        typer.echo(tokenizer_error)
-    typer.echo(f"decode + transform: {report['images_per_s']} images/s")
+        say(tokenizer_error)
+    say(f"decode + transform: {report['images_per_s']} images/s")
     if json_output:
         typer.echo(json.dumps(report))
 
@@ -339,21 +506,27 @@ def data_pack(
     split: Annotated[list[str] | None, typer.Option(help="Split to pack (repeatable; default: the train, val "
                                                          "and eval splits the source has).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the training split's shuffle.")] = 0,
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
     sets: SetOption = None,
 ) -> None:
     """Rewrite a source as shards for fast parallel streaming (one row per image, bad rows left out)."""
+    import json
+
     from med_train.sources import DataError, pack
 
     if format not in ("webdataset", "parquet"):
         raise typer.BadParameter(f"must be webdataset or parquet, got {format!r}", param_hint="--format")
     cfg, _ = _data_config(source_or_config, sets)
     try:
-        stats = pack(cfg.data, out, fmt=format, shard_size=shard_size, splits=split, seed=seed)
+        with _progress(quiet, unit="row") as bar:
+            stats = pack(cfg.data, out, fmt=format, shard_size=shard_size, splits=split, seed=seed, progress=bar)
     except DataError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(code=1) from None
+        _fail(str(exc))
     for name, split_stats in stats.items():
-        typer.echo(f"{name}: {split_stats.summary()} -> {out / name}")
+        typer.echo(f"{name}: {split_stats.summary()} -> {out / name}", err=json_output)
+    if json_output:
+        typer.echo(json.dumps({name: {**s.to_dict(), "folder": str(out / name)} for name, s in stats.items()}))
 
 
 # ---- med config ... -----------------------------------------------------------------------------------------------
@@ -466,7 +639,8 @@ def bench_command(
     config: Annotated[Path | None, typer.Option(help="Take the model sizes and data from this config (default: "
                                                      "ViT-B/16 + BERT-base on a generated shapes set).")] = None,
     device: Annotated[Literal["cpu", "cuda"], typer.Option(help="Where both sides run.")] = "cpu",
-    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the figures to this JSON file.")] = None,
+    json_output: JsonOption = False,
+    json_out: Annotated[Path | None, typer.Option(help="Also write the figures to this JSON file.")] = None,
     quick: Annotated[bool, typer.Option(help="Tiny sizes and one repetition: a smoke run.")] = False,
     batch_size: Annotated[int | None, typer.Option(help="Images per batch (default: 8 on cpu, 32 on cuda).")] = None,
     reps: Annotated[int | None, typer.Option(help="Timed repetitions per side (default: 3; --quick: 1).")] = None,
@@ -483,8 +657,8 @@ def bench_command(
     captions differ."""
     import json
 
-    if config is not None:
-        _load_config_or_exit(config, None)  # a bad file fails here, before minutes of setup
+    if config is not None:  # a bad file fails here, before minutes of setup
+        _check_model_name(_load_config_or_exit(config, None), str(config))
     import torch
 
     if device == "cuda" and not torch.cuda.is_available():
@@ -503,11 +677,13 @@ def bench_command(
     if workers is not None:
         settings.workers = workers
     results = run_bench(settings, config, say=lambda message: typer.echo(f"bench: {message}", err=True))
-    typer.echo(format_table(results))
+    typer.echo(format_table(results), err=json_output)
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(results, indent=2))
-        typer.echo(f"wrote {json_out}")
+        typer.echo(f"wrote {json_out}", err=json_output)
+    if json_output:
+        typer.echo(json.dumps(results))
     if not results["greedy_captions_identical"]:
         _fail("greedy captions differ between med_train and transformers (see above)")
 

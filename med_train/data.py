@@ -547,10 +547,11 @@ def iter_captions(cfg: DataConfig, split: str, limit: int | None = None) -> Iter
 
 
 def check(cfg: DataConfig, split: str, *, tokenizer=None, image_size: int = 224, prompt: str = "",
-          max_length: int = 40, limit: int | None = None, vocab_size: int = 2000) -> dict:
+          max_length: int = 40, limit: int | None = None, vocab_size: int = 2000, progress=None) -> dict:
     """Read a split in stored order and report: rows, ok, bad, bad_reasons, examples, images (distinct), caption
     words, tokenizer coverage (`unk_rate`; with no tokenizer, one is trained on these captions) and the
-    decode + eval-transform speed in images/s. Source rows are counted as stored (held-out rows ungrouped)."""
+    decode + eval-transform speed in images/s. Source rows are counted as stored (held-out rows ungrouped).
+    `progress`: a tqdm bar advanced by each row read."""
     from med_train.tokenizer import train_tokenizer
 
     transform = build_transform(train=False, image_size=image_size)
@@ -560,6 +561,8 @@ def check(cfg: DataConfig, split: str, *, tokenizer=None, image_size: int = 224,
             break
         row = parse_row(raw, cfg, label, root)
         stats.rows += 1
+        if progress is not None:
+            progress.update()
         try:
             texts = clean_captions(row.captions, cfg.max_words)
             start = time.perf_counter()

@@ -14,6 +14,7 @@ import base64
 import html
 import io
 import json
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -38,6 +39,7 @@ def load_run(path: str | Path, which: str = "best", overrides: Iterable[str] = (
 
 
 def generate_kwargs(cfg: Config, num_beams: int | None = None) -> dict:
+    """`model.generate`'s keyword arguments from cfg.generate (`num_beams`: instead of generate.num_beams)."""
     g = cfg.generate
     kwargs = dict(num_beams=num_beams or g.num_beams, max_length=g.max_length, min_length=g.min_length,
                   repetition_penalty=g.repetition_penalty, cuda_graphs=None if g.cuda_graphs else False)
@@ -48,11 +50,27 @@ def generate_kwargs(cfg: Config, num_beams: int | None = None) -> dict:
     return kwargs
 
 
+AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
+
+
 def precision_autocast(device, precision: str | None):
-    """bf16 autocast on `device` for precision "bf16"; a disabled one for "fp32" (or None)."""
+    """Autocast on `device` in bf16 or fp16 for precision "bf16" or "fp16" (train.mixed_precision's names); a
+    disabled one for "no", "fp32" or None."""
     import torch
 
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    dtype = getattr(torch, AUTOCAST_DTYPES.get(precision, "float32"))
+    return torch.autocast(device.type, dtype=dtype, enabled=precision in AUTOCAST_DTYPES)
+
+
+def precision_problem(device, precision: str) -> str | None:
+    """Why `device` cannot caption under `precision`, or None where it can. On the CPU both run in torch (bf16
+    without oneDNN's bf16 products takes F.linear's path, see ops.ONEDNN_BF16); fp16 has no fast path there."""
+    import torch
+
+    if device.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        return f"{torch.cuda.get_device_name(device)} has no bf16 arithmetic (compute capability 8.0 or newer has): " \
+               "use fp16"
+    return None
 
 
 def heldout_loader(model, cfg: Config, split: str, *, batch_size: int | None = None, accelerator=None,
@@ -73,10 +91,11 @@ def heldout_loader(model, cfg: Config, split: str, *, batch_size: int | None = N
 def evaluate(model, cfg: Config, *, split: str | None = None, num_beams: int | None = None,
              max_images: int | None = None, batch_size: int | None = None, accelerator=None,
              out_dir: str | Path | None = None, gallery_size: int = 50, quiet: bool = False,
-             precision: str | None = None, loader=None) -> dict:
+             precision: str | None = None, loader=None, progress=None) -> dict:
     """Caption the held-out split (each image once, across processes when launched so) and score it. Precision:
-    "fp32" or "bf16" (autocast); None: the accelerator's mixed precision (what training runs with). `loader`: a
-    `heldout_loader` built once by a caller that evaluates many times (training), instead of `split`."""
+    "no", "bf16" or "fp16" (autocast); None: the accelerator's mixed precision (what training runs with).
+    `loader`: a `heldout_loader` built once by a caller that evaluates many times (training), instead of `split`.
+    `progress`: a tqdm bar to advance by each batch's images. `quiet`: no note on stderr when METEOR is skipped."""
     import torch
     from accelerate.utils import gather_object
 
@@ -111,6 +130,8 @@ def evaluate(model, cfg: Config, *, split: str | None = None, num_beams: int | N
                     record["thumbnail"] = _thumbnail(batch["images"][i])
                 records.append(record)
             seen += len(captions)
+            if progress is not None:
+                progress.update(len(captions))
     model.train(was_training)
     if hasattr(model, "text_decoder"):  # a GPU's captured decoding steps (`decode`): their memory is training's
         decode.release_captured_steps(model.text_decoder)
@@ -132,7 +153,7 @@ def evaluate(model, cfg: Config, *, split: str | None = None, num_beams: int | N
     scores["images"] = len(records)
     meteor_ok, meteor_reason = meteor_available()
     if not meteor_ok and not quiet:
-        print(f"METEOR skipped: {meteor_reason}")
+        print(f"METEOR skipped: {meteor_reason}", file=sys.stderr)
     if out_dir is not None:
         _write_outputs(Path(out_dir), scores, records, cider_per_image(predictions, references), gallery_size)
     return scores

@@ -383,7 +383,7 @@ def meteor_available() -> tuple[bool, str]:
     """(True, jar path) when METEOR can run here, else (False, what is missing)."""
     spec = importlib.util.find_spec("pycocoevalcap")  # locates the package without importing its modules
     if spec is None or not spec.submodule_search_locations:
-        return False, "pycocoevalcap is not installed (pip install pycocoevalcap); it bundles meteor-1.5.jar"
+        return False, 'pycocoevalcap is not installed (pip install "med_train[meteor]"); it bundles meteor-1.5.jar'
     folder = Path(next(iter(spec.submodule_search_locations))) / "meteor"
     for needed in (folder / "meteor-1.5.jar", folder / "data" / "paraphrase-en.gz"):
         if not needed.is_file():

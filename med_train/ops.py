@@ -37,6 +37,9 @@ from med_train import few_rows
 # entries go with their weights
 _PACKED = WeakIdKeyDictionary()
 FEW_ROWS = "few_rows"
+# oneDNN's bf16 products (the prepacked path under bf16 autocast) need AVX512BW/VL/DQ or AVX_NE_CONVERT; on other
+# CPUs `_reorder_linear_weight` fails in bf16, and F.linear, which autocast runs in bf16 its own way, is used instead.
+ONEDNN_BF16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 # Products of at most this many rows go through the few-row kernel where it is built: it beat oneDNN's prepacked
 # product at every count measured, 1 to 64 rows (8: 92 against 58 GFLOP/s; 64: 108 against 105), one thread.
 FEW_ROWS_MAX = 64
@@ -45,14 +48,15 @@ FEW_ROWS_MAX = 64
 def _packed_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
     """The dtype a prepacked product of `x` and `weight` runs in, or None where none applies. Inference on the CPU
     with fp32 weights: no gradient to record, not inside torch.compile (which prepacks on its own). fp32, or bf16
-    under bf16 autocast, where F.linear would cast the inputs (and the weight, on every call) to bf16 too."""
+    under bf16 autocast, where F.linear would cast the inputs (and the weight, on every call) to bf16 too, on CPUs
+    where oneDNN has bf16 products (ONEDNN_BF16)."""
     if (x.device.type != "cpu" or weight.dtype != torch.float32 or weight.dim() != 2
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
             or torch.compiler.is_compiling() or not torch.backends.mkldnn.is_available()):
         return None
     if torch.is_autocast_enabled("cpu"):
         bf16 = torch.get_autocast_dtype("cpu") == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16)
-        return torch.bfloat16 if bf16 else None
+        return torch.bfloat16 if bf16 and ONEDNN_BF16 else None
     return torch.float32 if x.dtype == torch.float32 else None
 
 

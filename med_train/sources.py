@@ -418,13 +418,14 @@ _SUFFIX_OF_FORMAT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 
 
 def pack(cfg: DataConfig, out: str | Path, *, fmt: str = "webdataset", shard_size: int = 1000,
-         splits: list[str] | None = None, seed: int = 0) -> dict[str, BadRowStats]:
+         splits: list[str] | None = None, seed: int = 0, progress=None) -> dict[str, BadRowStats]:
     """Rewrite splits as `OUT/<split>/<split>-00000.tar|.parquet` shards for parallel streaming.
 
     Each written row holds the image bytes, a `captions` list (held-out splits: every reference of the image),
     `id` and `objects` when the source has them. Bad rows are left out and counted. A non-streamed training split
     is shuffled first, since a stream only shuffles within its buffer. In a tar every image takes the suffix of the
-    split's first image (datasets' webdataset reader wants one suffix per shard); others are re-encoded to it."""
+    split's first image (datasets' webdataset reader wants one suffix per shard); others are re-encoded to it.
+    `progress`: a tqdm bar advanced by each row (an image) written or left out."""
     if fmt not in ("webdataset", "parquet"):
         raise ValueError(f"pack format must be webdataset or parquet, got {fmt!r}")
     all_stats = {}
@@ -446,6 +447,8 @@ def pack(cfg: DataConfig, out: str | Path, *, fmt: str = "webdataset", shard_siz
         writer = _ShardWriter(Path(out) / split, split, fmt, shard_size)
         for group in groups:
             stats.rows += 1
+            if progress is not None:
+                progress.update()
             try:
                 captions = [c for _, cell in group.captions for c in _raw_texts(cell, cfg.max_words)]
                 if not captions:

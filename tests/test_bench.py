@@ -25,12 +25,13 @@ def test_quick_bench_writes_every_figure(tmp_path):
     out = tmp_path / "bench.json"
     threads = torch.get_num_threads()
     try:  # one thread: steady on a shared machine
-        result = runner.invoke(app, ["bench", "--quick", "--threads", "1", "--json", str(out)])
+        result = runner.invoke(app, ["bench", "--quick", "--threads", "1", "--json", "--json-out", str(out)])
     finally:
         torch.set_num_threads(threads)
     assert result.exit_code == 0, result.output
-    assert "greedy captions identical: yes" in result.output
+    assert "greedy captions identical: yes" in result.stderr  # the table; stdout holds the document alone
     figures = json.loads(out.read_text())
+    assert json.loads(result.stdout) == figures
 
     for label in PAIRS:
         rates = figures[f"{label}_images_per_s"]

@@ -283,11 +283,32 @@ def test_data_check_json_reports_the_fixture(bad_source):
     result = CliRunner().invoke(app, ["data", "check", bad_source.source, "--json", "--set",
                                       "data.max_image_pixels=5000", "--set", f"data.cache_dir={bad_source.cache_dir}"])
     assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = json.loads(result.stdout)  # the document alone: the human summary went to stderr
+    assert "12 rows, 6 ok, 6 bad" in result.stderr
     assert (report["rows"], report["ok"], report["bad"]) == (12, 6, 6)
     assert report["bad_reasons"] == BAD_REASONS
     assert report["captions"] == 6 and report["words"]["max"] == 2 and report["unk_rate"] == 0.0
     assert report["images_per_s"] > 0
+
+
+def test_data_check_and_pack_show_progress_on_a_terminal_and_pack_json(bad_source, tmp_path, monkeypatch):
+    from med_train import cli
+
+    monkeypatch.setattr(cli, "_stderr_is_terminal", lambda: True)
+    check = ["data", "check", bad_source.source, "--set", f"data.cache_dir={bad_source.cache_dir}", "--json"]
+    result = CliRunner().invoke(app, check)
+    assert result.exit_code == 0, result.output
+    assert "row/s" in result.stderr and json.loads(result.stdout)["rows"] == 12
+    assert "row/s" not in CliRunner().invoke(app, [*check, "--quiet"]).stderr
+
+    result = CliRunner().invoke(app, ["data", "pack", bad_source.source, str(tmp_path / "packed"), "--split", "train",
+                                      "--set", f"data.cache_dir={bad_source.cache_dir}", "--set",
+                                      "data.max_image_pixels=5000", "--json"])
+    assert result.exit_code == 0, result.output
+    assert "row/s" in result.stderr and "train:" in result.stderr
+    stats = json.loads(result.stdout)
+    assert (stats["train"]["rows"], stats["train"]["ok"]) == (12, 6)
+    assert stats["train"]["folder"] == str(tmp_path / "packed" / "train")
 
 
 # ---- sharding and resume --------------------------------------------------------------------------------------------

@@ -104,10 +104,11 @@ def test_compiled_training_gives_the_losses_of_eager_training(trained, workspace
 
 
 def test_eval_writes_metrics_predictions_and_gallery(trained, tmp_path):
-    result = runner.invoke(app, ["eval", "--model", str(trained), "--out", str(tmp_path / "ev"), "--beams", "1",
+    result = runner.invoke(app, ["eval", "--model", str(trained), "--output-dir", str(tmp_path / "ev"), "--beams", "1",
                                  "--json"])
     assert result.exit_code == 0, result.output
-    scores = json.loads(result.output.strip().splitlines()[-1])
+    scores = json.loads(result.stdout)  # the document alone: the table and notes went to stderr
+    assert "scores" in result.stderr and "metrics.json" in result.stderr
     for key in ("Bleu_1", "Bleu_4", "ROUGE_L", "CIDEr", "content_exact", "content_colour", "content_position"):
         assert isinstance(scores[key], float), key
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text()) == scores
@@ -132,8 +133,8 @@ def test_caption_prints_a_line_per_image_and_reports_bad_files(trained, workspac
     result = runner.invoke(app, ["caption", str(workspace / "shapes" / "test"), "--model", str(trained), "--json",
                                  "--sample", "--top-p", "0.9"])
     assert result.exit_code == 0, result.output
-    rows = [json.loads(line) for line in result.stdout.splitlines()]
-    assert len(rows) == 6 and all(set(r) == {"image", "caption"} for r in rows)
+    rows = json.loads(result.stdout)
+    assert len(rows) == 6 and all(r["caption"] and r["error"] is None for r in rows)
 
 
 def test_bf16_precision_captions_and_evaluates_under_autocast(trained, workspace, tmp_path, monkeypatch):
@@ -161,11 +162,37 @@ def test_bf16_precision_captions_and_evaluates_under_autocast(trained, workspace
     assert all(dtype == torch.bfloat16 for _, dtype in seen)
 
     seen.clear()
-    result = runner.invoke(app, ["eval", "--model", str(trained), "--out", str(tmp_path / "ev"), "--beams", "1",
+    result = runner.invoke(app, ["eval", "--model", str(trained), "--output-dir", str(tmp_path / "ev"), "--beams", "1",
                                  "--precision", "bf16", "--json"])
     assert result.exit_code == 0, result.output
-    assert isinstance(json.loads(result.output.strip().splitlines()[-1])["CIDEr"], float)
+    assert isinstance(json.loads(result.stdout)["CIDEr"], float)
     assert seen and all(enabled and dtype == torch.bfloat16 for enabled, dtype in seen)
+
+
+def test_eval_takes_the_generation_device_and_precision_options(trained, tmp_path, monkeypatch):
+    import torch
+
+    from med_train import cli
+    from med_train.model import Captioner
+
+    calls, real_generate = [], Captioner.generate
+
+    def generate(self, images, **kwargs):
+        calls.append({**kwargs, "device": images.device.type, "fp16": torch.is_autocast_enabled("cpu")
+                      and torch.get_autocast_dtype("cpu") == torch.float16})
+        return real_generate(self, images, **kwargs)
+
+    monkeypatch.setattr(Captioner, "generate", generate)
+    monkeypatch.setattr(cli, "_stderr_is_terminal", lambda: True)
+    result = runner.invoke(app, ["eval", "--model", str(trained), "--out", str(tmp_path / "ev"), "--max-images", "4",
+                                 "--device", "cpu", "--precision", "fp16", "--sample", "--top-k", "5", "--seed", "3",
+                                 "--max-length", "12", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["images"] == 4
+    assert "--out is now --output-dir" in result.stderr and (tmp_path / "ev" / "metrics.json").is_file()
+    assert "img/s" in result.stderr and "/4 [" in result.stderr  # the progress bar, of 4 images
+    assert calls and all(c["device"] == "cpu" and c["fp16"] and c["do_sample"] and c["top_k"] == 5
+                         and c["max_length"] == 12 and c["repetition_penalty"] == 1.1 for c in calls)
 
 
 def test_caption_refuses_an_unknown_precision_or_device(trained, workspace):
@@ -173,9 +200,9 @@ def test_caption_refuses_an_unknown_precision_or_device(trained, workspace):
 
     image = str(next((workspace / "shapes" / "test").glob("*.png")))
     for command in (["caption", image], ["eval"]):
-        result = runner.invoke(app, [*command, "--model", str(trained), "--precision", "fp16"])
+        result = runner.invoke(app, [*command, "--model", str(trained), "--precision", "fp8"])
         assert result.exit_code == 2 and "Invalid value for '--precision'" in result.output, command
-        assert "'fp16'" in result.output and "<fp32|bf16>" in runner.invoke(app, [command[0], "--help"]).output
+        assert "'fp8'" in result.output and "no|bf16|fp16|fp" in runner.invoke(app, [command[0], "--help"]).output
     result = runner.invoke(app, ["caption", image, "--model", str(trained), "--device", "tpu"])
     assert result.exit_code == 2 and "--device" in result.output
     if not torch.cuda.is_available():
@@ -218,7 +245,7 @@ def test_two_processes_train_and_evaluate_each_image_once(workspace, tmp_path):
     assert sorted(p.name for p in (run / "checkpoints" / "step_4").glob("random_states_*")) == [
         "random_states_0.pkl", "random_states_1.pkl"]
     assert [p.name for p in (tmp_path / "runs").iterdir() if p.name != "latest"] == [run.name]
-    evaluate = subprocess.run([*base, "eval", "--model", str(run), "--out", str(tmp_path / "ev"), "--json"],
+    evaluate = subprocess.run([*base, "eval", "--model", str(run), "--output-dir", str(tmp_path / "ev"), "--json"],
                               capture_output=True, text=True, env=env, timeout=600)
     assert evaluate.returncode == 0, evaluate.stderr[-3000:]
     predictions = json.loads((tmp_path / "ev" / "predictions.json").read_text())

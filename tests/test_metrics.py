@@ -282,7 +282,7 @@ def test_meteor_unavailable_is_reported_and_skipped(monkeypatch, caplog):
     metrics.meteor_available.cache_clear()
     try:
         ok, why = meteor_available()
-        assert not ok and "pycocoevalcap" in why
+        assert not ok and "pycocoevalcap" in why and 'pip install "med_train[meteor]"' in why
         scores = score_captions({"a": "a dog"}, {"a": ["a dog runs"]})
         assert "METEOR" not in scores and set(scores) == {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr"}
         assert "METEOR skipped: pycocoevalcap is not installed" in caplog.text

@@ -419,6 +419,8 @@ def test_eval_mode_products_use_prepacked_weights_with_the_same_results(tokenize
     F.linear's, to float rounding."""
     from med_train import few_rows, ops
 
+    if bf16 and not ops.ONEDNN_BF16:
+        pytest.skip("this CPU has no oneDNN bf16 products (the fallback is tested below)")
     torch.manual_seed(0)
     model = Captioner(tiny_config, tokenizer).eval()
     images = _images()
@@ -451,6 +453,40 @@ def test_eval_mode_products_use_prepacked_weights_with_the_same_results(tokenize
     torch.testing.assert_close(packed[0], plain[0], **tolerance)
     torch.testing.assert_close(packed[1], plain[1], **tolerance)
     for a, b in zip(packed[2], plain[2], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_bf16_on_a_cpu_without_onednn_bf16_takes_f_linears_path(tokenizer, tiny_config, monkeypatch):
+    """On CPUs without AVX512BW/VL/DQ or AVX_NE_CONVERT, oneDNN cannot reorder a weight to bf16 ("bf16 path needs
+    the cpu support avx_ne_convert or avx512bw..."): captioning under bf16 autocast there packs nothing in bf16 and
+    gives F.linear's captions."""
+    from med_train import ops
+
+    real_reorder = torch.ops.mkldnn._reorder_linear_weight
+
+    def reorder(weight, *args, **kwargs):  # what such a CPU does
+        if weight.dtype == torch.bfloat16:
+            raise RuntimeError("mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx_ne_convert or "
+                               "avx512bw, avx512vl and avx512dq")
+        return real_reorder(weight, *args, **kwargs)
+
+    torch.manual_seed(0)
+    model = Captioner(tiny_config, tokenizer).eval()
+
+    def captions():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return [model.generate_ids(_images(), num_beams=b, max_length=12, min_length=6) for b in (1, 3)]
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", reorder)
+    if ops.ONEDNN_BF16:  # this CPU has them: the packed path would reach the failing reorder
+        with pytest.raises(RuntimeError, match="bf16 path needs"):
+            captions(), captions()
+        ops.release_packed(model)
+    monkeypatch.setattr(ops, "ONEDNN_BF16", False)
+    fallback = [captions() for _ in range(2)][-1]  # the second pass is where weights get packed
+    assert not any(torch.bfloat16 in layouts for layouts in _packed_layouts(model, _packed_weights(model)).values())
+    monkeypatch.setattr(ops, "_packed_dtype", lambda x, weight: None)
+    for a, b in zip(fallback, captions(), strict=True):
         assert torch.equal(a, b)
 
 

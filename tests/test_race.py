@@ -18,15 +18,16 @@ def test_race_trains_and_scores_both_models(tmp_path):
               "train": {**TINY["train"], "warmup_steps": 2}}
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
     result = runner.invoke(app, ["race", str(tmp_path / "tiny.yaml"), "--budget", "6", "--eval-every", "2",
-                                 "--eval-images", "4", "--json", str(tmp_path / "race.json")])
+                                 "--eval-images", "4", "--json", "--json-out", str(tmp_path / "race.json")])
     assert result.exit_code == 0, result.output
     results = json.loads((tmp_path / "race.json").read_text())
+    assert json.loads(result.stdout) == results  # the document alone on stdout, the table on stderr
     for name in ("med_train", "transformers"):
         curve = results[name]["curve"]
         assert curve and curve[-1]["train_s"] >= 6  # scored at the end of its budget (and on the way)
         assert all(0 <= p["content_exact"] <= 1 and p["images"] == 4 for p in curve)
         assert [p["train_s"] for p in curve] == sorted(p["train_s"] for p in curve)
-    assert "transformers" in result.output and "med_train" in result.output
+    assert "transformers" in result.stderr and "med_train" in result.stderr
 
 
 def test_quality_bar():

@@ -65,8 +65,10 @@ def test_caption_handles_every_bad_and_odd_image(model_dir, tmp_path):
                                  "--beams", "1"])
     assert result.exit_code == 1
     assert "Traceback" not in result.output
-    captioned = [json.loads(line)["image"] for line in result.stdout.splitlines()]
-    assert captioned == [str(p) for p in good]
+    rows = json.loads(result.stdout)  # one document: every file in input order, the bad ones with their error
+    assert [r["image"] for r in rows] == [str(p) for p in good + bad]
+    assert [r["caption"] is not None for r in rows] == [True] * len(good) + [False] * len(bad)
+    assert [r["error"] is None for r in rows] == [True] * len(good) + [False] * len(bad)
     errors = result.stderr.strip().splitlines()
     assert len(errors) == len(bad)
     for path, line in zip(bad, errors, strict=True):
