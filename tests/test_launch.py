@@ -156,7 +156,9 @@ def test_bare_resume_without_runs_latest_says_what_to_give(tmp_path, monkeypatch
 def test_a_bare_resume_with_more_workers_continues_the_run(workspace, monkeypatch):
     """A real stop and resume: `--resume --quiet` finds runs/latest; 1 worker before, 2 after."""
     monkeypatch.chdir(workspace)
-    result = runner.invoke(app, ["train", "tiny.yaml", "--set", "train.eval_every=0"])
+    # batch 4: the 6 steps stay inside the first epoch (36 training images), so the resumed run still carries the
+    # rows that the first layout delivered in it
+    result = runner.invoke(app, ["train", "tiny.yaml", "--set", "train.eval_every=0", "--set", "train.batch_size=4"])
     assert result.exit_code == 0, result.output
     run = Path(os.path.realpath(workspace / "runs" / "latest"))
     shutil.rmtree(run / "checkpoints" / "step_6")  # as if stopped after the step-3 checkpoint
