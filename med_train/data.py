@@ -535,15 +535,20 @@ def build_dataloader(cfg: DataConfig, split: str, *, train: bool, batch_size: in
                          stats=stats, pin_memory=pin_memory)
 
 
-def iter_captions(cfg: DataConfig, split: str, limit: int | None = None) -> Iterator[str]:
-    """The cleaned captions of `split` in stored order (images not decoded), e.g. to train a tokenizer."""
+def iter_captions(cfg: DataConfig, split: str, limit: int | None = None, holdout: Holdout | None = None
+                  ) -> Iterator[str]:
+    """The cleaned captions of `split` in stored order (images not decoded), e.g. to train a tokenizer; without
+    those of the images `holdout` sets aside for validation (training never sees them)."""
+    root = image_root(cfg) if holdout is not None else None  # the image keys the training stream hashes
     for n, (label, raw) in enumerate(iter_table(open_split(cfg, split), split)):
         if limit is not None and n >= limit:
             return
         try:
-            yield from clean_captions(parse_row(raw, cfg, label).captions, cfg.max_words)  # images: not needed
+            row = parse_row(raw, cfg, label, root)  # images: not needed
         except BadRow:
             continue
+        if holdout is None or row not in holdout:
+            yield from clean_captions(row.captions, cfg.max_words)
 
 
 def check(cfg: DataConfig, split: str, *, tokenizer=None, image_size: int = 224, prompt: str = "",

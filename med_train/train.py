@@ -314,6 +314,7 @@ def train(cfg: Config, config_path: str | Path | None = None, resume: str | Path
         notice(precision_note)
 
     # -- tokenizer and model
+    val_split, holdout = validation_source(cfg)
     if resume:
         tokenizer = load_tokenizer(str(run_dir))
     elif (tokenizer := init_tokenizer(cfg.model, cfg.tokenizer.name)) is not None:  # the init weights' vocabulary
@@ -323,7 +324,8 @@ def train(cfg: Config, config_path: str | Path | None = None, resume: str | Path
         # the trainer can break ties differently in each process, and every process must use the same vocabulary
         if main:
             tokenizer = build_tokenizer(cfg.tokenizer, (cfg.model.prompt + c for c in
-                                                        data_lib.iter_captions(cfg.data, cfg.data.train_split)))
+                                                        data_lib.iter_captions(cfg.data, cfg.data.train_split,
+                                                                               holdout=holdout)))
             run_dir.mkdir(parents=True, exist_ok=True)
             tokenizer.save_pretrained(str(run_dir))
         accelerator.wait_for_everyone()
@@ -343,7 +345,6 @@ def train(cfg: Config, config_path: str | Path | None = None, resume: str | Path
     accelerator.wait_for_everyone()
 
     # -- data: the data layer shards across processes and workers itself, so accelerate must not re-shard it
-    val_split, holdout = validation_source(cfg)
     stats = data_lib.BadRowStats()
     loader = data_lib.build_dataloader(
         cfg.data, cfg.data.train_split, train=True, batch_size=t.batch_size, image_size=cfg.model.vision.image_size,

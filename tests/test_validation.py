@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from med_train import evaluate as evaluate_module
 from med_train.cli import app
 from med_train.config import DataConfig, config_to_dict, load_config
-from med_train.data import Holdout, build_dataloader, build_dataset
+from med_train.data import Holdout, build_dataloader, build_dataset, iter_captions
 from med_train.sources import pack
 from med_train.train import epoch_steps, tracker_config, validation_source
 
@@ -158,6 +158,14 @@ def test_the_held_out_slice_is_deterministic_and_moves_with_the_data(workspace, 
     shutil.copytree(workspace / "data", tmp_path / "moved")
     moved = DataConfig(**{**cfg.__dict__, "source": str(tmp_path / "moved")})
     assert held_out_ids(moved, Holdout.of(moved, 42)) == held  # keys are paths inside the source folder
+
+
+def test_a_trained_tokenizer_never_sees_the_held_out_captions(workspace, tmp_path):
+    cfg = DataConfig(source=str(workspace / "data"), val_holdout=0.3, cache_dir=str(tmp_path / "cache"))
+    held = set(held_out_ids(cfg, Holdout.of(cfg, 42)))
+    kept = sorted(c for i, captions in CAPTIONS.items() if i not in held for c in captions)
+    assert sorted(iter_captions(cfg, "train", holdout=Holdout.of(cfg, 42))) == kept
+    assert len(list(iter_captions(cfg, "train"))) == sum(len(c) for c in CAPTIONS.values())
 
 
 @pytest.mark.parametrize("streaming", [False, True])
