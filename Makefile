@@ -38,7 +38,7 @@ bench: install
 
 # The demo: write the shapes set, train the small captioner (~10 min on a 2-core CPU), score it, caption a few.
 demo: install
-	test -f data/shapes/test/metadata.jsonl || $(BIN)/med data shapes data/shapes --train 20000
+	test -f data/shapes/val/metadata.jsonl || $(BIN)/med data shapes data/shapes --train 20000
 	$(BIN)/med train configs/shapes.yaml
 	$(BIN)/med eval --split test
 	$(BIN)/med caption data/shapes/test/000000.png data/shapes/test/000001.png data/shapes/test/000002.png \

@@ -109,7 +109,7 @@ def bench_config(settings: BenchSettings, config_path: str | Path | None, workdi
 
         rows = settings.batch_size * (settings.data_batches + 2)
         side = vision.image_size if settings.quick else max(384, vision.image_size)  # BLIP's size, or more
-        generate(workdir / "shapes", train=rows, test=1, seed=0, image_size=side)
+        generate(workdir / "shapes", train=rows, val=0, test=1, seed=0, image_size=side)
         cfg.data.source, cfg.data.format = str(workdir / "shapes"), "imagefolder"
         if settings.quick:
             cfg.data.num_workers = 0

@@ -428,17 +428,19 @@ def _data_config(source_or_config: str, sets: list[str] | None) -> tuple[Config,
 
 @data_app.command("shapes")
 def data_shapes(
-    out: Annotated[Path, typer.Argument(help="Folder to write (OUT/train, OUT/test).")],
-    train: Annotated[int, typer.Option(help="Training images.")] = 5000,
-    test: Annotated[int, typer.Option(help="Test images (5 reference captions each).")] = 200,
+    out: Annotated[Path, typer.Argument(help="Folder to write (OUT/train, OUT/val, OUT/test).")],
+    train: Annotated[int, typer.Option(help="Training images.", min=1)] = 5000,
+    val: Annotated[int, typer.Option(help="Validation images (5 reference captions each); 0: none, training "
+                                          "then holds out data.val_holdout of its images.", min=0)] = 200,
+    test: Annotated[int, typer.Option(help="Test images (5 reference captions each).", min=1)] = 200,
     seed: Annotated[int, typer.Option(help="Same seed, same files.")] = 0,
     image_size: Annotated[int, typer.Option(help="Image side in pixels.")] = 96,
 ) -> None:
     """Write the shapes demo set: 1-3 coloured shapes at five places, captions saying what and where."""
     from med_train.shapes import generate
 
-    generate(out, train=train, test=test, seed=seed, image_size=image_size)
-    typer.echo(f"wrote {train} training and {test} test images to {out}")
+    generate(out, train=train, val=val, test=test, seed=seed, image_size=image_size)
+    typer.echo(f"wrote {train} training, {val} validation and {test} test images to {out}")
 
 
 @data_app.command("check")

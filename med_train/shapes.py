@@ -1,12 +1,14 @@
 """The shapes demo set: 1-3 coloured shapes at five places, captions that say what and where, a content scorer.
 
-    generate("data/shapes", train=5000, test=200, seed=0)   # or: med data shapes data/shapes
+    generate("data/shapes", train=5000, val=200, test=200, seed=0)   # or: med data shapes data/shapes
     score_content(["a small red circle in the centre"],
                   [[{"kind": "circle", "colour": "red", "size": "small", "position": "centre"}]])
     # -> {"content_colour": 1.0, "content_shape": 1.0, ..., "content_exact": 1.0}
 
-Layout (imagefolder): OUT/train/metadata.jsonl has one `caption` per image, OUT/test/metadata.jsonl a `captions`
-list with the five phrasings; every row has `id` and `objects` (its true content: kind, colour, size, position).
+Layout (imagefolder): OUT/train/metadata.jsonl has one `caption` per image; OUT/val/ (what training validates on)
+and OUT/test/ (what `med eval` reports) a `captions` list with the five phrasings; every row has `id` and
+`objects` (its true content: kind, colour, size, position). Each split draws from its own seeded generator, so
+adding or resizing one split leaves the others' files as they were.
 
 Designed to be learnable by a small ViT at 64-96 px: shapes are large, flat-coloured and upright; the five places
 (the four corners and the centre) are far apart and objects never overlap; backgrounds are pale, low-saturation
@@ -149,10 +151,14 @@ def _draw_shape(pen: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: fl
         raise ValueError(f"unknown shape kind {kind!r}")
 
 
-def generate(out: str | Path, *, train: int = 5000, test: int = 200, seed: int = 0, image_size: int = 96) -> Path:
-    """Write the demo set to `out` (imagefolder layout, see the module docstring); returns `out`."""
+def generate(out: str | Path, *, train: int = 5000, val: int = 200, test: int = 200, seed: int = 0,
+             image_size: int = 96) -> Path:
+    """Write the demo set to `out` (imagefolder layout, see the module docstring); returns `out`. `val=0` writes
+    no validation split (training then holds out some training images: data.val_holdout)."""
     out = Path(out)
-    for split, n in (("train", train), ("test", test)):
+    for split, n in (("train", train), ("val", val), ("test", test)):
+        if n == 0:
+            continue
         rng = random.Random(f"shapes:{seed}:{split}")  # a string seed is stable across Python runs
         decks = {name: _Deck(values, rng) for name, values in
                  (("count", (1, 2, 3)), ("position", POSITIONS), ("kind", KINDS), ("colour", tuple(COLOURS)),

@@ -156,7 +156,7 @@ def test_convert_hf_refuses_other_models_and_missing_folders_in_one_line(tmp_pat
 @pytest.fixture(scope="module")
 def shapes_config(tmp_path_factory):
     root = tmp_path_factory.mktemp("init")
-    result = runner.invoke(app, ["data", "shapes", str(root / "shapes"), "--train", "16", "--test", "4"])
+    result = runner.invoke(app, ["data", "shapes", str(root / "shapes"), "--train", "16", "--val", "0", "--test", "4"])
     assert result.exit_code == 0, result.output
     config = {**TINY, "data": {**TINY["data"], "source": str(root / "shapes")},
               "train": {**TINY["train"], "max_steps": 1, "eval_every": 0, "eval_images": 2, "save_every": 0,

@@ -32,7 +32,7 @@ TINY = {
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
-    result = runner.invoke(app, ["data", "shapes", str(root / "shapes"), "--train", "48", "--test", "6",
+    result = runner.invoke(app, ["data", "shapes", str(root / "shapes"), "--train", "48", "--val", "0", "--test", "6",
                                  "--seed", "1"])
     assert result.exit_code == 0, result.output
     config = {**TINY, "data": {**TINY["data"], "source": str(root / "shapes")}}

@@ -26,7 +26,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def config_file(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
-    assert runner.invoke(app, ["data", "shapes", str(root / "shapes"), "--train", "48", "--test", "4"]).exit_code == 0
+    assert runner.invoke(app, ["data", "shapes", str(root / "shapes"), "--train", "48", "--val", "0", "--test", "4"]).exit_code == 0
     config = {**TINY, "data": {**TINY["data"], "source": str(root / "shapes")},
               "train": {**TINY["train"], "eval_every": 0, "eval_images": 4}}
     (root / "tiny.yaml").write_text(yaml.safe_dump(config))

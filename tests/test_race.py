@@ -13,7 +13,7 @@ runner = CliRunner()
 
 
 def test_race_trains_and_scores_both_models(tmp_path):
-    assert runner.invoke(app, ["data", "shapes", str(tmp_path / "shapes"), "--train", "32", "--test", "4"]).exit_code == 0
+    assert runner.invoke(app, ["data", "shapes", str(tmp_path / "shapes"), "--train", "32", "--val", "0", "--test", "4"]).exit_code == 0
     config = {**TINY, "data": {**TINY["data"], "source": str(tmp_path / "shapes")},
               "train": {**TINY["train"], "warmup_steps": 2}}
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))

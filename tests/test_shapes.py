@@ -34,28 +34,29 @@ def rows(folder, split) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    return generate(tmp_path_factory.mktemp("shapes"), train=240, test=20, seed=1)
+    return generate(tmp_path_factory.mktemp("shapes"), train=240, val=10, test=20, seed=1)
 
 
 def test_generation_is_deterministic(demo, tmp_path):
-    generate(tmp_path / "again", train=250, test=25, seed=9)  # a bigger set first: rewriting removes its extras
-    again = generate(tmp_path / "again", train=240, test=20, seed=1)
+    generate(tmp_path / "again", train=250, val=12, test=25, seed=9)  # a bigger set first: rewriting removes its extras
+    again = generate(tmp_path / "again", train=240, val=10, test=20, seed=1)
     assert len(list((again / "train").glob("*.png"))) == 240
-    other = generate(tmp_path / "other", train=240, test=20, seed=2)
-    for split in ("train", "test"):
+    other = generate(tmp_path / "other", train=240, val=10, test=20, seed=2)
+    for split in ("train", "val", "test"):
         assert rows(again, split) == rows(demo, split)
         assert rows(other, split) != rows(demo, split)
     assert (again / "train" / "000007.png").read_bytes() == (demo / "train" / "000007.png").read_bytes()
 
 
 def test_layout_and_captions(demo):
-    train, test = rows(demo, "train"), rows(demo, "test")
-    assert len(train) == 240 and len(test) == 20
-    for row in train + test:
+    train, val, test = rows(demo, "train"), rows(demo, "val"), rows(demo, "test")
+    assert len(train) == 240 and len(val) == 10 and len(test) == 20
+    assert {r["id"] for r in val}.isdisjoint(r["id"] for r in test) and val[0]["objects"] != test[0]["objects"]
+    for row in train + val + test:
         places = [o["position"] for o in row["objects"]]
         assert 1 <= len(places) <= 3 and len(set(places)) == len(places)
     assert all(isinstance(r["caption"], str) and "captions" not in r for r in train)
-    for row in test:  # five different phrasings, each of at most 30 words (data.max_words)
+    for row in val + test:  # five different phrasings, each of at most 30 words (data.max_words)
         assert len(row["captions"]) == 5 and len(set(row["captions"])) == 5
         assert all(len(c.split()) <= 30 for c in row["captions"])
 
@@ -141,11 +142,13 @@ def test_the_scorer_catches_wrong_captions():
 
 def test_shapes_command_writes_a_set_the_data_layer_reads(tmp_path):
     out = tmp_path / "demo"
-    result = CliRunner().invoke(app, ["data", "shapes", str(out), "--train", "6", "--test", "3", "--seed", "5"])
+    result = CliRunner().invoke(app, ["data", "shapes", str(out), "--train", "6", "--val", "2", "--test", "3",
+                                      "--seed", "5"])
     assert result.exit_code == 0, result.output
     cfg = DataConfig(source=str(out), cache_dir=str(tmp_path / "cache"))
-    held_out = list(build_dataset(cfg, "test", train=False, image_size=32))
-    assert len(held_out) == 3 and all(len(e["references"]) == 5 for e in held_out)
-    assert all(set(e["objects"][0]) == set(ATTRIBUTES) for e in held_out)
+    for split, n in (("val", 2), ("test", 3)):
+        held_out = list(build_dataset(cfg, split, train=False, image_size=32))
+        assert len(held_out) == n and all(len(e["references"]) == 5 for e in held_out)
+        assert all(set(e["objects"][0]) == set(ATTRIBUTES) for e in held_out)
     train = list(build_dataset(cfg, "train", train=True, image_size=32))
     assert len(train) == 6 and train[0]["image"].shape == (3, 32, 32)

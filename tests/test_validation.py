@@ -127,14 +127,17 @@ def test_karpathy_configs_select_on_val_and_report_test(name, tmp_path):
     assert cfg.train.epochs == 5 and cfg.train.max_steps is None
 
 
-def test_the_demo_validates_on_a_held_out_slice_of_its_training_images(tmp_path):
+def test_the_demo_validates_on_its_val_split_else_on_a_held_out_slice_of_its_training_images(tmp_path):
     cfg = load_config(CONFIGS / "shapes.yaml", [f"data.source={tmp_path}"])
-    for split in ("train", "test"):  # what `med data shapes` writes
+    for split in ("train", "test"):  # what `med data shapes --val 0` writes
         (tmp_path / split).mkdir()
         (tmp_path / split / "metadata.jsonl").write_text('{"file_name": "0.png", "caption": "a"}\n')
     split, holdout = validation_source(cfg)
     assert split == "train" and holdout == Holdout(0.01, cfg.train.seed, str(tmp_path.resolve()))
     assert cfg.data.eval_split == "test"
+    (tmp_path / "val").mkdir()  # what `med data shapes` writes by default
+    (tmp_path / "val" / "metadata.jsonl").write_text('{"file_name": "0.png", "captions": ["a"]}\n')
+    assert validation_source(cfg) == ("val", None)
 
 
 def test_pack_keeps_the_validation_split(workspace, tmp_path):
