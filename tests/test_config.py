@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from med_train._config_loader import build, positive, read_layers
 from med_train.cli import app
 from med_train.config import (
     DATA_FORMATS,
@@ -547,3 +548,44 @@ def test_line_break_characters_survive_the_round_trip(tmp_path):
     again = load_config(tmp_path / "c.yaml")
     assert again.data.caption_column == "0\x85"
     assert again.model.prompt == "une photo de \u2028é "
+
+
+# ---- constraints declared beside their fields ------------------------------------------------------------------------
+
+
+def test_a_choice_reads_yaml_words_as_text_and_lists_the_choices(tmp_path: Path) -> None:
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"  # not YAML's false
+    assert load_config(None, ["train.mixed_precision=null"]).train.mixed_precision is None
+    err = error_of(write(tmp_path / "c.yaml", "train:\n  mixed_precision: no\n"))  # YAML reads false
+    assert err.key == "train.mixed_precision" and "quote it" in str(err) and "'bf16'" in str(err)
+    err = error_of(write(tmp_path / "d.yaml", "model:\n  vision:\n    stem: [conv]\n"))
+    assert err.key == "model.vision.stem" and "one of 'patch', 'conv'" in str(err)
+    message = str(error_of(None, ["model.vision.pos_embed_init=sincoss"]))
+    assert "must be one of timm | sincos, got 'sincoss'; did you mean 'sincos'?" in message
+
+
+@dataclasses.dataclass
+class Inner:
+    size: int = positive(3)
+    mode: typing.Literal["a", "b"] = "a"
+
+
+@dataclasses.dataclass
+class Outer:
+    inner: Inner = dataclasses.field(default_factory=Inner)
+    rate: float = positive(0.5)
+
+
+def test_the_loader_reads_any_dataclass_with_its_field_rules(tmp_path: Path) -> None:
+    path = write(tmp_path / "c.yaml", "inner:\n  size: 4\n")
+    data, where = read_layers(Outer, path, ["rate=2e-3", "inner.mode=b"])
+    assert build(Outer, data, where) == Outer(Inner(4, "b"), 2e-3)
+    for sets, key, words in [(["inner.size=0"], "inner.size", "must be > 0, got 0"),
+                             (["inner.mode=c"], "inner.mode", "must be one of a | b"),
+                             (["inner.sise=5"], "inner.sise", "did you mean 'inner.size'?"),
+                             (["size=5"], "size", "did you mean 'inner.size'?")]:
+        data, where = read_layers(Outer, path, sets)
+        with pytest.raises(ConfigError) as info:
+            build(Outer, data, where)
+        assert info.value.key == key and str(info.value).startswith(f"--set {sets[0]} (on {path}): {key}: ")
+        assert words in str(info.value)
