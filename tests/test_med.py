@@ -9,7 +9,10 @@ from transformers import BlipTextConfig
 from transformers.models.blip.modeling_blip_text import BlipTextLMHeadModel
 
 from med_train import few_rows, med
-from med_train.med import BertLMHeadModel, DecoderCache, med_config
+from med_train.cache import DecoderCache
+from med_train.fast import attention
+from med_train.fast.caches import FastDecoderCache, HistoryCache, ImageTokens, StaticDecoderCache
+from med_train.med import BertLMHeadModel, med_config
 
 V, H, W_IMG, LAYERS, HEADS = 60, 32, 24, 2, 4
 B, T, N = 3, 9, 6
@@ -190,6 +193,67 @@ def test_cached_step_by_step_decoding_gives_full_forward_logits():
     assert cache.cross_kv[0][0].shape == (B, HEADS, N, H // HEADS)
 
 
+def test_attention_reads_and_writes_only_through_the_cache_interface():
+    """Every layer's self- and cross-attention hand their K/V to the cache (`self_attention`, `cross_attention`,
+    with the layer's index), prompt and steps, in layer order: a cache that records the calls and keeps its K/V
+    elsewhere still gives the full forward's logits."""
+    ours, _ = _pair()
+    ids, _, _, images = _inputs()
+    full = ours(ids, encoder_hidden_states=images).logits
+
+    class Recording(DecoderCache):
+        def __init__(self):
+            super().__init__()
+            self.calls, self.kept = [], DecoderCache()
+
+        def self_attention(self, module, query, key, value, attention_mask=None, is_causal=False):
+            self.calls.append(("self", module.layer_idx))
+            return self.kept.self_attention(module, query, key, value, attention_mask, is_causal)
+
+        def cross_attention(self, module, query, encoder_hidden_states, attention_mask=None):
+            self.calls.append(("cross", module.layer_idx))
+            return self.kept.cross_attention(module, query, encoder_hidden_states, attention_mask)
+
+        def __len__(self):
+            return len(self.kept)
+
+    cache = Recording()
+    logits = [ours(ids[:, :3], encoder_hidden_states=images, cache=cache, use_cache=True).logits]
+    for t in range(3, T):
+        logits.append(ours(ids[:, t:t + 1], cache=cache, use_cache=True).logits)
+    torch.testing.assert_close(torch.cat(logits, 1), full, atol=1e-5, rtol=1e-5)
+    per_forward = [(kind, layer) for layer in range(LAYERS) for kind in ("self", "cross")]
+    assert cache.calls == per_forward * (1 + T - 3) and not cache.self_kv and not cache.cross_kv
+    assert len(cache.kept) == T and len(cache.kept.cross_kv) == LAYERS
+
+
+def test_the_plain_cache_decodes_with_sdpa_and_without_the_fast_package():
+    """The model and its plain cache are the seed's arithmetic: a CPU decode without gradients (where the fast
+    caches take other routes) attends through SDPA only and gives the full forward's logits; `med` and `cache`
+    import nothing from `med_train.fast`."""
+    import subprocess
+    import sys
+
+    ours, _ = _pair()
+    ids, _, _, images = _inputs()
+    full = ours(ids, encoder_hidden_states=images).logits
+    calls = []
+    real = F.scaled_dot_product_attention
+    with pytest.MonkeyPatch.context() as patch, torch.no_grad():
+        patch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+        out = ours(ids[:, :4], encoder_hidden_states=images, cache=DecoderCache(), use_cache=True)
+        logits = [out.logits]
+        for t in range(4, T):
+            logits.append(ours(ids[:, t:t + 1], cache=out.cache, use_cache=True).logits)
+    torch.testing.assert_close(torch.cat(logits, 1), full, atol=1e-5, rtol=1e-5)
+    assert len(calls) == 2 * LAYERS * (1 + T - 4)
+    key = out.cache.cross_kv[0][0]  # as projected, not in the few-row kernel's layout
+    assert key.shape == (B, HEADS, N, H // HEADS) and not key.transpose(-1, -2).is_contiguous()
+    code = ("import sys, med_train.med, med_train.cache; "
+            "sys.exit(any(m.startswith('med_train.fast') for m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
 def test_cross_kv_shared_by_beams_equals_copied_images():
     """Text rows that are a multiple of the image rows (beams) attend to their own image's single K/V copy."""
     ours, _ = _pair()
@@ -217,7 +281,7 @@ def test_few_query_attention_equals_sdpa(dtype, queries, masked):
     if masked:
         bias = torch.zeros(2, 1, 1, 7)
         bias[1, ..., 4:] = torch.finfo(torch.float32).min
-    got = med.few_query_attention(q, k, v, bias)
+    got = attention.few_query_attention(q, k, v, bias)
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(dtype))
     assert got.dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 2e-2
@@ -241,15 +305,15 @@ def test_cpu_decoding_attends_outside_sdpa(monkeypatch, beams, kernel):
     text = torch.randint(3, V, (B * beams, 7), generator=torch.Generator().manual_seed(3))
     full = ours(text, encoder_hidden_states=images.repeat_interleave(beams, 0)).logits
     calls = []
-    for module, name in ((med.F, "scaled_dot_product_attention"), (med.few_rows, "attend"),
-                         (med, "few_query_attention")):
+    for module, name in ((med.F, "scaled_dot_product_attention"), (few_rows, "attend"),
+                         (attention, "few_query_attention")):
         real = getattr(module, name)
         monkeypatch.setattr(module, name,
                             lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
 
     def decode():
         with torch.no_grad():
-            out = ours(text[:, :4], encoder_hidden_states=images, use_cache=True, cache=DecoderCache())
+            out = ours(text[:, :4], encoder_hidden_states=images, use_cache=True, cache=FastDecoderCache())
             logits = [out.logits]
             prompt = list(calls)
             calls.clear()
@@ -267,7 +331,7 @@ def test_cpu_decoding_attends_outside_sdpa(monkeypatch, beams, kernel):
     assert key.transpose(-1, -2).is_contiguous() == kernel and key.is_contiguous() != kernel
     # the kernel reads the values as projected (B_img, N, H) in heads; elsewhere they were made contiguous
     assert value.is_contiguous() != kernel and value.transpose(1, 2).is_contiguous() == kernel
-    monkeypatch.setattr(med, "FEW_QUERIES", 0)  # the steps' few queries go back to SDPA (not the kernel's)
+    monkeypatch.setattr(attention, "FEW_QUERIES", 0)  # the steps' few queries go back to SDPA (not the kernel's)
     calls.clear()
     torch.testing.assert_close(decode()[0], full, atol=1e-5, rtol=1e-5)
     cross = "attend" if kernel else "scaled_dot_product_attention"
@@ -294,15 +358,15 @@ def test_folded_cross_attention_equals_attention_over_projected_kv(dtype, querie
         bias[1, ..., 4:] = torch.finfo(torch.float32).min
     k, v = (attn.transpose_for_scores(layer(image)).to(dtype) for layer in (attn.key, attn.value))
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(dtype))
-    tokens = med.ImageTokens(image)
+    tokens = ImageTokens(image)
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     # bmm at the weights' first use, then (fp32, where the few-row kernel is built) the kernel with their panels
     for _ in range(3):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            got = med.folded_cross_attention(q, tokens, attn.key, attn.value, bias)
+            got = attention.folded_cross_attention(q, tokens, attn.key, attn.value, bias)
         assert got.shape == want.shape and got.dtype == dtype
         torch.testing.assert_close(got, want, atol=tol, rtol=tol)
-    kernel = med._folded_panels(q, tokens, attn.key, attn.value) is not None
+    kernel = attention._folded_panels(q, tokens, attn.key, attn.value) is not None
     assert kernel == (dtype == torch.float32 and few_rows.available())
     if kernel:
         selected = tokens.select(torch.tensor([1, 1, 0]))
@@ -311,7 +375,7 @@ def test_folded_cross_attention_equals_attention_over_projected_kv(dtype, querie
 
 @pytest.mark.parametrize("beams", [1, 3])
 def test_folding_cache_decodes_like_projected_kv(monkeypatch, beams):
-    """A folding cache (`DecoderCache.folding`) gives the logits of the full forward, prompt and steps, with an
+    """A folding cache (`FastDecoderCache.folding`) gives the logits of the full forward, prompt and steps, with an
     image mask and beams; the image tokens are never projected, and `keep_images` selects them once for all
     layers."""
     ours, _ = _pair()
@@ -332,7 +396,7 @@ def test_folding_cache_decodes_like_projected_kv(monkeypatch, beams):
             monkeypatch.setattr(linear, "forward", lambda x: projections.append(x.shape) or torch.zeros(0))
     with torch.no_grad():
         out = ours(text[:, :4], encoder_hidden_states=images, encoder_attention_mask=mask, use_cache=True,
-                   cache=DecoderCache.folding(images, LAYERS))
+                   cache=FastDecoderCache.folding(images, LAYERS))
         logits = [out.logits]
         for t in range(4, 7):
             out = ours(text[:, t:t + 1], cache=out.cache, use_cache=True)
@@ -340,7 +404,7 @@ def test_folding_cache_decodes_like_projected_kv(monkeypatch, beams):
     torch.testing.assert_close(torch.cat(logits, 1), full, atol=1e-5, rtol=1e-5)
     assert not projections
     cache = out.cache
-    assert all(isinstance(kv, med.ImageTokens) and kv.tokens is images for kv in cache.cross_kv)
+    assert all(isinstance(kv, ImageTokens) and kv.tokens is images for kv in cache.cross_kv)
     image_bias = cache.cross_mask
     cache.keep_images(torch.tensor([2, 0]), torch.arange(2 * beams))
     assert cache.cross_kv[0] is cache.cross_kv[1] and torch.equal(cache.cross_kv[0].tokens, images[[2, 0]])
@@ -356,7 +420,7 @@ def test_keep_images_keeps_the_cross_keys_layout():
     text = torch.randint(3, V, (B, 5), generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
         full = ours(text, encoder_hidden_states=images).logits
-        out = ours(text[:, :4], encoder_hidden_states=images, use_cache=True, cache=DecoderCache())
+        out = ours(text[:, :4], encoder_hidden_states=images, use_cache=True, cache=FastDecoderCache())
         cache = out.cache
         kept = torch.tensor([2, 0])
         before = [(k.stride(), v.stride()) for k, v in cache.cross_kv]
@@ -384,11 +448,11 @@ def test_history_cache_follows_reordered_beams_like_the_growing_cache():
     steps = [(torch.randint(3, V, (B * 3,), generator=g), torch.randint(0, B * 3, (B * 3,), generator=g))
              for _ in range(4)]
     with torch.no_grad():
-        prefilled = [ours(prompt, encoder_hidden_states=images, use_cache=True, cache=DecoderCache()).cache
+        prefilled = [ours(prompt, encoder_hidden_states=images, use_cache=True, cache=FastDecoderCache()).cache
                      for _ in range(2)]
         growing = prefilled[0]
         growing.reorder(rows)
-        history = med.HistoryCache.following(prefilled[1], rows, 10)
+        history = HistoryCache.following(prefilled[1], rows, 10)
         assert len(history) == len(growing) == 3
         for tokens, src in steps:
             got, want = (ours(tokens[:, None], cache=cache, use_cache=True).logits for cache in (history, growing))
@@ -429,8 +493,8 @@ def test_static_cache_steps_give_the_full_forwards_logits():
     with torch.no_grad():
         full = ours(text, encoder_hidden_states=images[rows], encoder_attention_mask=mask[rows]).logits
         prefilled = ours(text[::beams, :3], encoder_hidden_states=images, encoder_attention_mask=mask,
-                         use_cache=True, cache=DecoderCache()).cache
-        cache = med.StaticDecoderCache.like(prefilled, B * beams, capacity)
+                         use_cache=True, cache=FastDecoderCache()).cache
+        cache = StaticDecoderCache.like(prefilled, B * beams, capacity)
         assert cache.fits(prefilled, B * beams, capacity)
         assert not cache.fits(prefilled, B, capacity) and not cache.fits(prefilled, B * beams, capacity + 1)
         cache.load(prefilled, rows)
@@ -461,13 +525,13 @@ def test_folding_pays_for_few_queries_per_image_in_fp32_cpu_inference():
     config = med_config(vocab_size=V, encoder_width=768)  # BERT-base: 768 wide, 12 heads
     tokens = torch.zeros(2, 197, 768)
     with torch.no_grad():
-        assert med.folding_pays(config, tokens, 4 + 15)
-        assert not med.folding_pays(config, tokens, 4 + 15 * 3)
-        assert not med.folding_pays(config, tokens, 4 + 15 * 3 * 10)
-        assert not med.folding_pays(config, tokens.bfloat16(), 4 + 15)
+        assert attention.folding_pays(config, tokens, 4 + 15)
+        assert not attention.folding_pays(config, tokens, 4 + 15 * 3)
+        assert not attention.folding_pays(config, tokens, 4 + 15 * 3 * 10)
+        assert not attention.folding_pays(config, tokens.bfloat16(), 4 + 15)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert not med.folding_pays(config, tokens, 4 + 15)
-    assert not med.folding_pays(config, tokens, 4 + 15)  # gradients recorded: not a decode
+            assert not attention.folding_pays(config, tokens, 4 + 15)
+    assert not attention.folding_pays(config, tokens, 4 + 15)  # gradients recorded: not a decode
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
