@@ -45,6 +45,10 @@ class DecoderCache:
     The text batch may be `B_img * k` rows (k beams or samples per image, image-major): cross K/V are shared.
     `cross_mask`: the image tokens' additive mask (B_img, 1, 1, N_img) the cross K/V were made with, or None; the
     steps after it attend with it.
+
+    A variant overrides what it does differently: where it keeps K/V (`update`, `keep_image_kv`,
+    `image_entries_of`), how it attends (`self_attention`, `cross_attention`), or where its steps stand
+    (`position_ids`, `self_attention_mask`, `advance`).
     """
 
     self_kv: list = field(default_factory=list)
