@@ -1,11 +1,11 @@
 """Caption decoding over the MED decoder's key/value cache: greedy, beam search and nucleus sampling.
 
 Our own loop (transformers' `generate` internals change between releases). The prompt is run once per image; the
-cross-attention K/V are computed once per image and shared by its beams (see `med.DecoderCache`), or, on the CPU
+cross-attention K/V are computed once per image and shared by its beams (see `cache.DecoderCache`), or, on the CPU
 when the decode asks each image few queries (greedy decoding, sampling), never computed: the key and value
-projections are folded into the queries (`med.folded_cross_attention`); each step feeds one token per row. On the
-CPU in fp32 the steps continue the prompt in a `med.HistoryCache` (self K/V never copied: beams reorder a table),
-straight through the few-row kernel (`KernelSteps`: the decoder's arithmetic without its modules).
+projections are folded into the queries (`fast.attention.folded_cross_attention`); each step feeds one token per
+row. On the CPU in fp32 the steps continue the prompt in a `fast.caches.HistoryCache` (self K/V never copied: beams
+reorder a table), straight through the few-row kernel (`KernelSteps`: the decoder's arithmetic without its modules).
 On a GPU each step is a replay of one captured CUDA graph over a preallocated cache (`StaticSteps`).
 
     ids = generate(decoder, image_embeds, prompt_ids, eos_token_id=102, pad_token_id=0, num_beams=3,
@@ -23,7 +23,10 @@ from collections import OrderedDict
 
 import torch
 
-from med_train import few_rows, med
+from med_train import few_rows
+from med_train.cache import DecoderCache
+from med_train.fast import attention
+from med_train.fast.caches import FastDecoderCache, HistoryCache, StaticDecoderCache
 from med_train.kernel_steps import KernelSteps
 
 NEG_INF = float("-inf")
@@ -46,14 +49,14 @@ def _prefill(decoder, image_embeds, image_mask, prompt_ids, *, rows_per_image: i
     """Run the prompt for every image: returns the last position's logits (B, V) and the cache. On the CPU, when
     the whole decode (prompt, then up to `max_length` tokens for each of `rows_per_image` beams or samples) asks
     each image few enough queries (in fp32), the cache folds the cross-attention's image projections into the
-    queries (`med.DecoderCache.folding`) instead of projecting every image token to K/V for every layer (unless
+    queries (`FastDecoderCache.folding`) instead of projecting every image token to K/V for every layer (unless
     `fold` is False: the steps will run over a `StaticDecoderCache`, which takes projected K/V)."""
     batch = image_embeds.shape[0]
     prompt = prompt_ids.to(image_embeds.device).expand(batch, -1)  # (B, P)
     queries = prompt.shape[1] + max(max_length - prompt.shape[1] - 1, 0) * rows_per_image
-    cache = None
-    if fold and med.folding_pays(decoder.config, image_embeds, queries):
-        cache = med.DecoderCache.folding(image_embeds, decoder.config.num_hidden_layers)
+    cache = FastDecoderCache()
+    if fold and attention.folding_pays(decoder.config, image_embeds, queries):
+        cache = FastDecoderCache.folding(image_embeds, decoder.config.num_hidden_layers)
     out = decoder(prompt, encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask, cache=cache,
                   use_cache=True, logits_to_keep=1)  # the LM head (the widest product) on the last position only
     return prompt, out.logits[:, -1], out.cache
@@ -70,7 +73,7 @@ _capturing = threading.Lock()
 
 
 class StaticSteps:
-    """The decoding steps after the prompt over a `med.StaticDecoderCache`: each step (the beams' reordering of
+    """The decoding steps after the prompt over a `StaticDecoderCache`: each step (the beams' reordering of
     the cache, then the decoder on one token per row) is, on a GPU, one replay of a CUDA graph captured once,
     instead of some 300 kernel launches from Python, which bound a GPU decode (the GPU idled most of a step).
     Elsewhere (`capture=False`) the same step runs eagerly: what the tests check against the growing cache, and
@@ -79,7 +82,7 @@ class StaticSteps:
     `step(tokens, src)` feeds `tokens` (R,) after reordering the cached rows by `src` (R,) (beams: given exactly
     when `reorders`) and returns the logits (R, V), valid until the next step."""
 
-    def __init__(self, decoder, cache: med.StaticDecoderCache, *, reorders: bool, capture: bool):
+    def __init__(self, decoder, cache: StaticDecoderCache, *, reorders: bool, capture: bool):
         rows = cache.self_kv[0].key.shape[0]
         device = cache.position.device
         self.cache, self.reorders = cache, reorders
@@ -153,7 +156,7 @@ def _graphs_pay(decoder, device: torch.device, cuda_graphs: bool | None) -> bool
     return device.type == "cuda" and not decoder.training if cuda_graphs is None else cuda_graphs
 
 
-def _static_steps(decoder, cache: med.DecoderCache, rows: torch.Tensor | None, capacity: int,
+def _static_steps(decoder, cache: DecoderCache, rows: torch.Tensor | None, capacity: int,
                   reorders: bool) -> StaticSteps:
     """Steps over a static copy of the prefilled `cache` (text `rows` of it; None: all), kept for later decodes of
     the same shapes, precision and weights: on a GPU a captured graph, else eager."""
@@ -164,7 +167,7 @@ def _static_steps(decoder, cache: med.DecoderCache, rows: torch.Tensor | None, c
     kept = captured_steps(decoder)
     steps = next((s for s in kept.values() if s.key == key and s.cache.fits(cache, count, capacity)), None)
     if steps is None:
-        static = med.StaticDecoderCache.like(cache, count, capacity)
+        static = StaticDecoderCache.like(cache, count, capacity)
         try:
             steps = StaticSteps(decoder, static, reorders=reorders, capture=device.type == "cuda")
         except RuntimeError as err:  # a capture that this CUDA build or an op in the step refuses
@@ -207,8 +210,8 @@ def greedy_or_sample(decoder, image_embeds, prompt_ids, *, eos_token_id, pad_tok
     steps = kernel = None
     if static and max_length - tokens.shape[1] > 1:
         steps = _static_steps(decoder, cache, None, max_length - 1, reorders=False)
-    elif med.history_pays(decoder, image_embeds):
-        cache = med.HistoryCache.following(cache, torch.arange(tokens.shape[0]), max_length)
+    elif attention.history_pays(decoder, image_embeds):
+        cache = HistoryCache.following(cache, torch.arange(tokens.shape[0]), max_length)
         kernel = KernelSteps.for_decoder(decoder)
     finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
     for cur_len in range(tokens.shape[1], max_length):
@@ -264,8 +267,8 @@ def beam_search(decoder, image_embeds, prompt_ids, *, eos_token_id, pad_token_id
     steps = kernel = None
     if static and max_length - prompt_len > 1:
         steps = _static_steps(decoder, cache, rows, max_length - 1, reorders=True)
-    elif med.history_pays(decoder, image_embeds):  # each beam's self K/V stay where computed (cross: per image)
-        cache = med.HistoryCache.following(cache, rows, max_length)
+    elif attention.history_pays(decoder, image_embeds):  # each beam's self K/V stay where computed (cross: per image)
+        cache = HistoryCache.following(cache, rows, max_length)
         kernel = KernelSteps.for_decoder(decoder)
     else:
         cache.reorder(rows)  # the prompt's self K/V, k copies per image (cross K/V stay one per image)

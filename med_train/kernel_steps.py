@@ -1,4 +1,4 @@
-"""CPU decoding steps over a `med.HistoryCache` run straight through the few-row kernel (few_rows.py), without the
+"""CPU decoding steps over a `HistoryCache` run straight through the few-row kernel (few_rows.py), without the
 decoder's modules: the same arithmetic as `decoder(tokens[:, None], cache=cache, use_cache=True)`, in fewer calls.
 
     steps = KernelSteps.for_decoder(decoder)   # None where it does not apply (see there)
@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from med_train import few_rows, med
+from med_train.fast.attention import folded_cross_attention
+from med_train.fast.caches import HistoryCache, ImageTokens
 from med_train.ops import few_row_panels
 
 
@@ -76,7 +78,7 @@ class KernelSteps:
             return None
         return cls(decoder)
 
-    def step(self, tokens: torch.Tensor, cache: med.HistoryCache) -> torch.Tensor:
+    def step(self, tokens: torch.Tensor, cache: HistoryCache) -> torch.Tensor:
         """Feed one token per text row, tokens (R,), after the `cache`'s positions: returns the logits (R, V) and
         advances the cache by one position, writing each layer's new K/V into its history."""
         rows = tokens.shape[0]
@@ -104,10 +106,10 @@ class KernelSteps:
         """query (R, H) of B_img images' k rows each (image-major) against their image's cached K/V (or tokens, in
         a folding cache): the context (R, H)."""
         rows, nh, hs = query.shape[0], self.heads, self.head_size
-        if isinstance(cross, med.ImageTokens):
+        if isinstance(cross, ImageTokens):
             images = cross.tokens.shape[0]
             query = query.view(images, rows // images, nh, hs).transpose(1, 2)  # (B_img, nh, k, hs)
-            context = med.folded_cross_attention(query, cross, layer.cross.key, layer.cross.value, mask)
+            context = folded_cross_attention(query, cross, layer.cross.key, layer.cross.value, mask)
             return context.transpose(1, 2).reshape(rows, nh * hs)
         key, value = cross
         images = key.shape[0]

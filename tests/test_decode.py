@@ -201,9 +201,9 @@ def test_masked_image_padding_is_ignored_at_every_step():
 @pytest.mark.parametrize("history", [True, False])
 def test_a_length_limit_within_the_prompt_returns_the_prompt(monkeypatch, kwargs, history):
     """`max_length` counts the prompt: at or under its length, every mode returns the prompt for each image."""
-    from med_train import med
+    from med_train.fast import attention
 
-    monkeypatch.setattr(med, "history_pays", lambda *a: history)
+    monkeypatch.setattr(attention, "history_pays", lambda *a: history)
     decoder, images, _ = _ending_decoder_and_padded_images()
     prompt = torch.tensor([BOS, 7, 8])
     for max_length in (1, 3):
@@ -214,11 +214,13 @@ def test_a_length_limit_within_the_prompt_returns_the_prompt(monkeypatch, kwargs
 @pytest.mark.parametrize("kwargs", [dict(num_beams=1), dict(num_beams=3), dict(num_beams=3, drop_finished=False),
                                     dict(do_sample=True, top_p=0.9)])
 def test_history_cache_gives_the_same_captions(monkeypatch, kwargs):
-    """Where a CPU decode keeps its self-attention history in place (`med.HistoryCache`, fp32 with the few-row
+    """Where a CPU decode keeps its self-attention history in place (`HistoryCache`, fp32 with the few-row
     kernel), the captions are those of the growing cache, whether its steps run through the decoder's modules or
     straight through the kernel (`KernelSteps`, what decoding uses there): greedy, beam search (images leaving the
     batch or not) and sampling, with a masked image padding."""
-    from med_train import decode, few_rows, med
+    from med_train import decode, few_rows
+    from med_train.fast import attention
+    from med_train.fast.caches import FastDecoderCache, HistoryCache
 
     if not few_rows.available():
         pytest.skip("the few-row kernel is not built here")
@@ -233,7 +235,7 @@ def test_history_cache_gives_the_same_captions(monkeypatch, kwargs):
     decoder, images, mask = _ending_decoder_and_padded_images()
 
     def run(history: bool, kernel: bool):
-        monkeypatch.setattr(med, "history_pays", lambda *a: history)
+        monkeypatch.setattr(attention, "history_pays", lambda *a: history)
         monkeypatch.setattr(decode.KernelSteps, "for_decoder", real_steps if kernel else lambda decoder: None)
         calls.clear()
         generator = torch.Generator().manual_seed(7) if kwargs.get("do_sample") else None
@@ -244,24 +246,26 @@ def test_history_cache_gives_the_same_captions(monkeypatch, kwargs):
     growing, growing_calls = run(False, False)
     kept, kept_calls = run(True, False)
     kernel, kernel_calls = run(True, True)
-    assert growing_calls == {(med.DecoderCache, type(None))} and kept_calls == {(med.HistoryCache, type(None))}
-    assert kernel_calls == {(med.HistoryCache, decode.KernelSteps)}
+    assert growing_calls == {(FastDecoderCache, type(None))} and kept_calls == {(HistoryCache, type(None))}
+    assert kernel_calls == {(HistoryCache, decode.KernelSteps)}
     assert torch.equal(kept, growing) and torch.equal(kernel, growing)
     assert len({int((row != PAD).sum()) for row in kept}) > 1  # captions of different lengths
     monkeypatch.undo()
     with torch.no_grad():  # decoding's own conditions: no gradient, eval mode (no attention dropout), fp32
-        assert med.history_pays(decoder, images) and not med.history_pays(decoder, images.double())
-        assert not med.history_pays(decoder.train(), images)
-    assert not med.history_pays(decoder.eval(), images)  # gradients recorded
+        assert attention.history_pays(decoder, images) and not attention.history_pays(decoder, images.double())
+        assert not attention.history_pays(decoder.train(), images)
+    assert not attention.history_pays(decoder.eval(), images)  # gradients recorded
 
 
 @pytest.mark.parametrize("kwargs", [dict(num_beams=1), dict(num_beams=3), dict(num_beams=3, drop_finished=False),
                                     dict(do_sample=True, top_p=0.9)])
 def test_folded_image_projections_give_the_same_captions(monkeypatch, kwargs):
-    """Where a CPU decode folds the cross-attention's image projections into the queries (`med.folding_pays`),
+    """Where a CPU decode folds the cross-attention's image projections into the queries (`attention.folding_pays`),
     the captions are those of the projected image K/V: greedy, beam search (images leaving the batch or not) and
     sampling, with a masked image padding."""
-    from med_train import decode, med
+    from med_train import decode
+    from med_train.fast import attention
+    from med_train.fast.caches import ImageTokens
 
     entries = []
     real_step = decode._step
@@ -270,7 +274,7 @@ def test_folded_image_projections_give_the_same_captions(monkeypatch, kwargs):
     decoder, images, mask = _ending_decoder_and_padded_images()
 
     def run(fold_below):
-        monkeypatch.setattr(med, "FOLD_BELOW", fold_below)
+        monkeypatch.setattr(attention, "FOLD_BELOW", fold_below)
         entries.clear()
         generator = torch.Generator().manual_seed(7) if kwargs.get("do_sample") else None
         ids = generate(decoder, images, torch.tensor([BOS, 7]), eos_token_id=EOS, pad_token_id=PAD, max_length=12,
@@ -279,7 +283,7 @@ def test_folded_image_projections_give_the_same_captions(monkeypatch, kwargs):
 
     projected, projected_entries = run(0.0)  # never pays
     folded, folded_entries = run(1e9)  # always pays
-    assert projected_entries == {tuple} and folded_entries == {med.ImageTokens}
+    assert projected_entries == {tuple} and folded_entries == {ImageTokens}
     assert torch.equal(folded, projected)
     assert len({int((row != PAD).sum()) for row in folded}) > 1  # captions of different lengths
 

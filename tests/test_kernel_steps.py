@@ -5,9 +5,10 @@ and is only used where it applies."""
 import pytest
 import torch
 
-from med_train import few_rows, med
+from med_train import few_rows
+from med_train.fast.caches import FastDecoderCache, HistoryCache, ImageTokens
 from med_train.kernel_steps import KernelSteps
-from med_train.med import BertLMHeadModel, DecoderCache, HistoryCache, med_config
+from med_train.med import BertLMHeadModel, med_config
 
 pytestmark = pytest.mark.skipif(not few_rows.available(), reason="the few-row kernel is not built here")
 
@@ -47,10 +48,10 @@ def test_steps_give_the_decoders_logits_and_history(folding):
     rows = torch.arange(IMAGES).repeat_interleave(3)
 
     def prefilled():
-        cache = DecoderCache.folding(images, LAYERS) if folding else DecoderCache()
+        cache = FastDecoderCache.folding(images, LAYERS) if folding else FastDecoderCache()
         cache = decoder(prompt, encoder_hidden_states=images, encoder_attention_mask=mask, cache=cache,
                         use_cache=True).cache
-        assert isinstance(cache.cross_kv[0], med.ImageTokens) == folding
+        assert isinstance(cache.cross_kv[0], ImageTokens) == folding
         return HistoryCache.following(cache, rows, 10)
 
     ours, theirs = prefilled(), prefilled()
@@ -85,7 +86,7 @@ def test_a_step_past_the_cache_or_off_its_rows_is_refused():
     decoder = _decoder()
     images, mask = _images()
     cache = decoder(torch.randint(3, V, (IMAGES, 2)), encoder_hidden_states=images, encoder_attention_mask=mask,
-                    cache=DecoderCache(), use_cache=True).cache
+                    cache=FastDecoderCache(), use_cache=True).cache
     history = HistoryCache.following(cache, torch.arange(IMAGES), 3)
     steps = KernelSteps.for_decoder(decoder)
     with pytest.raises(ValueError, match="lineage"):
