@@ -47,6 +47,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import types
 import warnings
 from pathlib import Path
 
@@ -60,6 +61,9 @@ _lock = threading.Lock()
 _loaded = False
 _tried = False
 _faked = False
+# torch.ops.med_few_rows's operators once loaded, looked up once: a lookup through torch.ops takes about 2 us,
+# as long as the dispatcher's whole call of a small product
+_ops = types.SimpleNamespace()
 
 
 def supported_here() -> bool:
@@ -169,6 +173,8 @@ def _load() -> bool:
                       f"torch instead: {str(error).strip()[-2000:]}", RuntimeWarning, stacklevel=3)
         return False
     _register_fakes()
+    for name in ("matmul", "matmul_into", "attend", "attend_into", "attend_history", "add_norm", "beam_candidates"):
+        setattr(_ops, name, getattr(torch.ops.med_few_rows, name))
     return True
 
 
@@ -224,7 +230,7 @@ def matmul(x: torch.Tensor, panels: torch.Tensor, outputs: int) -> torch.Tensor:
     batch, _, k = x.shape
     _check_panels(panels, (batch, -(-outputs // PANEL), k, PANEL), outputs)
     _check(x, k)
-    return torch.ops.med_few_rows.matmul(x.contiguous(), panels, outputs, None, False)
+    return _ops.matmul(x.contiguous(), panels, outputs, None, False)
 
 
 def attend(query: torch.Tensor, keys_t: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None = None,
@@ -259,8 +265,8 @@ def attend(query: torch.Tensor, keys_t: torch.Tensor, value: torch.Tensor, mask:
         raise ValueError("attend needs at least one key")
     scale = d**-0.5 if scale is None else scale
     if out is None:
-        return torch.ops.med_few_rows.attend(query, keys_t, value, mask, scale)
-    torch.ops.med_few_rows.attend_into(query, keys_t, value, mask, scale, out)
+        return _ops.attend(query, keys_t, value, mask, scale)
+    _ops.attend_into(query, keys_t, value, mask, scale, out)
     return out
 
 
@@ -292,7 +298,7 @@ def attend_history(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
 def _attend_history(query, keys, values, source, scale: float) -> torch.Tensor:
     """attend_history's operator alone, for a decoding step's calls on arguments known to fit (query contiguous,
     source's rows contiguous): it checks only what keeps it in bounds, without the messages naming the argument."""
-    return torch.ops.med_few_rows.attend_history(query, keys, values, source, scale)
+    return _ops.attend_history(query, keys, values, source, scale)
 
 
 def beam_candidates(logits: torch.Tensor, beam_scores: torch.Tensor, eos: int | None, k: int):
@@ -310,7 +316,7 @@ def beam_candidates(logits: torch.Tensor, beam_scores: torch.Tensor, eos: int | 
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     beam_scores = beam_scores.contiguous()
-    return torch.ops.med_few_rows.beam_candidates(logits, beam_scores, -1 if eos is None else eos, k)
+    return _ops.beam_candidates(logits, beam_scores, -1 if eos is None else eos, k)
 
 
 class Product:
@@ -333,12 +339,12 @@ class Product:
                              f"{tuple(x.shape)} on {x.device}")
         rows = x.shape[0]
         if out is None:
-            return torch.ops.med_few_rows.matmul(x, self.panels, self.outputs, self.bias, gelu)
+            return _ops.matmul(x, self.panels, self.outputs, self.bias, gelu)
         if (out.dtype != torch.float32 or out.device.type != "cpu" or out.shape != (rows, self.outputs)
                 or not out.is_contiguous()):
             raise ValueError(f"Product's out must be contiguous fp32 ({rows}, {self.outputs}) on the CPU, got "
                              f"{out.dtype} {tuple(out.shape)}")
-        torch.ops.med_few_rows.matmul_into(x, self.panels, self.outputs, self.bias, gelu, out)
+        _ops.matmul_into(x, self.panels, self.outputs, self.bias, gelu, out)
         return out
 
 
@@ -362,7 +368,7 @@ class Norm:
                                  f"{tuple(t.shape)} on {t.device}")
         if residual is not None and residual.shape != x.shape:
             raise ValueError(f"Norm: residual {tuple(residual.shape)} is not shaped as x {tuple(x.shape)}")
-        return torch.ops.med_few_rows.add_norm(x, residual, self.weight, self.bias, self.eps)
+        return _ops.add_norm(x, residual, self.weight, self.bias, self.eps)
 
 
 def _require_fp32_cpu(function: str, **tensors: torch.Tensor | None) -> None:

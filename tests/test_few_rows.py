@@ -487,9 +487,15 @@ def test_captioning_on_the_cpu_builds_the_kernel_before_the_first_batch(monkeypa
     Image.new("RGB", (20, 20), "red").save(tmp_path / "a.png")
     assert [caption for _, caption, _ in evaluate.caption_files(model, [str(tmp_path / "a.png")])] == ["a"]
     assert events == ["build", "generate"]
-    model.training, model.eval, model.train = False, lambda: None, lambda mode: None
+
+    def stop(images, **_):  # the first batch is all this needs: no scoring
+        events.append("generate")
+        raise InterruptedError
+
+    model.training, model.eval, model.generate = False, lambda: None, stop
     batch = {"images": torch.zeros(1, 3, 16, 16, dtype=torch.uint8), "ids": ["1"], "references": [["a red one"]]}
-    evaluate.evaluate(model, Config(), loader=[batch], quiet=True)
+    with pytest.raises(InterruptedError):
+        evaluate.evaluate(model, Config(), loader=[batch], quiet=True)
     assert events == ["build", "generate"] * 2
     evaluate.prepare_decoding(torch.device("cuda"))
     assert events == ["build", "generate"] * 2
