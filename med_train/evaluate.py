@@ -105,6 +105,7 @@ def evaluate(model, cfg: Config, *, split: str | None = None, num_beams: int | N
     num_processes = accelerator.num_processes if accelerator else 1
     process_index = accelerator.process_index if accelerator else 0
     device = accelerator.device if accelerator else model.device
+    prepare_decoding(device)
     if loader is None:
         loader = heldout_loader(model, cfg, split or cfg.data.eval_split, batch_size=batch_size,
                                 accelerator=accelerator)
@@ -211,6 +212,15 @@ def expand_image_paths(items: Iterable[str]) -> list[str]:
     return paths
 
 
+def prepare_decoding(device) -> None:
+    """Before the first batch: on the CPU, build the few-row kernel (`few_rows.build`: compiled the first time on
+    a machine, loaded after; decoding runs through torch where it cannot be). Never inside a forward call."""
+    if device.type == "cpu":
+        from med_train import few_rows
+
+        few_rows.build()
+
+
 def caption_files(model, paths: list[str], *, batch_size: int = 16, max_pixels: int | None = 89_478_485,
                   precision: str = "fp32", **kwargs) -> Iterator[tuple[str, str | None, str | None]]:
     """(path, caption, None) for each readable image, (path, None, error) for the others, in input order, on the
@@ -221,6 +231,7 @@ def caption_files(model, paths: list[str], *, batch_size: int = 16, max_pixels: 
     from med_train.data import build_transform, load_image
 
     transform = build_transform(train=False, image_size=model.cfg.vision.image_size)
+    prepare_decoding(model.device)
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]
         tensors, errors = [], {}

@@ -1,7 +1,7 @@
 // y = x B + bias (GELU optional) for a few rows of x (a decoding step's 1 to 64 text rows), a few queries'
 // attention over stored keys and values (cross-attention to image tokens), self-attention over a history, and a
 // residual add with LayerNorm; fp32, AVX-512, OpenMP.
-// Built and loaded by few_rows.py (see there for why); plain C ABI, no Python or torch headers.
+// Built and loaded by few_rows.py (see there for why) as torch operators med_few_rows::* (at the end).
 //
 // B (K x N) is packed once into panels of 48 columns, panels[p][k][j] = B[k][48 p + j], zeros past N, so that a
 // panel is one sequential stream of K x 48 floats (reading B in place, row after row of a panel at B's row
@@ -20,12 +20,18 @@
 // Self-attention over a history (med_few_rows_attend_history): per (row, head), one query's dot products with
 // the keys of each position's stored row (a table says which), softmax, then the weighted values; a 64-wide head
 // is held in 4 registers.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
+#include <torch/library.h>
 
 #include <array>
+#include <optional>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -256,21 +262,16 @@ void for_each_task(int64_t tasks, int threads, int64_t scratch, F task) {
   }
 }
 
-}  // namespace
-
-extern "C" {
-
-// Bumped whenever the layout or the signatures below change (few_rows.py checks it).
-int med_few_rows_version() { return 7; }
+// The kernels, on raw pointers; the torch operators at the end check their tensors and call them.
 
 // For i < batch: y[i] = x[i] B[i] + bias[i], where x[i] (M, K) and y[i] (M, N) are row-major at x + i * x_stride
 // and y + i * y_stride, B[i] is packed as above at panels + i * panels_stride, and bias[i] (N) is at
 // bias + i * bias_stride (bias null: none); with `activation` 1, BERT's GELU is applied to each output (after the
 // bias). `threads` OpenMP threads (torch's count: the caller's thread may not carry torch's setting) share the
 // batch's panels.
-void med_few_rows_matmul(const float* x, int64_t batch, int64_t x_stride, int64_t M, int64_t K, const float* panels,
-                         int64_t panels_stride, int64_t N, const float* bias, int64_t bias_stride, float* y,
-                         int64_t y_stride, int activation, int threads) {
+void matmul_kernel(const float* x, int64_t batch, int64_t x_stride, int64_t M, int64_t K, const float* panels,
+                   int64_t panels_stride, int64_t N, const float* bias, int64_t bias_stride, float* y,
+                   int64_t y_stride, int activation, int threads) {
   const int64_t count = (N + kPanel - 1) / kPanel;
   auto task = [&](int64_t t) {
     const int64_t i = t / count, p = t % count;
@@ -297,10 +298,10 @@ void med_few_rows_matmul(const float* x, int64_t batch, int64_t x_stride, int64_
 // kt (D, S) (the keys transposed), v (S, D), mask (R, S) additive (null: none) and out (R, D), each row-major
 // with its last dimension contiguous, found at base + b * stride_b + h * stride_h (a mask's strides may be 0:
 // broadcast; its rows at stride mask_r). The scores of one (b, h) stay in a buffer of the thread's own.
-void med_few_rows_attend(const float* q, const int64_t* q_strides, const float* kt, const int64_t* kt_strides,
-                         const float* v, const int64_t* v_strides, const float* mask, const int64_t* mask_strides,
-                         float* out, const int64_t* out_strides, int64_t B, int64_t H, int64_t R, int64_t S,
-                         int64_t D, float scale, int threads) {
+void attend_kernel(const float* q, const int64_t* q_strides, const float* kt, const int64_t* kt_strides,
+                   const float* v, const int64_t* v_strides, const float* mask, const int64_t* mask_strides,
+                   float* out, const int64_t* out_strides, int64_t B, int64_t H, int64_t R, int64_t S,
+                   int64_t D, float scale, int threads) {
   // strides: {b, h, row} in floats; a row's elements are contiguous
   const int64_t lds = (S + 15) / 16 * 16;
   // While a task computes, each block of its first query rows fetches the same block of the next task's keys or
@@ -347,9 +348,9 @@ void med_few_rows_attend(const float* q, const int64_t* q_strides, const float* 
 // instead of copying it every step). For each (r, h) < (R, H): out[r][h] = softmax(q[r][h] . K[p] * scale) V[p]
 // over p < T, where K[p] = keys + p * pos_stride + source[r * source_stride + p] * row_stride + h * D (D
 // contiguous floats; values alike); q and out are (R, H, D) contiguous.
-void med_few_rows_attend_history(const float* q, int64_t R, int64_t H, int64_t D, const float* keys,
-                                 const float* values, int64_t pos_stride, int64_t row_stride, const int64_t* source,
-                                 int64_t source_stride, int64_t T, float scale, float* out, int threads) {
+void attend_history_kernel(const float* q, int64_t R, int64_t H, int64_t D, const float* keys,
+                           const float* values, int64_t pos_stride, int64_t row_stride, const int64_t* source,
+                           int64_t source_stride, int64_t T, float scale, float* out, int threads) {
   const int64_t lds = (T + 15) / 16 * 16;
   auto task = [&](int64_t t, float* scores) {
     const int64_t r = t / H, h = t % H;
@@ -410,8 +411,8 @@ void med_few_rows_attend_history(const float* q, int64_t R, int64_t H, int64_t D
 // For each of `rows` rows of `width` floats (all contiguous): out = LayerNorm(x + residual) with the given weight
 // and bias (residual null: LayerNorm(x)); the mean and variance in two passes, as torch's LayerNorm to float
 // rounding. out may be x or residual.
-void med_few_rows_add_norm(const float* x, const float* residual, const float* weight, const float* bias, float eps,
-                           float* out, int64_t rows, int64_t width) {
+void add_norm_kernel(const float* x, const float* residual, const float* weight, const float* bias, float eps,
+                     float* out, int64_t rows, int64_t width) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * width;
     const float* rr = residual ? residual + r * width : nullptr;
@@ -448,9 +449,9 @@ void med_few_rows_add_norm(const float* x, const float* residual, const float* w
 // first (ties: the lower token first), in top_scores[r][:k] and top_tokens[r][:k]. Two passes over a row: its
 // maximum with the k largest logits (a vector compare against the k-th best rejects almost every token), then
 // the sum of exponentials (polynomial exp).
-void med_few_rows_beam_candidates(const float* logits, int64_t rows, int64_t vocab, int64_t ld,
-                                  const float* beam_scores, int64_t eos, int64_t k, float* ending, float* top_scores,
-                                  int64_t* top_tokens, int threads) {
+void beam_candidates_kernel(const float* logits, int64_t rows, int64_t vocab, int64_t ld,
+                            const float* beam_scores, int64_t eos, int64_t k, float* ending, float* top_scores,
+                            int64_t* top_tokens, int threads) {
   for_each_task(rows, threads, 0, [&](int64_t r, int64_t, float*) {
     const float* row = logits + r * ld;
     std::vector<float> best(k, -INFINITY);
@@ -501,4 +502,194 @@ void med_few_rows_beam_candidates(const float* logits, int64_t rows, int64_t voc
   });
 }
 
-}  // extern "C"
+// ---- The torch operators: each checks what would make its kernel read or write out of bounds (few_rows.py's
+// wrappers check the rest, with messages that name the argument), then runs the kernel with torch's thread count.
+
+void check_fp32_cpu(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, "med_few_rows::", op, ": ", name,
+              " must be fp32 on the CPU, got ", t.scalar_type(), " on ", t.device());
+}
+
+// Whether t's last dimension is contiguous (of one element: its stride is never used).
+bool last_contiguous(const at::Tensor& t) { return t.size(-1) <= 1 || t.stride(-1) == 1; }
+
+const float* data_or_null(const std::optional<at::Tensor>& t) { return t ? t->data_ptr<float>() : nullptr; }
+
+// out = x B + bias (GELU optional), x (M, K) or (B, M, K) contiguous, panels (P, K, 48) for every x[i] or
+// (B, P, K, 48), bias (N,) or none, out x's shape with N last, contiguous.
+void matmul_into(const at::Tensor& x, const at::Tensor& panels, int64_t outputs, const std::optional<at::Tensor>& bias,
+                 bool gelu, const at::Tensor& out) {
+  for (const auto& [t, name] : {std::pair(&x, "x"), std::pair(&panels, "panels"), std::pair(&out, "out")}) {
+    check_fp32_cpu(*t, "matmul", name);
+    TORCH_CHECK(t->is_contiguous(), "med_few_rows::matmul: ", name, " must be contiguous");
+  }
+  TORCH_CHECK(x.dim() == 2 || x.dim() == 3, "med_few_rows::matmul: x must be (M, K) or (B, M, K)");
+  const int64_t batch = x.dim() == 3 ? x.size(0) : 1, M = x.size(-2), K = x.size(-1);
+  const int64_t count = (outputs + kPanel - 1) / kPanel;
+  const bool shared = panels.dim() == 3;
+  TORCH_CHECK((shared || (panels.dim() == 4 && x.dim() == 3 && panels.size(0) == batch)) &&
+                  panels.size(-3) == count && panels.size(-2) == K && panels.size(-1) == kPanel,
+              "med_few_rows::matmul: panels ", panels.sizes(), " are not pack()'s for x ", x.sizes(), " and ",
+              outputs, " outputs");
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = outputs;
+  TORCH_CHECK(out.sizes() == at::IntArrayRef(shape), "med_few_rows::matmul: out must be ", at::IntArrayRef(shape),
+              ", got ", out.sizes());
+  if (bias) {
+    check_fp32_cpu(*bias, "matmul", "bias");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == outputs && bias->is_contiguous(),
+                "med_few_rows::matmul: bias must be (", outputs, ",) contiguous, got ", bias->sizes());
+  }
+  if (out.numel() == 0) return;
+  matmul_kernel(x.data_ptr<float>(), batch, M * K, M, K, panels.data_ptr<float>(), shared ? 0 : count * K * kPanel,
+                outputs, data_or_null(bias), 0, out.data_ptr<float>(), M * outputs, gelu ? 1 : 0,
+                at::get_num_threads());
+}
+
+at::Tensor matmul(const at::Tensor& x, const at::Tensor& panels, int64_t outputs,
+                  const std::optional<at::Tensor>& bias, bool gelu) {
+  std::vector<int64_t> shape = x.sizes().vec();
+  TORCH_CHECK(!shape.empty(), "med_few_rows::matmul: x must be (M, K) or (B, M, K)");
+  shape.back() = outputs;
+  at::Tensor out = at::empty(shape, x.options());
+  matmul_into(x, panels, outputs, bias, gelu, out);
+  return out;
+}
+
+// out = softmax(query keys_t * scale + mask) value per (batch, head): query (B, H, R, D), keys_t (B, H, D, S),
+// value (B, H, S, D), mask (B, H, R, S) (strides 0 where broadcast) or none, out (B, H, R, D); any strides but
+// a contiguous last dimension.
+void attend_into(const at::Tensor& query, const at::Tensor& keys_t, const at::Tensor& value,
+                 const std::optional<at::Tensor>& mask, double scale, const at::Tensor& out) {
+  TORCH_CHECK(query.dim() == 4, "med_few_rows::attend: query must be (B, H, R, D)");
+  const int64_t B = query.size(0), H = query.size(1), R = query.size(2), D = query.size(3), S = keys_t.size(-1);
+  const std::array<std::tuple<const at::Tensor*, const char*, std::array<int64_t, 4>>, 5> tensors = {{
+      {&query, "query", {B, H, R, D}}, {&keys_t, "keys_t", {B, H, D, S}}, {&value, "value", {B, H, S, D}},
+      {mask ? &*mask : nullptr, "mask", {B, H, R, S}}, {&out, "out", {B, H, R, D}}}};
+  for (const auto& [t, name, shape] : tensors) {
+    if (!t) continue;
+    check_fp32_cpu(*t, "attend", name);
+    TORCH_CHECK(t->sizes() == at::IntArrayRef(shape) && (t->numel() == 0 || last_contiguous(*t)),
+                "med_few_rows::attend: ", name, " must be ", at::IntArrayRef(shape),
+                " with a contiguous last dimension, got ", t->sizes(), " with strides ", t->strides());
+  }
+  if (out.numel() == 0) return;
+  TORCH_CHECK(S > 0, "med_few_rows::attend needs at least one key");
+  auto strides = [](const at::Tensor& t) { return std::array<int64_t, 3>{t.stride(0), t.stride(1), t.stride(2)}; };
+  const auto q_strides = strides(query), k_strides = strides(keys_t), v_strides = strides(value),
+             o_strides = strides(out);
+  const auto m_strides = mask ? strides(*mask) : std::array<int64_t, 3>{};
+  attend_kernel(query.data_ptr<float>(), q_strides.data(), keys_t.data_ptr<float>(), k_strides.data(),
+                value.data_ptr<float>(), v_strides.data(), data_or_null(mask), mask ? m_strides.data() : nullptr,
+                out.data_ptr<float>(), o_strides.data(), B, H, R, S, D, float(scale), at::get_num_threads());
+}
+
+at::Tensor attend(const at::Tensor& query, const at::Tensor& keys_t, const at::Tensor& value,
+                  const std::optional<at::Tensor>& mask, double scale) {
+  TORCH_CHECK(query.dim() == 4, "med_few_rows::attend: query must be (B, H, R, D)");
+  at::Tensor out = at::empty(query.sizes(), query.options());
+  attend_into(query, keys_t, value, mask, scale, out);
+  return out;
+}
+
+// One query per text row over its history: query (R, H, D) contiguous, keys and values (P, S, H, D) with the
+// same strides and each position's rows (H, D) contiguous, source (R, T) int64 (T <= P) of stored rows < S.
+at::Tensor attend_history(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values,
+                          const at::Tensor& source, double scale) {
+  for (const auto& [t, name] : {std::pair(&query, "query"), std::pair(&keys, "keys"), std::pair(&values, "values")})
+    check_fp32_cpu(*t, "attend_history", name);
+  TORCH_CHECK(query.dim() == 3 && query.is_contiguous() && keys.dim() == 4 && keys.sizes() == values.sizes() &&
+                  keys.strides() == values.strides() && keys.size(2) == query.size(1) &&
+                  keys.size(3) == query.size(2) && last_contiguous(keys) &&
+                  (keys.size(2) <= 1 || keys.stride(2) == keys.size(3)),
+              "med_few_rows::attend_history: query must be (R, H, D) contiguous and keys/values (P, S, H, D) "
+              "alike, each position's rows contiguous; got ", query.sizes(), ", ", keys.sizes(), " and ",
+              values.sizes());
+  const int64_t R = query.size(0), H = query.size(1), D = query.size(2);
+  TORCH_CHECK(source.device().is_cpu() && source.scalar_type() == at::kLong && source.dim() == 2 &&
+                  source.size(0) == R && source.size(1) <= keys.size(0) && last_contiguous(source),
+              "med_few_rows::attend_history: source must be int64 (", R, ", T <= ", keys.size(0),
+              ") with contiguous rows, got ", source.scalar_type(), " ", source.sizes());
+  const int64_t T = source.size(1);
+  at::Tensor out = at::empty(query.sizes(), query.options());
+  if (out.numel() == 0) return out;
+  TORCH_CHECK(T > 0, "med_few_rows::attend_history needs at least one position");
+  const int64_t* from = source.data_ptr<int64_t>();
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t p = 0; p < T; ++p) {
+      const int64_t row = from[r * source.stride(0) + p];
+      TORCH_CHECK(row >= 0 && row < keys.size(1), "med_few_rows::attend_history: source rows must lie in 0 .. ",
+                  keys.size(1) - 1, ", got ", row);
+    }
+  attend_history_kernel(query.data_ptr<float>(), R, H, D, keys.data_ptr<float>(), values.data_ptr<float>(),
+                        keys.stride(0), keys.stride(1), from, source.stride(0), T, float(scale),
+                        out.data_ptr<float>(), at::get_num_threads());
+  return out;
+}
+
+// LayerNorm(x + residual) (residual none: of x) over the last dimension of contiguous rows (R, W).
+at::Tensor add_norm(const at::Tensor& x, const std::optional<at::Tensor>& residual, const at::Tensor& weight,
+                    const at::Tensor& bias, double eps) {
+  TORCH_CHECK(x.dim() == 2, "med_few_rows::add_norm: x must be (R, W)");
+  const int64_t width = x.size(1);
+  const at::Tensor* added = residual ? &*residual : nullptr;
+  for (const auto& [t, name, row] : {std::tuple(&x, "x", true), std::tuple(added, "residual", true),
+                                     std::tuple(&weight, "weight", false), std::tuple(&bias, "bias", false)}) {
+    if (!t) continue;
+    check_fp32_cpu(*t, "add_norm", name);
+    TORCH_CHECK(t->is_contiguous() && (row ? t->sizes() == x.sizes() : t->dim() == 1 && t->size(0) == width),
+                "med_few_rows::add_norm: ", name, " must be contiguous, ", row ? "shaped as x " : "of x's width ",
+                x.sizes(), ", got ", t->sizes());
+  }
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  if (out.numel() == 0) return out;
+  add_norm_kernel(x.data_ptr<float>(), data_or_null(residual), weight.data_ptr<float>(), bias.data_ptr<float>(),
+                  float(eps), out.data_ptr<float>(), x.size(0), width);
+  return out;
+}
+
+// (beam_scores + log_softmax(logits))[:, eos] (-inf where eos < 0), then the k best of the other tokens and
+// those tokens, best first: logits (R, V) with contiguous rows, beam_scores (R,).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> beam_candidates(const at::Tensor& logits, const at::Tensor& beam_scores,
+                                                               int64_t eos, int64_t k) {
+  check_fp32_cpu(logits, "beam_candidates", "logits");
+  check_fp32_cpu(beam_scores, "beam_candidates", "beam_scores");
+  TORCH_CHECK(logits.dim() == 2 && (logits.numel() == 0 || last_contiguous(logits)) && beam_scores.dim() == 1 &&
+                  beam_scores.size(0) == logits.size(0) && beam_scores.is_contiguous(),
+              "med_few_rows::beam_candidates: logits must be (R, V) with contiguous rows and beam_scores (R,), got ",
+              logits.sizes(), " and ", beam_scores.sizes());
+  const int64_t rows = logits.size(0), vocab = logits.size(1);
+  TORCH_CHECK(0 < k && k <= vocab - (eos >= 0 ? 1 : 0) && eos < vocab,
+              "med_few_rows::beam_candidates: needs 0 < k < V and eos < V, got k=", k, ", eos=", eos, ", V=", vocab);
+  at::Tensor ending = at::empty({rows}, logits.options()), scores = at::empty({rows, k}, logits.options());
+  at::Tensor tokens = at::empty({rows, k}, logits.options().dtype(at::kLong));
+  if (rows)
+    beam_candidates_kernel(logits.data_ptr<float>(), rows, vocab, logits.stride(0), beam_scores.data_ptr<float>(),
+                           eos < 0 ? -1 : eos, k, ending.data_ptr<float>(), scores.data_ptr<float>(),
+                           tokens.data_ptr<int64_t>(), at::get_num_threads());
+  return {ending, scores, tokens};
+}
+
+}  // namespace
+
+// The schemas few_rows.py calls (torch.ops.med_few_rows.*) and gives fake implementations, so that the profiler,
+// torch.compile and FakeTensor see each call as one operator.
+TORCH_LIBRARY(med_few_rows, m) {
+  m.def("matmul(Tensor x, Tensor panels, int outputs, Tensor? bias, bool gelu) -> Tensor");
+  m.def("matmul_into(Tensor x, Tensor panels, int outputs, Tensor? bias, bool gelu, Tensor(a!) out) -> ()");
+  m.def("attend(Tensor query, Tensor keys_t, Tensor value, Tensor? mask, float scale) -> Tensor");
+  m.def("attend_into(Tensor query, Tensor keys_t, Tensor value, Tensor? mask, float scale, Tensor(a!) out) -> ()");
+  m.def("attend_history(Tensor query, Tensor keys, Tensor values, Tensor source, float scale) -> Tensor");
+  m.def("add_norm(Tensor x, Tensor? residual, Tensor weight, Tensor bias, float eps) -> Tensor");
+  m.def("beam_candidates(Tensor logits, Tensor beam_scores, int eos, int k) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(med_few_rows, CPU, m) {
+  m.impl("matmul", &matmul);
+  m.impl("matmul_into", &matmul_into);
+  m.impl("attend", &attend);
+  m.impl("attend_into", &attend_into);
+  m.impl("attend_history", &attend_history);
+  m.impl("add_norm", &add_norm);
+  m.impl("beam_candidates", &beam_candidates);
+}

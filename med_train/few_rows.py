@@ -3,7 +3,8 @@ applied as it is stored, optionally), x[i] b[i], the few queries' attention over
 (`attend`), a step's self-attention over each row's history where it was stored (`attend_history`: beams are
 never copied), a residual add with LayerNorm in one pass (`Norm`), and a beam step's candidates (`beam_candidates`).
 
-    if few_rows.available():
+    few_rows.build()                                    # once, before decoding: compiles the first time
+    if few_rows.available():                            # all a forward path asks
         panels = few_rows.pack(weight.t())              # once per weight (N, K): (ceil(N / 48), K, 48)
         y = few_rows.linear(x, panels, weight.shape[0], bias)   # F.linear(x, weight, bias)
         y = few_rows.Product(panels, weight.shape[0], bias)(x, gelu=True)  # F.gelu(F.linear(...)), bound weight
@@ -22,37 +23,49 @@ torch.compile's own CPU GEMM template was slower still (29 GFLOP/s at 8 rows). A
 queries per image and head against 197 image tokens) is too small for batched sgemm too: `attend` takes a layer's
 in 0.69 ms where two batched products take 1.7 (the bench's beam-3 decode). How: see the .cpp's header.
 
-The kernel is built on first use with the C++ compiler found (`$CXX`, else g++, c++ or clang++) into
-`$XDG_CACHE_HOME/med_train` (default `~/.cache/med_train`), keyed by a hash of the source and flags, and loaded
-with ctypes; OpenMP comes from torch's own runtime (already loaded, same soname). Only on Linux x86-64 with
-AVX-512 (torch's CPU capability). Anywhere it cannot be built, `available()` is False and `ops.linear` keeps
-oneDNN; a compiler that fails says why once (a warning). `MED_FEW_ROWS=0` turns it off.
+The kernel is built by `build()`, an explicit step taken before decoding on the CPU (`med eval`, `med caption`,
+`med bench` and validation in training take it; a library user calls it once), never inside a forward call:
+`torch.utils.cpp_extension` compiles the source with ninja and the C++ compiler found (`$CXX`, else c++, g++ or
+clang++) into `$XDG_CACHE_HOME/med_train` (default `~/.cache/med_train`), in a folder keyed by a hash of the
+source, flags, compiler and torch (half a minute the first time on 2 cores, 0.2 s after: ninja finds it built;
+processes that build at once, as accelerate's do, wait on one lock). Its functions are torch operators
+(`torch.ops.med_few_rows.*`, with fake implementations for FakeTensor and torch.compile, named in the profiler);
+through the dispatcher a call costs what the ctypes call it replaced did (a 1-row product 10 to 12 us with this
+module's checks either way; a beam-3 step of the bench's decoder the same to within the noise, the same logits);
+OpenMP comes from torch's own runtime (already loaded, same soname). Only on Linux x86-64 with AVX-512 (torch's
+CPU capability), with a compiler and ninja (`pip install ninja`); anywhere else, or before `build()`,
+`available()` is False and every caller keeps torch's own path, with the same results; a build that fails says
+why once (a warning). `MED_FEW_ROWS=0` turns it off.
 """
 
 from __future__ import annotations
 
-import ctypes
+import contextlib
 import hashlib
+import logging
 import os
 import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
+import types
 import warnings
 from pathlib import Path
 
 import torch
 
 SOURCE = Path(__file__).with_name("few_rows.cpp")
-FLAGS = ["-O3", "-std=c++17", "-mavx512f", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-mavx512f", "-mfma", "-fopenmp"]
 PANEL = 48  # outputs per packed panel (kPanel in the source)
-VERSION = 7  # med_few_rows_version() of the source this module speaks to
 
 _lock = threading.Lock()
-_library: ctypes.CDLL | None = None
+_loaded = False
 _tried = False
+_faked = False
+# torch.ops.med_few_rows's operators once loaded, looked up once: a lookup through torch.ops takes about 2 us,
+# as long as the dispatcher's whole call of a small product
+_ops = types.SimpleNamespace()
 
 
 def supported_here() -> bool:
@@ -64,76 +77,127 @@ def supported_here() -> bool:
 
 
 def compiler() -> str | None:
-    """The C++ compiler to build with: $CXX, else the first of g++, c++, clang++ on the PATH."""
+    """The C++ compiler to build with: $CXX, else the first of c++ (torch's default), g++, clang++ on the PATH."""
     if os.environ.get("CXX"):
         return shutil.which(os.environ["CXX"]) or os.environ["CXX"]
-    return next((path for name in ("g++", "c++", "clang++") if (path := shutil.which(name))), None)
+    return next((path for name in ("c++", "g++", "clang++") if (path := shutil.which(name))), None)
+
+
+def ninja_folder() -> str | None:
+    """The folder of the ninja that torch's extension builder runs: the PATH's, else the `ninja` package's (its
+    executable lands in the environment's bin folder, which a Python run by its full path may not have on the
+    PATH); None: no ninja."""
+    if path := shutil.which("ninja"):
+        return str(Path(path).parent)
+    try:
+        import ninja
+    except ImportError:
+        return None
+    return ninja.BIN_DIR if Path(ninja.BIN_DIR, "ninja").exists() else None
+
+
+def missing() -> str | None:
+    """Why the kernel cannot be built here, or None where it can."""
+    if os.environ.get("MED_FEW_ROWS", "1") == "0":
+        return "turned off (MED_FEW_ROWS=0)"
+    if not supported_here():
+        return (f"needs Linux on x86-64 with AVX-512; this is {sys.platform} on {platform.machine()}, torch's CPU "
+                f"capability {torch.backends.cpu.get_cpu_capability()}")
+    if compiler() is None:
+        return "no C++ compiler ($CXX, c++, g++ or clang++)"
+    if ninja_folder() is None:
+        return "no ninja (pip install ninja)"
+    return None
 
 
 def cache_folder() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "med_train"
 
 
-def build(cxx: str, folder: Path) -> Path:
-    """Compile the source into `folder` (once per source, flags and compiler: the name carries their hash) and
-    return the library's path. The file appears whole or not at all (written aside, then renamed), so processes
-    that build at once, as accelerate's do, never load half a library. Raises RuntimeError with the compiler's
-    message."""
-    digest = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, cxx]).encode()).hexdigest()[:16]
-    target = folder / f"few_rows-{digest}.so"
-    if target.exists():
-        return target
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, partial = tempfile.mkstemp(dir=folder, prefix=target.stem, suffix=".part")
-    os.close(fd)
-    try:
-        done = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", partial], capture_output=True, text=True, timeout=300)
-        if done.returncode:
-            raise RuntimeError(f"{cxx} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
-        os.replace(partial, target)
-    finally:
-        Path(partial).unlink(missing_ok=True)
-    return target
+def build_folder() -> Path:
+    """Where the kernel is built: one folder per source, flags, compiler and torch/Python (the library links
+    against both), so that a change of any of them builds anew instead of loading a library built for another."""
+    key = [SOURCE.read_text(), *FLAGS, compiler() or "", torch.__version__, sys.version.split()[0]]
+    return cache_folder() / f"few_rows-{hashlib.sha256(chr(0).join(key).encode()).hexdigest()[:16]}"
 
 
-def _load() -> ctypes.CDLL | None:
-    if not supported_here() or (cxx := compiler()) is None:
-        return None
-    try:
-        library = ctypes.CDLL(str(build(cxx, cache_folder())))
-        if library.med_few_rows_version() != VERSION:
-            raise RuntimeError(f"the built library speaks version {library.med_few_rows_version()}, not {VERSION}")
-    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-        warnings.warn(f"the few-row product kernel ({SOURCE.name}) is unavailable, decoding on the CPU uses "
-                      f"oneDNN instead: {error}", RuntimeWarning, stacklevel=3)
-        return None
-    library.med_few_rows_matmul.restype = None
-    i64, pointer = ctypes.c_int64, ctypes.c_void_p
-    library.med_few_rows_matmul.argtypes = [pointer, i64, i64, i64, i64, pointer, i64, i64, pointer, i64, pointer,
-                                            i64, ctypes.c_int, ctypes.c_int]
-    library.med_few_rows_attend.restype = None
-    strides = ctypes.POINTER(i64)
-    library.med_few_rows_attend.argtypes = [pointer, strides, pointer, strides, pointer, strides, pointer, strides,
-                                            pointer, strides, i64, i64, i64, i64, i64, ctypes.c_float, ctypes.c_int]
-    library.med_few_rows_add_norm.restype = None
-    library.med_few_rows_add_norm.argtypes = [pointer, pointer, pointer, pointer, ctypes.c_float, pointer, i64, i64]
-    library.med_few_rows_beam_candidates.restype = None
-    library.med_few_rows_beam_candidates.argtypes = [pointer, i64, i64, i64, pointer, i64, i64, pointer, pointer,
-                                                     pointer, ctypes.c_int]
-    library.med_few_rows_attend_history.restype = None
-    library.med_few_rows_attend_history.argtypes = [pointer, i64, i64, i64, pointer, pointer, i64, i64, pointer, i64,
-                                                    i64, ctypes.c_float, pointer, ctypes.c_int]
-    return library
-
-
-def available() -> bool:
-    """Whether the kernel is built and loaded (built on the first call; later calls only look)."""
-    global _library, _tried
+def build() -> bool:
+    """Build (where `missing()` is None) and load the kernel, once per process: later calls only look. Returns
+    `available()`. A build that fails warns once with the compiler's message and leaves the kernel unavailable."""
+    global _loaded, _tried
     if not _tried:
         with _lock:
             if not _tried:
-                _library, _tried = _load(), True
-    return _library is not None
+                _loaded, _tried = _load(), True
+    return _loaded
+
+
+def available() -> bool:
+    """Whether the kernel is loaded (by `build()`): the question every caller asks; it never builds."""
+    return _loaded
+
+
+@contextlib.contextmanager
+def _environment(**values: str):
+    """os.environ with `values` set, restored after (torch's builder reads the compiler and ninja from it)."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _load() -> bool:
+    if missing() is not None:
+        return False
+    quiet = logging.getLogger("torch.utils.cpp_extension")  # its import notes the absence of CUDA, a CPU build's norm
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        quiet.setLevel(level)
+
+    folder = build_folder()
+    path = os.pathsep.join([ninja_folder(), os.environ.get("PATH", "")])
+    if not (folder / "med_few_rows.so").exists():  # a pause of a minute or so deserves a word
+        print(f"compiling the CPU decoding kernel ({SOURCE.name}) into {folder}, once", file=sys.stderr)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with _environment(CXX=compiler(), PATH=path):
+            cpp_extension.load("med_few_rows", [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+                               build_directory=str(folder), is_python_module=False)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        warnings.warn(f"the few-row product kernel ({SOURCE.name}) is unavailable, decoding on the CPU uses "
+                      f"torch instead: {str(error).strip()[-2000:]}", RuntimeWarning, stacklevel=3)
+        return False
+    _register_fakes()
+    for name in ("matmul", "matmul_into", "attend", "attend_into", "attend_history", "add_norm", "beam_candidates"):
+        setattr(_ops, name, getattr(torch.ops.med_few_rows, name))
+    return True
+
+
+def _register_fakes() -> None:
+    """The operators' output shapes without running them (FakeTensor, torch.compile), once per process."""
+    global _faked
+    if _faked:
+        return
+    fake = torch.library.register_fake
+    fake("med_few_rows::matmul")(lambda x, panels, outputs, bias, gelu: x.new_empty(*x.shape[:-1], outputs))
+    fake("med_few_rows::matmul_into")(lambda x, panels, outputs, bias, gelu, out: None)
+    fake("med_few_rows::attend")(lambda query, keys_t, value, mask, scale: torch.empty_like(query))
+    fake("med_few_rows::attend_into")(lambda query, keys_t, value, mask, scale, out: None)
+    fake("med_few_rows::attend_history")(lambda query, keys, values, source, scale: torch.empty_like(query))
+    fake("med_few_rows::add_norm")(lambda x, residual, weight, bias, eps: torch.empty_like(x))
+    fake("med_few_rows::beam_candidates")(lambda logits, beam_scores, eos, k: (
+        logits.new_empty(logits.shape[0]), logits.new_empty(logits.shape[0], k),
+        logits.new_empty(logits.shape[0], k, dtype=torch.int64)))
+    _faked = True
 
 
 def pack(b: torch.Tensor) -> torch.Tensor:
@@ -170,7 +234,7 @@ def matmul(x: torch.Tensor, panels: torch.Tensor, outputs: int) -> torch.Tensor:
     batch, _, k = x.shape
     _check_panels(panels, (batch, -(-outputs // PANEL), k, PANEL), outputs)
     _check(x, k)
-    return _run(x, panels, panels.stride(0), outputs, None, 0)
+    return _ops.matmul(x.contiguous(), panels, outputs, None, False)
 
 
 def attend(query: torch.Tensor, keys_t: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None = None,
@@ -196,23 +260,17 @@ def attend(query: torch.Tensor, keys_t: torch.Tensor, value: torch.Tensor, mask:
         mask = mask.expand(b, h, r, s)
         if mask.stride(-1) != 1:
             mask = mask.contiguous()
-    if out is None:
-        out = query.new_empty(b, h, r, d)
-    elif out.shape != (b, h, r, d) or out.stride(-1) != 1:
+    if out is not None and (out.shape != (b, h, r, d) or out.stride(-1) != 1):
         raise ValueError(f"attend: out must be ({b}, {h}, {r}, {d}) with a contiguous last dimension, got "
                          f"{tuple(out.shape)} with strides {out.stride()}")
-    if out.numel() == 0:
-        return out
+    if query.numel() == 0:
+        return query.new_empty(b, h, r, d) if out is None else out
     if s == 0:
         raise ValueError("attend needs at least one key")
-
-    def strides(t):
-        return (ctypes.c_int64 * 3)(*t.stride()[:3])
-
-    _library.med_few_rows_attend(query.data_ptr(), strides(query), keys_t.data_ptr(), strides(keys_t),
-                                 value.data_ptr(), strides(value), None if mask is None else mask.data_ptr(),
-                                 None if mask is None else strides(mask), out.data_ptr(), strides(out), b, h, r, s, d,
-                                 d**-0.5 if scale is None else scale, torch.get_num_threads())
+    scale = d**-0.5 if scale is None else scale
+    if out is None:
+        return _ops.attend(query, keys_t, value, mask, scale)
+    _ops.attend_into(query, keys_t, value, mask, scale, out)
     return out
 
 
@@ -242,14 +300,9 @@ def attend_history(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
 
 
 def _attend_history(query, keys, values, source, scale: float) -> torch.Tensor:
-    """attend_history's kernel call on checked arguments (query contiguous, source rows in range)."""
-    r, h, d = query.shape
-    out = query.new_empty(r, h, d)
-    if out.numel():
-        _library.med_few_rows_attend_history(query.data_ptr(), r, h, d, keys.data_ptr(), values.data_ptr(),
-                                             keys.stride(0), keys.stride(1), source.data_ptr(), source.stride(0),
-                                             source.shape[1], scale, out.data_ptr(), torch.get_num_threads())
-    return out
+    """attend_history's operator alone, for a decoding step's calls on arguments known to fit (query contiguous,
+    source's rows contiguous): it checks only what keeps it in bounds, without the messages naming the argument."""
+    return _ops.attend_history(query, keys, values, source, scale)
 
 
 def beam_candidates(logits: torch.Tensor, beam_scores: torch.Tensor, eos: int | None, k: int):
@@ -267,15 +320,7 @@ def beam_candidates(logits: torch.Tensor, beam_scores: torch.Tensor, eos: int | 
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     beam_scores = beam_scores.contiguous()
-    rows = logits.shape[0]
-    ending, scores = logits.new_empty(rows), logits.new_empty(rows, k)
-    tokens = torch.empty(rows, k, dtype=torch.int64)
-    if rows:
-        _library.med_few_rows_beam_candidates(logits.data_ptr(), rows, logits.shape[1], logits.stride(0),
-                                              beam_scores.data_ptr(), -1 if eos is None else eos, k,
-                                              ending.data_ptr(), scores.data_ptr(), tokens.data_ptr(),
-                                              torch.get_num_threads())
-    return ending, scores, tokens
+    return _ops.beam_candidates(logits, beam_scores, -1 if eos is None else eos, k)
 
 
 class Product:
@@ -290,7 +335,6 @@ class Product:
             raise ValueError(f"the bias must be fp32 ({outputs},) on the CPU, got {bias.dtype} {tuple(bias.shape)}")
         self.panels, self.outputs = panels, outputs
         self.bias = None if bias is None else bias.detach().contiguous()
-        self._bias = None if bias is None else self.bias.data_ptr()
 
     def __call__(self, x: torch.Tensor, *, out: torch.Tensor | None = None, gelu: bool = False) -> torch.Tensor:
         if (x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 or x.shape[1] != self.inputs
@@ -299,15 +343,12 @@ class Product:
                              f"{tuple(x.shape)} on {x.device}")
         rows = x.shape[0]
         if out is None:
-            out = x.new_empty(rows, self.outputs)
-        elif (out.dtype != torch.float32 or out.device.type != "cpu" or out.shape != (rows, self.outputs)
-              or not out.is_contiguous()):
+            return _ops.matmul(x, self.panels, self.outputs, self.bias, gelu)
+        if (out.dtype != torch.float32 or out.device.type != "cpu" or out.shape != (rows, self.outputs)
+                or not out.is_contiguous()):
             raise ValueError(f"Product's out must be contiguous fp32 ({rows}, {self.outputs}) on the CPU, got "
                              f"{out.dtype} {tuple(out.shape)}")
-        if rows:
-            _library.med_few_rows_matmul(x.data_ptr(), 1, 0, rows, self.inputs, self.panels.data_ptr(), 0,
-                                         self.outputs, self._bias, 0, out.data_ptr(), 0, int(gelu),
-                                         torch.get_num_threads())
+        _ops.matmul_into(x, self.panels, self.outputs, self.bias, gelu, out)
         return out
 
 
@@ -321,7 +362,6 @@ class Norm:
         if weight.dim() != 1 or bias.shape != weight.shape:
             raise ValueError(f"Norm takes weight and bias (W,), got {tuple(weight.shape)} and {tuple(bias.shape)}")
         self.weight, self.bias, self.eps = weight.detach().contiguous(), bias.detach().contiguous(), float(eps)
-        self._weight, self._bias = self.weight.data_ptr(), self.bias.data_ptr()
         self.width = weight.shape[0]
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -332,12 +372,7 @@ class Norm:
                                  f"{tuple(t.shape)} on {t.device}")
         if residual is not None and residual.shape != x.shape:
             raise ValueError(f"Norm: residual {tuple(residual.shape)} is not shaped as x {tuple(x.shape)}")
-        out = torch.empty_like(x)
-        if out.numel():
-            _library.med_few_rows_add_norm(x.data_ptr(), None if residual is None else residual.data_ptr(),
-                                           self._weight, self._bias, self.eps, out.data_ptr(), x.shape[0],
-                                           self.width)
-        return out
+        return _ops.add_norm(x, residual, self.weight, self.bias, self.eps)
 
 
 def _require_fp32_cpu(function: str, **tensors: torch.Tensor | None) -> None:
@@ -347,20 +382,6 @@ def _require_fp32_cpu(function: str, **tensors: torch.Tensor | None) -> None:
     for name, t in tensors.items():
         if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu"):
             raise ValueError(f"{function} takes fp32 CPU tensors, got {name} {t.dtype} on {t.device}")
-
-
-def _run(x, panels, panels_stride, outputs, bias, bias_stride) -> torch.Tensor:
-    """The kernel over x (batch, rows, K) made contiguous, into a new (batch, rows, outputs)."""
-    x = x.contiguous()
-    batch, rows, k = x.shape
-    y = x.new_empty(batch, rows, outputs)
-    if bias is not None:
-        bias = bias.contiguous()
-    if batch and rows and outputs:
-        _library.med_few_rows_matmul(x.data_ptr(), batch, rows * k, rows, k, panels.data_ptr(), panels_stride,
-                                     outputs, None if bias is None else bias.data_ptr(), bias_stride, y.data_ptr(),
-                                     rows * outputs, 0, torch.get_num_threads())
-    return y
 
 
 def _check_panels(panels: torch.Tensor, shape: tuple, outputs: int) -> None:
