@@ -1,4 +1,5 @@
-"""The training loop: one accelerate function that reads top to bottom.
+"""The training loop: `train()` runs its stages top to bottom (set up, build, the steps, validation, checkpoints,
+the end), every process the same ones in the same order.
 
     med train configs/shapes.yaml --set train.lr=3e-4          # one process, CPU or GPU
     accelerate launch -m med_train.cli train configs/x.yaml     # several GPUs / machines (or torchrun)
@@ -33,12 +34,20 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from med_train.config import Config, save_config
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from med_train.model import Captioner
+    from med_train.sources import Holdout
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -276,19 +285,75 @@ def tracker_run_names(run_name: str) -> dict:
     return {"wandb": {"name": run_name}, "mlflow": {"run_name": run_name}, "clearml": {"task_name": run_name}}
 
 
-# ---- the loop --------------------------------------------------------------------------------------------------
+# ---- the run, stage by stage -----------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    """What the stages of one run share: set up first, then filled in by the build stages."""
+
+    cfg: Config  # with train.max_steps once the run's length is known (train.epochs: see _set_length)
+    run_dir: Path
+    accelerator: Accelerator
+    resumed: bool
+    say: Callable[[str], None]  # progress notes, silent with train.quiet
+    notice: Callable[[str], None]  # what a user must see even with train.quiet
+    val_split: str | None = None
+    holdout: Holdout | None = None  # the training images validation reads, when the source has no data.val_split
+    model: Any = None  # what the training forward calls: prepared by accelerate, compiled with train.compile
+    raw_model: Captioner | None = None  # the model itself, for evaluation and checkpoints
+    loader: Any = None  # endless: it moves through epochs itself and remembers its position
+    val_loader: Any = None
+    stats: Any = None  # the training data's bad rows
+    optimizer: Any = None
+    scheduler: Any = None
+    state: TrainerState = field(default_factory=TrainerState)
+    nonfinite_in_a_row: int = 0
+    stop_signal: int | None = None  # SIGTERM/SIGINT: finish the step in flight, save a checkpoint, exit cleanly
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
+
+@dataclass
+class _Window:
+    """What the next metrics line averages: the steps since the last one."""
+
+    loss: float = 0.0
+    steps: int = 0
+    images: int = 0
+    wait: float = 0.0  # seconds spent waiting for batches
+    start: float = field(default_factory=time.perf_counter)
+    grad_norm: Any = None  # the last step's, a tensor: read only when logged
+
 
 def train(cfg: Config, config_path: str | Path | None = None, resume: str | Path | None = None) -> Path:
-    """Train `cfg` (or resume the run folder `resume`); returns the run folder."""
-    import torch
+    """Train `cfg` (or resume the run folder `resume`); returns the run folder. Every process runs every stage, in
+    this order: their collective calls (barriers, broadcasts, gathers) must pair up across processes."""
+    run = _set_up(cfg, config_path, resume)
+    run.val_split, run.holdout = validation_source(run.cfg)
+    model = _build_model(run, _build_tokenizer(run))
+    _write_run_folder(run, model)
+    _build_data(run, model)
+    _set_length(run)
+    _prepare(run, model)
+    _start(run)
+    with _stop_signals(run):
+        _loop(run)
+    _checkpoint_on_stop(run)
+    _finish(run)
+    return run.run_dir
+
+
+# -- setting up: the run folder's name, the accelerator, its precision, the seed, the notices
+
+def _set_up(cfg: Config, config_path: str | Path | None, resume: str | Path | None) -> Run:
     from accelerate import Accelerator, PartialState
     from accelerate.utils import broadcast_object_list, set_seed
-
-    from med_train import data as data_lib
-    from med_train.convert import init_tokenizer
-    from med_train.evaluate import evaluate, heldout_loader
-    from med_train.model import Captioner
-    from med_train.tokenizer import build_tokenizer, load_tokenizer
 
     t = cfg.train
     cpu = cpu_processes()
@@ -304,188 +369,274 @@ def train(cfg: Config, config_path: str | Path | None = None, resume: str | Path
     accelerator = Accelerator(cpu=cpu, mixed_precision=precision,
                               gradient_accumulation_steps=t.grad_accum_steps, log_with=t.trackers or None,
                               project_dir=str(run_dir))
-    main = accelerator.is_main_process
     if accelerator.device.type == "cpu":
         keep_freed_memory()
     set_seed(t.seed, device_specific=True)
-    say = accelerator.print if not t.quiet else (lambda *a, **k: None)  # progress notes
-    notice = accelerator.print  # what a user must see even in quiet mode
+    run = Run(cfg, run_dir, accelerator, resumed=bool(resume), notice=accelerator.print,
+              say=accelerator.print if not t.quiet else (lambda *a, **k: None))
     if precision_note:
-        notice(precision_note)
+        run.notice(precision_note)
+    return run
 
-    # -- tokenizer and model
-    val_split, holdout = validation_source(cfg)
-    if resume:
-        tokenizer = load_tokenizer(str(run_dir))
-    elif (tokenizer := init_tokenizer(cfg.model, cfg.tokenizer.name)) is not None:  # the init weights' vocabulary
-        say(f"tokenizer: model.init's ({cfg.model.init})")
-    elif cfg.tokenizer.name == "train":
-        # trained on prompt + caption, so that the prompt's words are whole tokens too. By the main process only:
-        # the trainer can break ties differently in each process, and every process must use the same vocabulary
-        if main:
-            tokenizer = build_tokenizer(cfg.tokenizer, (cfg.model.prompt + c for c in
-                                                        data_lib.iter_captions(cfg.data, cfg.data.train_split,
-                                                                               holdout=holdout)))
-            run_dir.mkdir(parents=True, exist_ok=True)
-            tokenizer.save_pretrained(str(run_dir))
-        accelerator.wait_for_everyone()
-        if not main:
-            tokenizer = load_tokenizer(str(run_dir))
-        accelerator.wait_for_everyone()  # all read it before the main process writes the run's files (below)
-    else:
-        tokenizer = build_tokenizer(cfg.tokenizer)
-    model = Captioner(cfg.model, tokenizer, load_weights=not resume, max_caption_tokens=cfg.tokenizer.max_length)
-    if t.freeze_vision:
-        model.visual_encoder.requires_grad_(False)
-    if main and not resume:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        model.save_pretrained(run_dir)  # config + tokenizer now; the weights are rewritten as training goes
-        point_latest(run_dir)
+
+# -- building: tokenizer, model, data, length, optimizer and schedule, then the start (or the resumed state)
+
+def _build_tokenizer(run: Run):
+    """The run's vocabulary: the resumed run's, model.init's, one trained on the training captions, or
+    tokenizer.name's."""
+    from med_train import data as data_lib
+    from med_train.convert import init_tokenizer
+    from med_train.tokenizer import build_tokenizer, load_tokenizer
+
+    cfg, accelerator = run.cfg, run.accelerator
+    if run.resumed:
+        return load_tokenizer(str(run.run_dir))
+    if (tokenizer := init_tokenizer(cfg.model, cfg.tokenizer.name)) is not None:  # the init weights' vocabulary
+        run.say(f"tokenizer: model.init's ({cfg.model.init})")
+        return tokenizer
+    if cfg.tokenizer.name != "train":
+        return build_tokenizer(cfg.tokenizer)
+    # trained on prompt + caption, so that the prompt's words are whole tokens too. By the main process only:
+    # the trainer can break ties differently in each process, and every process must use the same vocabulary
+    if run.main:
+        captions = data_lib.iter_captions(cfg.data, cfg.data.train_split, holdout=run.holdout)
+        tokenizer = build_tokenizer(cfg.tokenizer, (cfg.model.prompt + c for c in captions))
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        tokenizer.save_pretrained(str(run.run_dir))
     accelerator.wait_for_everyone()
+    if not run.main:
+        tokenizer = load_tokenizer(str(run.run_dir))
+    accelerator.wait_for_everyone()  # all read it before the main process writes the run's files (_write_run_folder)
+    return tokenizer
 
-    # -- data: the data layer shards across processes and workers itself, so accelerate must not re-shard it
-    stats = data_lib.BadRowStats()
-    loader = data_lib.build_dataloader(
+
+def _build_model(run: Run, tokenizer) -> Captioner:
+    from med_train.model import Captioner
+
+    cfg = run.cfg
+    model = Captioner(cfg.model, tokenizer, load_weights=not run.resumed, max_caption_tokens=cfg.tokenizer.max_length)
+    if cfg.train.freeze_vision:
+        model.visual_encoder.requires_grad_(False)
+    return model
+
+
+def _write_run_folder(run: Run, model: Captioner) -> None:
+    """A new run's config, tokenizer and model config, and runs/latest pointing at it."""
+    if run.main and not run.resumed:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(run.cfg, run.run_dir / "config.yaml")
+        model.save_pretrained(run.run_dir)  # config + tokenizer now; the weights are rewritten as training goes
+        point_latest(run.run_dir)
+    run.accelerator.wait_for_everyone()
+
+
+def _build_data(run: Run, model: Captioner) -> None:
+    """The training loader and the validation loader. The data layer shards across processes and workers itself,
+    so accelerate must not re-shard them."""
+    from med_train import data as data_lib
+    from med_train.evaluate import heldout_loader
+
+    cfg, accelerator, t = run.cfg, run.accelerator, run.cfg.train
+    run.stats = data_lib.BadRowStats()
+    run.loader = data_lib.build_dataloader(
         cfg.data, cfg.data.train_split, train=True, batch_size=t.batch_size, image_size=cfg.model.vision.image_size,
-        tokenizer=tokenizer, prompt=cfg.model.prompt, max_length=cfg.tokenizer.max_length,
-        seed=t.seed, num_processes=accelerator.num_processes, process_index=accelerator.process_index, stats=stats,
-        pin_memory=accelerator.device.type == "cuda", holdout=holdout)
-    val_loader = heldout_loader(model, cfg, val_split, accelerator=accelerator, holdout=holdout)
-    _announce_validation(cfg, val_split, holdout, val_loader, run_dir, record=main and not resume, say=say,
-                         notice=notice)
-    if t.max_steps is None:  # train.epochs: counted from the data once; a resume keeps the recorded count
-        steps = _steps_for_epochs(cfg, loader, accelerator, run_dir, resume, say)
-        cfg = replace(cfg, train=replace(t, max_steps=steps))
-        t = cfg.train
-    if main:
-        (run_dir / RUN_FILE).write_text(json.dumps({"max_steps": t.max_steps, "epochs": t.epochs}) + "\n")
+        tokenizer=model.tokenizer, prompt=cfg.model.prompt, max_length=cfg.tokenizer.max_length,
+        seed=t.seed, num_processes=accelerator.num_processes, process_index=accelerator.process_index,
+        stats=run.stats, pin_memory=accelerator.device.type == "cuda", holdout=run.holdout)
+    run.val_loader = heldout_loader(model, cfg, run.val_split, accelerator=accelerator, holdout=run.holdout)
+    _announce_validation(cfg, run.val_split, run.holdout, run.val_loader, run.run_dir,
+                         record=run.main and not run.resumed, say=run.say, notice=run.notice)
 
+
+def _set_length(run: Run) -> None:
+    """train.max_steps, or train.epochs counted from the data once (a resume keeps the recorded count); run.json."""
+    t = run.cfg.train
+    if t.max_steps is None:
+        steps = _steps_for_epochs(run.cfg, run.loader, run.accelerator, run.run_dir, run.resumed, run.say)
+        run.cfg = replace(run.cfg, train=replace(t, max_steps=steps))
+    if run.main:
+        (run.run_dir / RUN_FILE).write_text(json.dumps({"max_steps": run.cfg.train.max_steps, "epochs": t.epochs})
+                                            + "\n")
+
+
+def _prepare(run: Run, model: Captioner) -> None:
+    """The optimizer and its schedule, handed to accelerate with the model."""
+    import torch
+
+    cfg, accelerator = run.cfg, run.accelerator
     optimizer = build_optimizer(model, cfg, accelerator.device.type)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    raw_model = accelerator.unwrap_model(model)
-    if t.compile:  # the training forward only: evaluation and checkpoints use raw_model
-        model = torch.compile(model)
+    run.model, run.optimizer, run.scheduler = accelerator.prepare(model, optimizer, scheduler)
+    run.raw_model = accelerator.unwrap_model(run.model)
+    if cfg.train.compile:  # the training forward only: evaluation and checkpoints use raw_model
+        run.model = torch.compile(run.model)
 
-    state = TrainerState(mixed_precision=accelerator.mixed_precision)
-    if resume:
-        state = _resume(accelerator, run_dir, loader, notice)
-        if main:  # one writer: the file is shared by every process
-            _truncate_metrics(run_dir / "metrics.jsonl", state.step)
-        say(f"resuming {run_dir} from step {state.step}")
+
+def _start(run: Run) -> None:
+    """The trainer's state, fresh or from the last checkpoint; the trackers."""
+    t = run.cfg.train
+    run.state = TrainerState(mixed_precision=run.accelerator.mixed_precision)
+    if run.resumed:
+        run.state = _resume(run.accelerator, run.run_dir, run.loader, run.notice)
+        if run.main:  # one writer: the file is shared by every process
+            _truncate_metrics(run.metrics_path, run.state.step)
+        run.say(f"resuming {run.run_dir} from step {run.state.step}")
     if t.trackers:
-        accelerator.init_trackers(t.project, config=tracker_config(cfg), init_kwargs=tracker_run_names(run_dir.name))
+        run.accelerator.init_trackers(t.project, config=tracker_config(run.cfg),
+                                      init_kwargs=tracker_run_names(run.run_dir.name))
 
-    # SIGTERM/SIGINT: finish the step in flight, save a checkpoint, exit cleanly
-    stop_requested = {"signal": None}
 
+# -- training: optimizer steps, each logged, validated and checkpointed on its schedule
+
+@contextmanager
+def _stop_signals(run: Run):
+    """SIGTERM and SIGINT set run.stop_signal instead of stopping the process mid-step."""
     def request_stop(signum, _frame):
-        stop_requested["signal"] = signum
+        run.stop_signal = signum
 
     old_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
-
-    progress = _progress(t.max_steps, state.step, disabled=not main or t.quiet)
-    metrics_path = run_dir / "metrics.jsonl"
-    window = {"loss": 0.0, "n": 0, "images": 0, "wait": 0.0, "start": time.perf_counter(), "grad_norm": None}
-    nonfinite_in_a_row = 0
-    model.train()
-    batches = iter(loader)  # endless: the loader moves through epochs itself and remembers its position
     try:
-        while state.step < t.max_steps and stop_requested["signal"] is None:
-            micro_losses = []
-            for _ in range(t.grad_accum_steps):
-                fetch_start = time.perf_counter()
-                batch = next(batches)
-                window["wait"] += time.perf_counter() - fetch_start
-                images = batch["images"].to(accelerator.device, non_blocking=True)  # pinned on CUDA: async
-                with accelerator.accumulate(model), accelerator.autocast():
-                    loss = model(images, **{k: batch[k].to(accelerator.device, non_blocking=True)
-                                            for k in ("input_ids", "attention_mask", "labels")})
-                    # always backward, even a non-finite loss: every process must join the gradient all-reduce
-                    accelerator.backward(loss)
-                micro_losses.append(loss.detach().float())
-                window["images"] += images.shape[0] * accelerator.num_processes
-            # clipped in place; a tensor, read only when logged
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.clip_grad_norm) if t.clip_grad_norm else None
-            step_loss, skipped = _step_loss(accelerator, micro_losses, grad_norm)  # the step's one host-device sync
-            if skipped:
-                optimizer.zero_grad(set_to_none=True)
-                state.nonfinite_steps += 1
-                nonfinite_in_a_row += 1
-                notice(f"step {state.step + 1}: non-finite loss or gradients, update skipped "
-                       f"({state.nonfinite_steps} so far)")
-                if nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
-                    raise TrainingError(
-                        f"step {state.step + 1}: {nonfinite_in_a_row} non-finite steps in a row; lower train.lr or "
-                        f"check the data, then resume from the last good checkpoint with --resume {run_dir}")
-                continue
-            nonfinite_in_a_row = 0
-            window["grad_norm"] = grad_norm
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            state.epoch = loader.epoch
-            window["loss"] += step_loss
-            window["n"] += 1
-            progress.update(1)
-
-            if state.step % t.log_every == 0 or state.step == t.max_steps:
-                elapsed = time.perf_counter() - window["start"]
-                record = {"step": state.step, "epoch": state.epoch, "loss": window["loss"] / window["n"],
-                          "lr": scheduler.get_last_lr()[0], "images_per_s": window["images"] / elapsed,
-                          "data_wait": window["wait"] / elapsed,
-                          "grad_norm": None if window["grad_norm"] is None else float(window["grad_norm"])}
-                progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
-                                     img_s=f"{record['images_per_s']:.1f}")
-                if main:
-                    _append_jsonl(metrics_path, record)
-                accelerator.log({k: v for k, v in record.items() if v is not None}, step=state.step)
-                window.update(loss=0.0, n=0, images=0, wait=0.0, start=time.perf_counter())
-
-            is_last = state.step == t.max_steps
-            if (t.eval_every and state.step % t.eval_every == 0) or is_last:
-                model.eval()
-                scores = evaluate(raw_model, cfg, max_images=t.eval_images, num_beams=1, accelerator=accelerator,
-                                  quiet=True, loader=val_loader)
-                model.train()
-                if main:
-                    _append_jsonl(metrics_path, {"step": state.step, "eval": scores})
-                    metric = scores.get("CIDEr")
-                    if metric is not None and (state.best_metric is None or metric > state.best_metric):
-                        state.best_metric, state.best_step = metric, state.step
-                        raw_model.save_pretrained(run_dir / "best")
-                    say(f"step {state.step}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()
-                                                          if isinstance(v, float)))
-                accelerator.log({f"eval/{k}": v for k, v in scores.items() if isinstance(v, float)},
-                                step=state.step)
-            if (t.save_every and state.step % t.save_every == 0) or is_last:
-                _save_checkpoint(accelerator, raw_model, run_dir, state, loader, t.keep_checkpoints)
+        yield
     finally:
         for s, handler in old_handlers.items():
             signal.signal(s, handler)
+
+
+def _loop(run: Run) -> None:
+    t = run.cfg.train
+    progress = _progress(t.max_steps, run.state.step, disabled=not run.main or t.quiet)
+    window = _Window()
+    run.model.train()
+    batches = iter(run.loader)
+    try:
+        while run.state.step < t.max_steps and run.stop_signal is None:
+            if not _step(run, batches, window):
+                continue
+            progress.update(1)
+            if run.state.step % t.log_every == 0 or run.state.step == t.max_steps:
+                _log(run, window, progress)
+                window = _Window()
+            is_last = run.state.step == t.max_steps
+            if (t.eval_every and run.state.step % t.eval_every == 0) or is_last:
+                _validate(run)
+            if (t.save_every and run.state.step % t.save_every == 0) or is_last:
+                _checkpoint(run)
+    finally:
         progress.close()
 
-    if stop_requested["signal"] is not None:
-        _save_checkpoint(accelerator, raw_model, run_dir, state, loader, t.keep_checkpoints)
-        notice(f"stopped by signal {stop_requested['signal']} at step {state.step}; resume with "
-            f"`med train --resume {run_dir}`")
-    if accelerator.num_processes > 1:  # every process's bad rows, in one report
+
+def _step(run: Run, batches, window: _Window) -> bool:
+    """One optimizer step over train.grad_accum_steps micro-batches; False when it was skipped (_skip_update)."""
+    accelerator, t = run.accelerator, run.cfg.train
+    micro_losses = []
+    for _ in range(t.grad_accum_steps):
+        fetch_start = time.perf_counter()
+        batch = next(batches)
+        window.wait += time.perf_counter() - fetch_start
+        images = batch["images"].to(accelerator.device, non_blocking=True)  # pinned on CUDA: async
+        with accelerator.accumulate(run.model), accelerator.autocast():
+            loss = run.model(images, **{k: batch[k].to(accelerator.device, non_blocking=True)
+                                        for k in ("input_ids", "attention_mask", "labels")})
+            # always backward, even a non-finite loss: every process must join the gradient all-reduce
+            accelerator.backward(loss)
+        micro_losses.append(loss.detach().float())
+        window.images += images.shape[0] * accelerator.num_processes
+    # clipped in place; a tensor, read only when logged
+    grad_norm = accelerator.clip_grad_norm_(run.model.parameters(), t.clip_grad_norm) if t.clip_grad_norm else None
+    step_loss, skipped = _step_loss(accelerator, micro_losses, grad_norm)  # the step's one host-device sync
+    if skipped:
+        _skip_update(run)
+        return False
+    run.nonfinite_in_a_row = 0
+    window.grad_norm = grad_norm
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.state.step += 1
+    run.state.epoch = run.loader.epoch
+    window.loss += step_loss
+    window.steps += 1
+    return True
+
+
+def _skip_update(run: Run) -> None:
+    """Drop a step whose loss or gradients are not finite; too many in a row stop the run."""
+    state = run.state
+    run.optimizer.zero_grad(set_to_none=True)
+    state.nonfinite_steps += 1
+    run.nonfinite_in_a_row += 1
+    run.notice(f"step {state.step + 1}: non-finite loss or gradients, update skipped "
+               f"({state.nonfinite_steps} so far)")
+    if run.nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+        raise TrainingError(
+            f"step {state.step + 1}: {run.nonfinite_in_a_row} non-finite steps in a row; lower train.lr or "
+            f"check the data, then resume from the last good checkpoint with --resume {run.run_dir}")
+
+
+def _log(run: Run, window: _Window, progress) -> None:
+    """One metrics line: the window's mean loss, speed and data wait, and the last step's lr and gradient norm."""
+    elapsed = time.perf_counter() - window.start
+    record = {"step": run.state.step, "epoch": run.state.epoch, "loss": window.loss / window.steps,
+              "lr": run.scheduler.get_last_lr()[0], "images_per_s": window.images / elapsed,
+              "data_wait": window.wait / elapsed,
+              "grad_norm": None if window.grad_norm is None else float(window.grad_norm)}
+    progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", img_s=f"{record['images_per_s']:.1f}")
+    if run.main:
+        _append_jsonl(run.metrics_path, record)
+    run.accelerator.log({k: v for k, v in record.items() if v is not None}, step=run.state.step)
+
+
+def _validate(run: Run) -> None:
+    """Score the validation split (every process its share); the best CIDEr so far is kept in best/."""
+    from med_train.evaluate import evaluate
+
+    t, state = run.cfg.train, run.state
+    run.model.eval()
+    scores = evaluate(run.raw_model, run.cfg, max_images=t.eval_images, num_beams=1, accelerator=run.accelerator,
+                      quiet=True, loader=run.val_loader)
+    run.model.train()
+    if run.main:
+        _append_jsonl(run.metrics_path, {"step": state.step, "eval": scores})
+        metric = scores.get("CIDEr")
+        if metric is not None and (state.best_metric is None or metric > state.best_metric):
+            state.best_metric, state.best_step = metric, state.step
+            run.raw_model.save_pretrained(run.run_dir / "best")
+        run.say(f"step {state.step}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if isinstance(v, float)))
+    run.accelerator.log({f"eval/{k}": v for k, v in scores.items() if isinstance(v, float)}, step=state.step)
+
+
+# -- checkpoints: periodic and last (_loop), on a stop signal, and the last weights (_finish)
+
+def _checkpoint(run: Run) -> None:
+    _save_checkpoint(run.accelerator, run.raw_model, run.run_dir, run.state, run.loader,
+                     run.cfg.train.keep_checkpoints)
+
+
+def _checkpoint_on_stop(run: Run) -> None:
+    if run.stop_signal is not None:
+        _checkpoint(run)
+        run.notice(f"stopped by signal {run.stop_signal} at step {run.state.step}; resume with "
+                   f"`med train --resume {run.run_dir}`")
+
+
+# -- the end: every process's bad rows in one report, the last weights, the curves
+
+def _finish(run: Run) -> None:
+    accelerator = run.accelerator
+    if accelerator.num_processes > 1:
         from accelerate.utils import gather_object
 
-        everyone = gather_object([stats.to_dict()])  # a collective: every process calls it
-        if main:
+        everyone = gather_object([run.stats.to_dict()])  # a collective: every process calls it
+        if run.main:
             for other in everyone[1:]:
-                stats.merge(other)
-    if main:
-        raw_model.save_pretrained(run_dir)
-        _plot_curves(metrics_path, run_dir / "curves.png")
-        notice(f"data: {stats.summary()}")
-    if t.trackers:
+                run.stats.merge(other)
+    if run.main:
+        run.raw_model.save_pretrained(run.run_dir)
+        _plot_curves(run.metrics_path, run.run_dir / "curves.png")
+        run.notice(f"data: {run.stats.summary()}")
+    if run.cfg.train.trackers:
         accelerator.end_training()
     accelerator.wait_for_everyone()
-    return run_dir
 
 
 def _resume(accelerator, run_dir: Path, loader, notice) -> TrainerState:
