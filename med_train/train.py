@@ -8,30 +8,15 @@ the end), every process the same ones in the same order.
 Mixed precision: train.mixed_precision when the config sets it, else the launcher's (`accelerate launch
 --mixed_precision bf16`, or `accelerate config`), else none.
 
-A run folder describes itself:
-    runs/<name>/config.yaml             the resolved config
-    runs/<name>/run.json                the run's length in steps (counted from train.epochs when that is set)
-    runs/<name>/val_holdout.json        the training images held out for validation, when the source has no
-                                        data.val_split (the rule, the seed and the image keys)
-    runs/<name>/med_config.json, tokenizer files, model.safetensors      the last model (Captioner.from_pretrained)
-    runs/<name>/best/                   the model with the best validation CIDEr (data.val_split, not the
-                                        reported data.eval_split)
-    runs/<name>/checkpoints/step_N/     model, optimizer, scheduler, scaler, RNG, data position, trainer state
-                                        (trainer_state.json: step, epoch, best metric and the mixed precision
-                                        the run used: the config's train.mixed_precision, else the launcher's)
-    runs/<name>/metrics.jsonl           one line per logging step and per evaluation
-    runs/<name>/curves.png              loss and metric curves
-and runs/latest points at the newest run.
+The run folder it writes, and what each file holds: med_train/run_folder.py.
 """
 
 from __future__ import annotations
 
 import ctypes
 import json
-import logging
 import math
 import os
-import shutil
 import signal
 import time
 from collections.abc import Callable, Mapping
@@ -42,6 +27,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from med_train.config import Config, save_config
+from med_train.run_folder import (
+    HOLDOUT_FILE,
+    METRICS_FILE,
+    RUN_FILE,
+    STATE_FILE,
+    TrainerState,
+    TrainingError,
+    append_jsonl,
+    checkpoint_dirs,
+    new_run_dir,
+    point_latest,
+    save_checkpoint,
+    truncate_metrics,
+)
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -49,32 +48,11 @@ if TYPE_CHECKING:
     from med_train.model import Captioner
     from med_train.sources import Holdout
 
-CHECKPOINTS = "checkpoints"
-STATE_FILE = "trainer_state.json"
-RUN_FILE = "run.json"  # the resolved length of the run: max_steps (counted from train.epochs when that is set)
-HOLDOUT_FILE = "val_holdout.json"  # the validation images held out of the training split, when it came to that
 MAX_NONFINITE_IN_A_ROW = 20
 LAUNCHER_PRECISIONS = ("no", "fp16", "bf16", "fp8")  # what accelerate accepts
 
 
-class TrainingError(RuntimeError):
-    """Training cannot go on (the message says why and how to resume)."""
-
-
-@dataclass
-class TrainerState:
-    """What a checkpoint needs beyond accelerate's state: where we are and what we have seen."""
-
-    step: int = 0
-    epoch: int = 0  # the data epoch (the slowest dataloader worker's)
-    best_metric: float | None = None
-    best_step: int | None = None
-    nonfinite_steps: int = 0
-    mixed_precision: str | None = None  # the precision used (choose_precision); None in older checkpoints
-    data: dict = field(default_factory=dict)  # the dataloader's state_dict
-
-
-# ---- the run folder --------------------------------------------------------------------------------------------
+# ---- setting up ------------------------------------------------------------------------------------------------
 
 def cpu_processes() -> bool:
     """True when torchrun (or accelerate launch) started several processes on a machine without CUDA: accelerate
@@ -114,50 +92,6 @@ def keep_freed_memory() -> bool:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
     return bool(mallopt(m_mmap_threshold, 32 * 2**20)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
-
-
-def new_run_dir(cfg: Config, config_path: str | Path | None) -> Path:
-    stem = Path(config_path).stem if config_path else "run"
-    name = cfg.train.run_name or f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(cfg.train.output_dir) / name
-    suffix = 1
-    while run_dir.exists():  # two runs started in the same second
-        suffix += 1
-        run_dir = Path(cfg.train.output_dir) / f"{name}-{suffix}"
-    return run_dir
-
-
-def point_latest(run_dir: Path) -> None:
-    """runs/latest -> the newest run (a relative symlink, replaced atomically)."""
-    latest = run_dir.parent / "latest"
-    tmp = run_dir.parent / f".latest-{os.getpid()}"
-    tmp.unlink(missing_ok=True)
-    tmp.symlink_to(run_dir.name)
-    os.replace(tmp, latest)
-
-
-def resolve_run(path: str | Path | None, output_dir: str | Path = "runs") -> Path:
-    """A run folder or model directory given by the user, or runs/latest when none is given."""
-    if path is None:
-        latest = Path(output_dir) / "latest"
-        if not latest.exists():
-            raise FileNotFoundError(f"no model given and no {latest}: train one first, e.g. "
-                                    f"`med train configs/shapes.yaml`, or pass --model DIR")
-        return latest.resolve()
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such run folder or model directory")
-    return path.resolve()
-
-
-def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first. A checkpoint is complete once renamed from its temporary name, so a
-    half-written one (killed mid-write) is never listed."""
-    root = run_dir / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.name.startswith("step_") and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(p.name.removeprefix("step_")))
 
 
 # ---- optimisation ----------------------------------------------------------------------------------------------
@@ -316,7 +250,7 @@ class Run:
 
     @property
     def metrics_path(self) -> Path:
-        return self.run_dir / "metrics.jsonl"
+        return self.run_dir / METRICS_FILE
 
 
 @dataclass
@@ -352,6 +286,7 @@ def train(cfg: Config, config_path: str | Path | None = None, resume: str | Path
 # -- setting up: the run folder's name, the accelerator, its precision, the seed, the notices
 
 def _set_up(cfg: Config, config_path: str | Path | None, resume: str | Path | None) -> Run:
+    """The run folder's name, the accelerator in its precision, the seed, and the ways to speak to the user."""
     from accelerate import Accelerator, PartialState
     from accelerate.utils import broadcast_object_list, set_seed
 
@@ -411,6 +346,7 @@ def _build_tokenizer(run: Run):
 
 
 def _build_model(run: Run, tokenizer) -> Captioner:
+    """The captioner: a new run's with model.init's weights, a resumed run's bare (_start loads its checkpoint)."""
     from med_train.model import Captioner
 
     cfg = run.cfg
@@ -479,11 +415,36 @@ def _start(run: Run) -> None:
     if run.resumed:
         run.state = _resume(run.accelerator, run.run_dir, run.loader, run.notice)
         if run.main:  # one writer: the file is shared by every process
-            _truncate_metrics(run.metrics_path, run.state.step)
+            truncate_metrics(run.metrics_path, run.state.step)
         run.say(f"resuming {run.run_dir} from step {run.state.step}")
     if t.trackers:
         run.accelerator.init_trackers(t.project, config=tracker_config(run.cfg),
                                       init_kwargs=tracker_run_names(run.run_dir.name))
+
+
+def _resume(accelerator, run_dir: Path, loader, notice) -> TrainerState:
+    """Load the last complete checkpoint into the prepared objects and the loader; say what differs from the run
+    that wrote it (precision; processes or workers, whose data the loader shares out anew or refuses)."""
+    done = checkpoint_dirs(run_dir)
+    if not done:
+        raise TrainingError(f"{run_dir}: no complete checkpoint to resume from")
+    state = TrainerState(**json.loads((done[-1] / STATE_FILE).read_text()))
+    now, then = accelerator.mixed_precision, state.mixed_precision
+    if accelerator.scaler is not None and not (done[-1] / "scaler.pt").is_file():  # load_state would stop on it
+        raise TrainingError(f"{done[-1]} holds no fp16 loss scaler (trained with {then or 'another precision'}): "
+                            f"resume with --set train.mixed_precision={then or 'no'}")
+    if then is not None and then != now:
+        notice(f"resuming with mixed precision {now}; {done[-1]} was trained with {then}")
+    loader.load_state_dict(state.data)  # before the weights: a refused data layout stops at once
+    accelerator.load_state(str(done[-1]))
+    if loader.resharded_from is not None:
+        from med_train.data import layout_text
+
+        notice(f"data: the checkpoint was written by {layout_text(*loader.resharded_from)}, now "
+               f"{layout_text(accelerator.num_processes, max(1, loader.num_workers))}: the rest of each unfinished "
+               "epoch is shared out anew (no row repeated or skipped, in another order)")
+    state.mixed_precision = now
+    return state
 
 
 # -- training: optimizer steps, each logged, validated and checkpointed on its schedule
@@ -503,6 +464,8 @@ def _stop_signals(run: Run):
 
 
 def _loop(run: Run) -> None:
+    """Steps until train.max_steps or a stop signal; after each, the metrics line, validation and the checkpoint
+    when they are due (all three at the last step)."""
     t = run.cfg.train
     progress = _progress(t.max_steps, run.state.step, disabled=not run.main or t.quiet)
     window = _Window()
@@ -573,97 +536,6 @@ def _skip_update(run: Run) -> None:
             f"check the data, then resume from the last good checkpoint with --resume {run.run_dir}")
 
 
-def _log(run: Run, window: _Window, progress) -> None:
-    """One metrics line: the window's mean loss, speed and data wait, and the last step's lr and gradient norm."""
-    elapsed = time.perf_counter() - window.start
-    record = {"step": run.state.step, "epoch": run.state.epoch, "loss": window.loss / window.steps,
-              "lr": run.scheduler.get_last_lr()[0], "images_per_s": window.images / elapsed,
-              "data_wait": window.wait / elapsed,
-              "grad_norm": None if window.grad_norm is None else float(window.grad_norm)}
-    progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", img_s=f"{record['images_per_s']:.1f}")
-    if run.main:
-        _append_jsonl(run.metrics_path, record)
-    run.accelerator.log({k: v for k, v in record.items() if v is not None}, step=run.state.step)
-
-
-def _validate(run: Run) -> None:
-    """Score the validation split (every process its share); the best CIDEr so far is kept in best/."""
-    from med_train.evaluate import evaluate
-
-    t, state = run.cfg.train, run.state
-    run.model.eval()
-    scores = evaluate(run.raw_model, run.cfg, max_images=t.eval_images, num_beams=1, accelerator=run.accelerator,
-                      quiet=True, loader=run.val_loader)
-    run.model.train()
-    if run.main:
-        _append_jsonl(run.metrics_path, {"step": state.step, "eval": scores})
-        metric = scores.get("CIDEr")
-        if metric is not None and (state.best_metric is None or metric > state.best_metric):
-            state.best_metric, state.best_step = metric, state.step
-            run.raw_model.save_pretrained(run.run_dir / "best")
-        run.say(f"step {state.step}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if isinstance(v, float)))
-    run.accelerator.log({f"eval/{k}": v for k, v in scores.items() if isinstance(v, float)}, step=state.step)
-
-
-# -- checkpoints: periodic and last (_loop), on a stop signal, and the last weights (_finish)
-
-def _checkpoint(run: Run) -> None:
-    _save_checkpoint(run.accelerator, run.raw_model, run.run_dir, run.state, run.loader,
-                     run.cfg.train.keep_checkpoints)
-
-
-def _checkpoint_on_stop(run: Run) -> None:
-    if run.stop_signal is not None:
-        _checkpoint(run)
-        run.notice(f"stopped by signal {run.stop_signal} at step {run.state.step}; resume with "
-                   f"`med train --resume {run.run_dir}`")
-
-
-# -- the end: every process's bad rows in one report, the last weights, the curves
-
-def _finish(run: Run) -> None:
-    accelerator = run.accelerator
-    if accelerator.num_processes > 1:
-        from accelerate.utils import gather_object
-
-        everyone = gather_object([run.stats.to_dict()])  # a collective: every process calls it
-        if run.main:
-            for other in everyone[1:]:
-                run.stats.merge(other)
-    if run.main:
-        run.raw_model.save_pretrained(run.run_dir)
-        _plot_curves(run.metrics_path, run.run_dir / "curves.png")
-        run.notice(f"data: {run.stats.summary()}")
-    if run.cfg.train.trackers:
-        accelerator.end_training()
-    accelerator.wait_for_everyone()
-
-
-def _resume(accelerator, run_dir: Path, loader, notice) -> TrainerState:
-    """Load the last complete checkpoint into the prepared objects and the loader; say what differs from the run
-    that wrote it (precision; processes or workers, whose data the loader shares out anew or refuses)."""
-    done = checkpoint_dirs(run_dir)
-    if not done:
-        raise TrainingError(f"{run_dir}: no complete checkpoint to resume from")
-    state = TrainerState(**json.loads((done[-1] / STATE_FILE).read_text()))
-    now, then = accelerator.mixed_precision, state.mixed_precision
-    if accelerator.scaler is not None and not (done[-1] / "scaler.pt").is_file():  # load_state would stop on it
-        raise TrainingError(f"{done[-1]} holds no fp16 loss scaler (trained with {then or 'another precision'}): "
-                            f"resume with --set train.mixed_precision={then or 'no'}")
-    if then is not None and then != now:
-        notice(f"resuming with mixed precision {now}; {done[-1]} was trained with {then}")
-    loader.load_state_dict(state.data)  # before the weights: a refused data layout stops at once
-    accelerator.load_state(str(done[-1]))
-    if loader.resharded_from is not None:
-        from med_train.data import layout_text
-
-        notice(f"data: the checkpoint was written by {layout_text(*loader.resharded_from)}, now "
-               f"{layout_text(accelerator.num_processes, max(1, loader.num_workers))}: the rest of each unfinished "
-               "epoch is shared out anew (no row repeated or skipped, in another order)")
-    state.mixed_precision = now
-    return state
-
-
 def _step_loss(accelerator, micro_losses: list, grad_norm) -> tuple[float, bool]:
     """(the step's mean loss on this process, whether any process saw a non-finite micro-batch loss or gradient
     norm). The skip decision is shared: gradients are all-reduced, so a NaN in one process's backward reaches every
@@ -680,95 +552,71 @@ def _step_loss(accelerator, micro_losses: list, grad_norm) -> tuple[float, bool]
     return mean, bad > 0
 
 
-class _TiedHeadNotice(logging.Filter):
-    """accelerate's `save_state` drops tensors that share storage from the safetensors file and says so, every
-    checkpoint. For the LM head, tied to the word embeddings, that is expected: the tie is made again when the
-    model is built, before its state is loaded (resuming is tested). Other shared tensors are still reported."""
-
-    NOTICE = "Removed shared tensor {'text_decoder.cls.predictions.decoder.weight'} while saving"
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self.NOTICE not in record.getMessage()  # after "[RANK n] "
-
-
-logging.getLogger("accelerate.utils.other").addFilter(_TiedHeadNotice())
-
-
-def _save_checkpoint(accelerator, model, run_dir: Path, state: TrainerState, loader, keep: int) -> None:
-    """Write into a temporary folder, then rename: a checkpoint exists whole or not at all. A failed write (full
-    disk, unwritable folder), in any process, stops every process with a clear error and leaves the previous
-    checkpoints intact: after each phase the processes agree on whether all of them succeeded, so none is left
-    waiting for one that gave up."""
-    root = run_dir / CHECKPOINTS
-    final = root / f"step_{state.step}"
-    tmp = root / f".tmp_step_{state.step}"
-    if final.exists():  # already saved at this step (e.g. a signal right after a periodic save)
-        return
-    state.data = loader.state_dict()  # on every process: it gathers the positions of all of them
-    main = accelerator.is_main_process
-    error: OSError | None = None
-
-    def phase(work) -> bool:  # every process calls it, in the same order: True when no process has failed
-        nonlocal error
-        try:
-            work()
-        except OSError as err:
-            error = err
-        return _no_process_failed(accelerator, error)
-
-    def prepare() -> None:
-        if main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            root.mkdir(parents=True, exist_ok=True)
-
-    def publish() -> None:  # once every process's files are in
-        if main:
-            (tmp / STATE_FILE).write_text(json.dumps(state.__dict__))
-            _fsync_tree(tmp)
-            os.replace(tmp, final)
-            for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
-                shutil.rmtree(old, ignore_errors=True)
-            model.save_pretrained(run_dir)  # the last weights, loadable alone
-
-    if phase(prepare) and phase(lambda: accelerator.save_state(str(tmp))) and phase(publish):
-        return
-    if main:
-        shutil.rmtree(tmp, ignore_errors=True)
-    previous = checkpoint_dirs(run_dir)
-    cause = (f"{error.strerror or error}" if error is not None
-             else "another process could not write its part; its error names the cause")
-    raise TrainingError(
-        f"could not write checkpoint {final} ({cause}); "
-        + (f"the previous checkpoint {previous[-1]} is intact: free space or fix the folder, then "
-           f"`med train --resume {run_dir}`" if previous else "no earlier checkpoint exists")) from error
+def _log(run: Run, window: _Window, progress) -> None:
+    """One metrics line: the window's mean loss, speed and data wait, and the last step's lr and gradient norm."""
+    elapsed = time.perf_counter() - window.start
+    record = {"step": run.state.step, "epoch": run.state.epoch, "loss": window.loss / window.steps,
+              "lr": run.scheduler.get_last_lr()[0], "images_per_s": window.images / elapsed,
+              "data_wait": window.wait / elapsed,
+              "grad_norm": None if window.grad_norm is None else float(window.grad_norm)}
+    progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", img_s=f"{record['images_per_s']:.1f}")
+    if run.main:
+        append_jsonl(run.metrics_path, record)
+    run.accelerator.log({k: v for k, v in record.items() if v is not None}, step=run.state.step)
 
 
-def _no_process_failed(accelerator, error: BaseException | None) -> bool:
-    """A barrier that also tells every process whether any of them passed it with an error."""
-    import torch
+def _validate(run: Run) -> None:
+    """Score the validation split (every process its share); the best CIDEr so far is kept in best/."""
+    from med_train.evaluate import evaluate
 
-    failed = torch.tensor([0.0 if error is None else 1.0], device=accelerator.device)
-    return float(accelerator.reduce(failed, reduction="sum")) == 0.0
+    t, state = run.cfg.train, run.state
+    run.model.eval()
+    scores = evaluate(run.raw_model, run.cfg, max_images=t.eval_images, num_beams=1, accelerator=run.accelerator,
+                      quiet=True, loader=run.val_loader)
+    run.model.train()
+    if run.main:
+        append_jsonl(run.metrics_path, {"step": state.step, "eval": scores})
+        metric = scores.get("CIDEr")
+        if metric is not None and (state.best_metric is None or metric > state.best_metric):
+            state.best_metric, state.best_step = metric, state.step
+            run.raw_model.save_pretrained(run.run_dir / "best")
+        run.say(f"step {state.step}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if isinstance(v, float)))
+    run.accelerator.log({f"eval/{k}": v for k, v in scores.items() if isinstance(v, float)}, step=state.step)
 
 
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
+# -- checkpoints: periodic and last (_loop), on a stop signal, and the last weights (_finish)
+
+def _checkpoint(run: Run) -> None:
+    save_checkpoint(run.accelerator, run.raw_model, run.run_dir, run.state, run.loader,
+                    run.cfg.train.keep_checkpoints)
 
 
-def _append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+def _checkpoint_on_stop(run: Run) -> None:
+    if run.stop_signal is not None:
+        _checkpoint(run)
+        run.notice(f"stopped by signal {run.stop_signal} at step {run.state.step}; resume with "
+                   f"`med train --resume {run.run_dir}`")
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """After a resume, drop the lines logged after the checkpoint so no step appears twice."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+# -- the end
+
+def _finish(run: Run) -> None:
+    """Every process's bad rows in one report, the last weights and the curves; the trackers closed."""
+    accelerator = run.accelerator
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        everyone = gather_object([run.stats.to_dict()])  # a collective: every process calls it
+        if run.main:
+            for other in everyone[1:]:
+                run.stats.merge(other)
+    if run.main:
+        run.raw_model.save_pretrained(run.run_dir)
+        _plot_curves(run.metrics_path, run.run_dir / "curves.png")
+        run.notice(f"data: {run.stats.summary()}")
+    if run.cfg.train.trackers:
+        accelerator.end_training()
+    accelerator.wait_for_everyone()
 
 
 def _progress(total: int, initial: int, disabled: bool):
