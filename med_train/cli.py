@@ -200,7 +200,7 @@ def train_command(
     quiet: Annotated[bool, typer.Option(help="No progress bar; log lines only.")] = False,
 ) -> None:
     """Train a captioner; writes a self-describing run folder and points runs/latest at it."""
-    from med_train.train import resolve_run
+    from med_train.run_folder import resolve_run
 
     config = run_dir = None
     is_run = target is not None and (target / "config.yaml").is_file()
@@ -302,7 +302,7 @@ def eval_command(
 def _load_run_or_exit(model: str | None, sets: list[str] | None):
     """(run folder, (captioner, config)) for `--model` with `--set` overrides, or a one-line error (exit 2)."""
     from med_train.evaluate import load_run
-    from med_train.train import resolve_run
+    from med_train.run_folder import resolve_run
 
     try:
         run_dir = resolve_run(model)

@@ -1,4 +1,5 @@
-"""The training loop: one accelerate function that reads top to bottom.
+"""The training loop: `train()` runs its stages top to bottom (set up, build, the steps, validation, checkpoints,
+the end), every process the same ones in the same order.
 
     med train configs/shapes.yaml --set train.lr=3e-4          # one process, CPU or GPU
     accelerate launch -m med_train.cli train configs/x.yaml     # several GPUs / machines (or torchrun)
@@ -7,65 +8,51 @@
 Mixed precision: train.mixed_precision when the config sets it, else the launcher's (`accelerate launch
 --mixed_precision bf16`, or `accelerate config`), else none.
 
-A run folder describes itself:
-    runs/<name>/config.yaml             the resolved config
-    runs/<name>/run.json                the run's length in steps (counted from train.epochs when that is set)
-    runs/<name>/val_holdout.json        the training images held out for validation, when the source has no
-                                        data.val_split (the rule, the seed and the image keys)
-    runs/<name>/med_config.json, tokenizer files, model.safetensors      the last model (Captioner.from_pretrained)
-    runs/<name>/best/                   the model with the best validation CIDEr (data.val_split, not the
-                                        reported data.eval_split)
-    runs/<name>/checkpoints/step_N/     model, optimizer, scheduler, scaler, RNG, data position, trainer state
-                                        (trainer_state.json: step, epoch, best metric and the mixed precision
-                                        the run used: the config's train.mixed_precision, else the launcher's)
-    runs/<name>/metrics.jsonl           one line per logging step and per evaluation
-    runs/<name>/curves.png              loss and metric curves
-and runs/latest points at the newest run.
+The run folder it writes, and what each file holds: med_train/run_folder.py.
 """
 
 from __future__ import annotations
 
 import ctypes
 import json
-import logging
 import math
 import os
-import shutil
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from med_train.config import Config, save_config
+from med_train.run_folder import (
+    HOLDOUT_FILE,
+    METRICS_FILE,
+    RUN_FILE,
+    STATE_FILE,
+    TrainerState,
+    TrainingError,
+    append_jsonl,
+    checkpoint_dirs,
+    new_run_dir,
+    point_latest,
+    save_checkpoint,
+    truncate_metrics,
+)
 
-CHECKPOINTS = "checkpoints"
-STATE_FILE = "trainer_state.json"
-RUN_FILE = "run.json"  # the resolved length of the run: max_steps (counted from train.epochs when that is set)
-HOLDOUT_FILE = "val_holdout.json"  # the validation images held out of the training split, when it came to that
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from med_train.model import Captioner
+    from med_train.sources import Holdout
+
 MAX_NONFINITE_IN_A_ROW = 20
 LAUNCHER_PRECISIONS = ("no", "fp16", "bf16", "fp8")  # what accelerate accepts
 
 
-class TrainingError(RuntimeError):
-    """Training cannot go on (the message says why and how to resume)."""
-
-
-@dataclass
-class TrainerState:
-    """What a checkpoint needs beyond accelerate's state: where we are and what we have seen."""
-
-    step: int = 0
-    epoch: int = 0  # the data epoch (the slowest dataloader worker's)
-    best_metric: float | None = None
-    best_step: int | None = None
-    nonfinite_steps: int = 0
-    mixed_precision: str | None = None  # the precision used (choose_precision); None in older checkpoints
-    data: dict = field(default_factory=dict)  # the dataloader's state_dict
-
-
-# ---- the run folder --------------------------------------------------------------------------------------------
+# ---- setting up ------------------------------------------------------------------------------------------------
 
 def cpu_processes() -> bool:
     """True when torchrun (or accelerate launch) started several processes on a machine without CUDA: accelerate
@@ -105,50 +92,6 @@ def keep_freed_memory() -> bool:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
     return bool(mallopt(m_mmap_threshold, 32 * 2**20)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
-
-
-def new_run_dir(cfg: Config, config_path: str | Path | None) -> Path:
-    stem = Path(config_path).stem if config_path else "run"
-    name = cfg.train.run_name or f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(cfg.train.output_dir) / name
-    suffix = 1
-    while run_dir.exists():  # two runs started in the same second
-        suffix += 1
-        run_dir = Path(cfg.train.output_dir) / f"{name}-{suffix}"
-    return run_dir
-
-
-def point_latest(run_dir: Path) -> None:
-    """runs/latest -> the newest run (a relative symlink, replaced atomically)."""
-    latest = run_dir.parent / "latest"
-    tmp = run_dir.parent / f".latest-{os.getpid()}"
-    tmp.unlink(missing_ok=True)
-    tmp.symlink_to(run_dir.name)
-    os.replace(tmp, latest)
-
-
-def resolve_run(path: str | Path | None, output_dir: str | Path = "runs") -> Path:
-    """A run folder or model directory given by the user, or runs/latest when none is given."""
-    if path is None:
-        latest = Path(output_dir) / "latest"
-        if not latest.exists():
-            raise FileNotFoundError(f"no model given and no {latest}: train one first, e.g. "
-                                    f"`med train configs/shapes.yaml`, or pass --model DIR")
-        return latest.resolve()
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such run folder or model directory")
-    return path.resolve()
-
-
-def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first. A checkpoint is complete once renamed from its temporary name, so a
-    half-written one (killed mid-write) is never listed."""
-    root = run_dir / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.name.startswith("step_") and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(p.name.removeprefix("step_")))
 
 
 # ---- optimisation ----------------------------------------------------------------------------------------------
@@ -276,19 +219,76 @@ def tracker_run_names(run_name: str) -> dict:
     return {"wandb": {"name": run_name}, "mlflow": {"run_name": run_name}, "clearml": {"task_name": run_name}}
 
 
-# ---- the loop --------------------------------------------------------------------------------------------------
+# ---- the run, stage by stage -----------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    """What the stages of one run share: set up first, then filled in by the build stages."""
+
+    cfg: Config  # with train.max_steps once the run's length is known (train.epochs: see _set_length)
+    run_dir: Path
+    accelerator: Accelerator
+    resumed: bool
+    say: Callable[[str], None]  # progress notes, silent with train.quiet
+    notice: Callable[[str], None]  # what a user must see even with train.quiet
+    val_split: str | None = None
+    holdout: Holdout | None = None  # the training images validation reads, when the source has no data.val_split
+    model: Any = None  # what the training forward calls: prepared by accelerate, compiled with train.compile
+    raw_model: Captioner | None = None  # the model itself, for evaluation and checkpoints
+    loader: Any = None  # endless: it moves through epochs itself and remembers its position
+    val_loader: Any = None
+    stats: Any = None  # the training data's bad rows
+    optimizer: Any = None
+    scheduler: Any = None
+    state: TrainerState = field(default_factory=TrainerState)
+    nonfinite_in_a_row: int = 0
+    stop_signal: int | None = None  # SIGTERM/SIGINT: finish the step in flight, save a checkpoint, exit cleanly
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / METRICS_FILE
+
+
+@dataclass
+class _Window:
+    """What the next metrics line averages: the steps since the last one."""
+
+    loss: float = 0.0
+    steps: int = 0
+    images: int = 0
+    wait: float = 0.0  # seconds spent waiting for batches
+    start: float = field(default_factory=time.perf_counter)
+    grad_norm: Any = None  # the last step's, a tensor: read only when logged
+
 
 def train(cfg: Config, config_path: str | Path | None = None, resume: str | Path | None = None) -> Path:
-    """Train `cfg` (or resume the run folder `resume`); returns the run folder."""
-    import torch
+    """Train `cfg` (or resume the run folder `resume`); returns the run folder. Every process runs every stage, in
+    this order: their collective calls (barriers, broadcasts, gathers) must pair up across processes."""
+    run = _set_up(cfg, config_path, resume)
+    run.val_split, run.holdout = validation_source(run.cfg)
+    model = _build_model(run, _build_tokenizer(run))
+    _write_run_folder(run, model)
+    _build_data(run, model)
+    _set_length(run)
+    _prepare(run, model)
+    _start(run)
+    with _stop_signals(run):
+        _loop(run)
+    _checkpoint_on_stop(run)
+    _finish(run)
+    return run.run_dir
+
+
+# -- setting up: the run folder's name, the accelerator, its precision, the seed, the notices
+
+def _set_up(cfg: Config, config_path: str | Path | None, resume: str | Path | None) -> Run:
+    """The run folder's name, the accelerator in its precision, the seed, and the ways to speak to the user."""
     from accelerate import Accelerator, PartialState
     from accelerate.utils import broadcast_object_list, set_seed
-
-    from med_train import data as data_lib
-    from med_train.convert import init_tokenizer
-    from med_train.evaluate import evaluate, heldout_loader
-    from med_train.model import Captioner
-    from med_train.tokenizer import build_tokenizer, load_tokenizer
 
     t = cfg.train
     cpu = cpu_processes()
@@ -304,188 +304,122 @@ def train(cfg: Config, config_path: str | Path | None = None, resume: str | Path
     accelerator = Accelerator(cpu=cpu, mixed_precision=precision,
                               gradient_accumulation_steps=t.grad_accum_steps, log_with=t.trackers or None,
                               project_dir=str(run_dir))
-    main = accelerator.is_main_process
     if accelerator.device.type == "cpu":
         keep_freed_memory()
     set_seed(t.seed, device_specific=True)
-    say = accelerator.print if not t.quiet else (lambda *a, **k: None)  # progress notes
-    notice = accelerator.print  # what a user must see even in quiet mode
+    run = Run(cfg, run_dir, accelerator, resumed=bool(resume), notice=accelerator.print,
+              say=accelerator.print if not t.quiet else (lambda *a, **k: None))
     if precision_note:
-        notice(precision_note)
+        run.notice(precision_note)
+    return run
 
-    # -- tokenizer and model
-    val_split, holdout = validation_source(cfg)
-    if resume:
-        tokenizer = load_tokenizer(str(run_dir))
-    elif (tokenizer := init_tokenizer(cfg.model, cfg.tokenizer.name)) is not None:  # the init weights' vocabulary
-        say(f"tokenizer: model.init's ({cfg.model.init})")
-    elif cfg.tokenizer.name == "train":
-        # trained on prompt + caption, so that the prompt's words are whole tokens too. By the main process only:
-        # the trainer can break ties differently in each process, and every process must use the same vocabulary
-        if main:
-            tokenizer = build_tokenizer(cfg.tokenizer, (cfg.model.prompt + c for c in
-                                                        data_lib.iter_captions(cfg.data, cfg.data.train_split,
-                                                                               holdout=holdout)))
-            run_dir.mkdir(parents=True, exist_ok=True)
-            tokenizer.save_pretrained(str(run_dir))
-        accelerator.wait_for_everyone()
-        if not main:
-            tokenizer = load_tokenizer(str(run_dir))
-        accelerator.wait_for_everyone()  # all read it before the main process writes the run's files (below)
-    else:
-        tokenizer = build_tokenizer(cfg.tokenizer)
-    model = Captioner(cfg.model, tokenizer, load_weights=not resume, max_caption_tokens=cfg.tokenizer.max_length)
-    if t.freeze_vision:
-        model.visual_encoder.requires_grad_(False)
-    if main and not resume:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        model.save_pretrained(run_dir)  # config + tokenizer now; the weights are rewritten as training goes
-        point_latest(run_dir)
+
+# -- building: tokenizer, model, data, length, optimizer and schedule, then the start (or the resumed state)
+
+def _build_tokenizer(run: Run):
+    """The run's vocabulary: the resumed run's, model.init's, one trained on the training captions, or
+    tokenizer.name's."""
+    from med_train import data as data_lib
+    from med_train.convert import init_tokenizer
+    from med_train.tokenizer import build_tokenizer, load_tokenizer
+
+    cfg, accelerator = run.cfg, run.accelerator
+    if run.resumed:
+        return load_tokenizer(str(run.run_dir))
+    if (tokenizer := init_tokenizer(cfg.model, cfg.tokenizer.name)) is not None:  # the init weights' vocabulary
+        run.say(f"tokenizer: model.init's ({cfg.model.init})")
+        return tokenizer
+    if cfg.tokenizer.name != "train":
+        return build_tokenizer(cfg.tokenizer)
+    # trained on prompt + caption, so that the prompt's words are whole tokens too. By the main process only:
+    # the trainer can break ties differently in each process, and every process must use the same vocabulary
+    if run.main:
+        captions = data_lib.iter_captions(cfg.data, cfg.data.train_split, holdout=run.holdout)
+        tokenizer = build_tokenizer(cfg.tokenizer, (cfg.model.prompt + c for c in captions))
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        tokenizer.save_pretrained(str(run.run_dir))
     accelerator.wait_for_everyone()
+    if not run.main:
+        tokenizer = load_tokenizer(str(run.run_dir))
+    accelerator.wait_for_everyone()  # all read it before the main process writes the run's files (_write_run_folder)
+    return tokenizer
 
-    # -- data: the data layer shards across processes and workers itself, so accelerate must not re-shard it
-    stats = data_lib.BadRowStats()
-    loader = data_lib.build_dataloader(
+
+def _build_model(run: Run, tokenizer) -> Captioner:
+    """The captioner: a new run's with model.init's weights, a resumed run's bare (_start loads its checkpoint)."""
+    from med_train.model import Captioner
+
+    cfg = run.cfg
+    model = Captioner(cfg.model, tokenizer, load_weights=not run.resumed, max_caption_tokens=cfg.tokenizer.max_length)
+    if cfg.train.freeze_vision:
+        model.visual_encoder.requires_grad_(False)
+    return model
+
+
+def _write_run_folder(run: Run, model: Captioner) -> None:
+    """A new run's config, tokenizer and model config, and runs/latest pointing at it."""
+    if run.main and not run.resumed:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(run.cfg, run.run_dir / "config.yaml")
+        model.save_pretrained(run.run_dir)  # config + tokenizer now; the weights are rewritten as training goes
+        point_latest(run.run_dir)
+    run.accelerator.wait_for_everyone()
+
+
+def _build_data(run: Run, model: Captioner) -> None:
+    """The training loader and the validation loader. The data layer shards across processes and workers itself,
+    so accelerate must not re-shard them."""
+    from med_train import data as data_lib
+    from med_train.evaluate import heldout_loader
+
+    cfg, accelerator, t = run.cfg, run.accelerator, run.cfg.train
+    run.stats = data_lib.BadRowStats()
+    run.loader = data_lib.build_dataloader(
         cfg.data, cfg.data.train_split, train=True, batch_size=t.batch_size, image_size=cfg.model.vision.image_size,
-        tokenizer=tokenizer, prompt=cfg.model.prompt, max_length=cfg.tokenizer.max_length,
-        seed=t.seed, num_processes=accelerator.num_processes, process_index=accelerator.process_index, stats=stats,
-        pin_memory=accelerator.device.type == "cuda", holdout=holdout)
-    val_loader = heldout_loader(model, cfg, val_split, accelerator=accelerator, holdout=holdout)
-    _announce_validation(cfg, val_split, holdout, val_loader, run_dir, record=main and not resume, say=say,
-                         notice=notice)
-    if t.max_steps is None:  # train.epochs: counted from the data once; a resume keeps the recorded count
-        steps = _steps_for_epochs(cfg, loader, accelerator, run_dir, resume, say)
-        cfg = replace(cfg, train=replace(t, max_steps=steps))
-        t = cfg.train
-    if main:
-        (run_dir / RUN_FILE).write_text(json.dumps({"max_steps": t.max_steps, "epochs": t.epochs}) + "\n")
+        tokenizer=model.tokenizer, prompt=cfg.model.prompt, max_length=cfg.tokenizer.max_length,
+        seed=t.seed, num_processes=accelerator.num_processes, process_index=accelerator.process_index,
+        stats=run.stats, pin_memory=accelerator.device.type == "cuda", holdout=run.holdout)
+    run.val_loader = heldout_loader(model, cfg, run.val_split, accelerator=accelerator, holdout=run.holdout)
+    _announce_validation(cfg, run.val_split, run.holdout, run.val_loader, run.run_dir,
+                         record=run.main and not run.resumed, say=run.say, notice=run.notice)
 
+
+def _set_length(run: Run) -> None:
+    """train.max_steps, or train.epochs counted from the data once (a resume keeps the recorded count); run.json."""
+    t = run.cfg.train
+    if t.max_steps is None:
+        steps = _steps_for_epochs(run.cfg, run.loader, run.accelerator, run.run_dir, run.resumed, run.say)
+        run.cfg = replace(run.cfg, train=replace(t, max_steps=steps))
+    if run.main:
+        (run.run_dir / RUN_FILE).write_text(json.dumps({"max_steps": run.cfg.train.max_steps, "epochs": t.epochs})
+                                            + "\n")
+
+
+def _prepare(run: Run, model: Captioner) -> None:
+    """The optimizer and its schedule, handed to accelerate with the model."""
+    import torch
+
+    cfg, accelerator = run.cfg, run.accelerator
     optimizer = build_optimizer(model, cfg, accelerator.device.type)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    raw_model = accelerator.unwrap_model(model)
-    if t.compile:  # the training forward only: evaluation and checkpoints use raw_model
-        model = torch.compile(model)
+    run.model, run.optimizer, run.scheduler = accelerator.prepare(model, optimizer, scheduler)
+    run.raw_model = accelerator.unwrap_model(run.model)
+    if cfg.train.compile:  # the training forward only: evaluation and checkpoints use raw_model
+        run.model = torch.compile(run.model)
 
-    state = TrainerState(mixed_precision=accelerator.mixed_precision)
-    if resume:
-        state = _resume(accelerator, run_dir, loader, notice)
-        if main:  # one writer: the file is shared by every process
-            _truncate_metrics(run_dir / "metrics.jsonl", state.step)
-        say(f"resuming {run_dir} from step {state.step}")
+
+def _start(run: Run) -> None:
+    """The trainer's state, fresh or from the last checkpoint; the trackers."""
+    t = run.cfg.train
+    run.state = TrainerState(mixed_precision=run.accelerator.mixed_precision)
+    if run.resumed:
+        run.state = _resume(run.accelerator, run.run_dir, run.loader, run.notice)
+        if run.main:  # one writer: the file is shared by every process
+            truncate_metrics(run.metrics_path, run.state.step)
+        run.say(f"resuming {run.run_dir} from step {run.state.step}")
     if t.trackers:
-        accelerator.init_trackers(t.project, config=tracker_config(cfg), init_kwargs=tracker_run_names(run_dir.name))
-
-    # SIGTERM/SIGINT: finish the step in flight, save a checkpoint, exit cleanly
-    stop_requested = {"signal": None}
-
-    def request_stop(signum, _frame):
-        stop_requested["signal"] = signum
-
-    old_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
-
-    progress = _progress(t.max_steps, state.step, disabled=not main or t.quiet)
-    metrics_path = run_dir / "metrics.jsonl"
-    window = {"loss": 0.0, "n": 0, "images": 0, "wait": 0.0, "start": time.perf_counter(), "grad_norm": None}
-    nonfinite_in_a_row = 0
-    model.train()
-    batches = iter(loader)  # endless: the loader moves through epochs itself and remembers its position
-    try:
-        while state.step < t.max_steps and stop_requested["signal"] is None:
-            micro_losses = []
-            for _ in range(t.grad_accum_steps):
-                fetch_start = time.perf_counter()
-                batch = next(batches)
-                window["wait"] += time.perf_counter() - fetch_start
-                images = batch["images"].to(accelerator.device, non_blocking=True)  # pinned on CUDA: async
-                with accelerator.accumulate(model), accelerator.autocast():
-                    loss = model(images, **{k: batch[k].to(accelerator.device, non_blocking=True)
-                                            for k in ("input_ids", "attention_mask", "labels")})
-                    # always backward, even a non-finite loss: every process must join the gradient all-reduce
-                    accelerator.backward(loss)
-                micro_losses.append(loss.detach().float())
-                window["images"] += images.shape[0] * accelerator.num_processes
-            # clipped in place; a tensor, read only when logged
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.clip_grad_norm) if t.clip_grad_norm else None
-            step_loss, skipped = _step_loss(accelerator, micro_losses, grad_norm)  # the step's one host-device sync
-            if skipped:
-                optimizer.zero_grad(set_to_none=True)
-                state.nonfinite_steps += 1
-                nonfinite_in_a_row += 1
-                notice(f"step {state.step + 1}: non-finite loss or gradients, update skipped "
-                       f"({state.nonfinite_steps} so far)")
-                if nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
-                    raise TrainingError(
-                        f"step {state.step + 1}: {nonfinite_in_a_row} non-finite steps in a row; lower train.lr or "
-                        f"check the data, then resume from the last good checkpoint with --resume {run_dir}")
-                continue
-            nonfinite_in_a_row = 0
-            window["grad_norm"] = grad_norm
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            state.epoch = loader.epoch
-            window["loss"] += step_loss
-            window["n"] += 1
-            progress.update(1)
-
-            if state.step % t.log_every == 0 or state.step == t.max_steps:
-                elapsed = time.perf_counter() - window["start"]
-                record = {"step": state.step, "epoch": state.epoch, "loss": window["loss"] / window["n"],
-                          "lr": scheduler.get_last_lr()[0], "images_per_s": window["images"] / elapsed,
-                          "data_wait": window["wait"] / elapsed,
-                          "grad_norm": None if window["grad_norm"] is None else float(window["grad_norm"])}
-                progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
-                                     img_s=f"{record['images_per_s']:.1f}")
-                if main:
-                    _append_jsonl(metrics_path, record)
-                accelerator.log({k: v for k, v in record.items() if v is not None}, step=state.step)
-                window.update(loss=0.0, n=0, images=0, wait=0.0, start=time.perf_counter())
-
-            is_last = state.step == t.max_steps
-            if (t.eval_every and state.step % t.eval_every == 0) or is_last:
-                model.eval()
-                scores = evaluate(raw_model, cfg, max_images=t.eval_images, num_beams=1, accelerator=accelerator,
-                                  quiet=True, loader=val_loader)
-                model.train()
-                if main:
-                    _append_jsonl(metrics_path, {"step": state.step, "eval": scores})
-                    metric = scores.get("CIDEr")
-                    if metric is not None and (state.best_metric is None or metric > state.best_metric):
-                        state.best_metric, state.best_step = metric, state.step
-                        raw_model.save_pretrained(run_dir / "best")
-                    say(f"step {state.step}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()
-                                                          if isinstance(v, float)))
-                accelerator.log({f"eval/{k}": v for k, v in scores.items() if isinstance(v, float)},
-                                step=state.step)
-            if (t.save_every and state.step % t.save_every == 0) or is_last:
-                _save_checkpoint(accelerator, raw_model, run_dir, state, loader, t.keep_checkpoints)
-    finally:
-        for s, handler in old_handlers.items():
-            signal.signal(s, handler)
-        progress.close()
-
-    if stop_requested["signal"] is not None:
-        _save_checkpoint(accelerator, raw_model, run_dir, state, loader, t.keep_checkpoints)
-        notice(f"stopped by signal {stop_requested['signal']} at step {state.step}; resume with "
-            f"`med train --resume {run_dir}`")
-    if accelerator.num_processes > 1:  # every process's bad rows, in one report
-        from accelerate.utils import gather_object
-
-        everyone = gather_object([stats.to_dict()])  # a collective: every process calls it
-        if main:
-            for other in everyone[1:]:
-                stats.merge(other)
-    if main:
-        raw_model.save_pretrained(run_dir)
-        _plot_curves(metrics_path, run_dir / "curves.png")
-        notice(f"data: {stats.summary()}")
-    if t.trackers:
-        accelerator.end_training()
-    accelerator.wait_for_everyone()
-    return run_dir
+        run.accelerator.init_trackers(t.project, config=tracker_config(run.cfg),
+                                      init_kwargs=tracker_run_names(run.run_dir.name))
 
 
 def _resume(accelerator, run_dir: Path, loader, notice) -> TrainerState:
@@ -513,6 +447,95 @@ def _resume(accelerator, run_dir: Path, loader, notice) -> TrainerState:
     return state
 
 
+# -- training: optimizer steps, each logged, validated and checkpointed on its schedule
+
+@contextmanager
+def _stop_signals(run: Run):
+    """SIGTERM and SIGINT set run.stop_signal instead of stopping the process mid-step."""
+    def request_stop(signum, _frame):
+        run.stop_signal = signum
+
+    old_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in old_handlers.items():
+            signal.signal(s, handler)
+
+
+def _loop(run: Run) -> None:
+    """Steps until train.max_steps or a stop signal; after each, the metrics line, validation and the checkpoint
+    when they are due (all three at the last step)."""
+    t = run.cfg.train
+    progress = _progress(t.max_steps, run.state.step, disabled=not run.main or t.quiet)
+    window = _Window()
+    run.model.train()
+    batches = iter(run.loader)
+    try:
+        while run.state.step < t.max_steps and run.stop_signal is None:
+            if not _step(run, batches, window):
+                continue
+            progress.update(1)
+            if run.state.step % t.log_every == 0 or run.state.step == t.max_steps:
+                _log(run, window, progress)
+                window = _Window()
+            is_last = run.state.step == t.max_steps
+            if (t.eval_every and run.state.step % t.eval_every == 0) or is_last:
+                _validate(run)
+            if (t.save_every and run.state.step % t.save_every == 0) or is_last:
+                _checkpoint(run)
+    finally:
+        progress.close()
+
+
+def _step(run: Run, batches, window: _Window) -> bool:
+    """One optimizer step over train.grad_accum_steps micro-batches; False when it was skipped (_skip_update)."""
+    accelerator, t = run.accelerator, run.cfg.train
+    micro_losses = []
+    for _ in range(t.grad_accum_steps):
+        fetch_start = time.perf_counter()
+        batch = next(batches)
+        window.wait += time.perf_counter() - fetch_start
+        images = batch["images"].to(accelerator.device, non_blocking=True)  # pinned on CUDA: async
+        with accelerator.accumulate(run.model), accelerator.autocast():
+            loss = run.model(images, **{k: batch[k].to(accelerator.device, non_blocking=True)
+                                        for k in ("input_ids", "attention_mask", "labels")})
+            # always backward, even a non-finite loss: every process must join the gradient all-reduce
+            accelerator.backward(loss)
+        micro_losses.append(loss.detach().float())
+        window.images += images.shape[0] * accelerator.num_processes
+    # clipped in place; a tensor, read only when logged
+    grad_norm = accelerator.clip_grad_norm_(run.model.parameters(), t.clip_grad_norm) if t.clip_grad_norm else None
+    step_loss, skipped = _step_loss(accelerator, micro_losses, grad_norm)  # the step's one host-device sync
+    if skipped:
+        _skip_update(run)
+        return False
+    run.nonfinite_in_a_row = 0
+    window.grad_norm = grad_norm
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.state.step += 1
+    run.state.epoch = run.loader.epoch
+    window.loss += step_loss
+    window.steps += 1
+    return True
+
+
+def _skip_update(run: Run) -> None:
+    """Drop a step whose loss or gradients are not finite; too many in a row stop the run."""
+    state = run.state
+    run.optimizer.zero_grad(set_to_none=True)
+    state.nonfinite_steps += 1
+    run.nonfinite_in_a_row += 1
+    run.notice(f"step {state.step + 1}: non-finite loss or gradients, update skipped "
+               f"({state.nonfinite_steps} so far)")
+    if run.nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+        raise TrainingError(
+            f"step {state.step + 1}: {run.nonfinite_in_a_row} non-finite steps in a row; lower train.lr or "
+            f"check the data, then resume from the last good checkpoint with --resume {run.run_dir}")
+
+
 def _step_loss(accelerator, micro_losses: list, grad_norm) -> tuple[float, bool]:
     """(the step's mean loss on this process, whether any process saw a non-finite micro-batch loss or gradient
     norm). The skip decision is shared: gradients are all-reduced, so a NaN in one process's backward reaches every
@@ -529,95 +552,71 @@ def _step_loss(accelerator, micro_losses: list, grad_norm) -> tuple[float, bool]
     return mean, bad > 0
 
 
-class _TiedHeadNotice(logging.Filter):
-    """accelerate's `save_state` drops tensors that share storage from the safetensors file and says so, every
-    checkpoint. For the LM head, tied to the word embeddings, that is expected: the tie is made again when the
-    model is built, before its state is loaded (resuming is tested). Other shared tensors are still reported."""
-
-    NOTICE = "Removed shared tensor {'text_decoder.cls.predictions.decoder.weight'} while saving"
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self.NOTICE not in record.getMessage()  # after "[RANK n] "
-
-
-logging.getLogger("accelerate.utils.other").addFilter(_TiedHeadNotice())
-
-
-def _save_checkpoint(accelerator, model, run_dir: Path, state: TrainerState, loader, keep: int) -> None:
-    """Write into a temporary folder, then rename: a checkpoint exists whole or not at all. A failed write (full
-    disk, unwritable folder), in any process, stops every process with a clear error and leaves the previous
-    checkpoints intact: after each phase the processes agree on whether all of them succeeded, so none is left
-    waiting for one that gave up."""
-    root = run_dir / CHECKPOINTS
-    final = root / f"step_{state.step}"
-    tmp = root / f".tmp_step_{state.step}"
-    if final.exists():  # already saved at this step (e.g. a signal right after a periodic save)
-        return
-    state.data = loader.state_dict()  # on every process: it gathers the positions of all of them
-    main = accelerator.is_main_process
-    error: OSError | None = None
-
-    def phase(work) -> bool:  # every process calls it, in the same order: True when no process has failed
-        nonlocal error
-        try:
-            work()
-        except OSError as err:
-            error = err
-        return _no_process_failed(accelerator, error)
-
-    def prepare() -> None:
-        if main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            root.mkdir(parents=True, exist_ok=True)
-
-    def publish() -> None:  # once every process's files are in
-        if main:
-            (tmp / STATE_FILE).write_text(json.dumps(state.__dict__))
-            _fsync_tree(tmp)
-            os.replace(tmp, final)
-            for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
-                shutil.rmtree(old, ignore_errors=True)
-            model.save_pretrained(run_dir)  # the last weights, loadable alone
-
-    if phase(prepare) and phase(lambda: accelerator.save_state(str(tmp))) and phase(publish):
-        return
-    if main:
-        shutil.rmtree(tmp, ignore_errors=True)
-    previous = checkpoint_dirs(run_dir)
-    cause = (f"{error.strerror or error}" if error is not None
-             else "another process could not write its part; its error names the cause")
-    raise TrainingError(
-        f"could not write checkpoint {final} ({cause}); "
-        + (f"the previous checkpoint {previous[-1]} is intact: free space or fix the folder, then "
-           f"`med train --resume {run_dir}`" if previous else "no earlier checkpoint exists")) from error
+def _log(run: Run, window: _Window, progress) -> None:
+    """One metrics line: the window's mean loss, speed and data wait, and the last step's lr and gradient norm."""
+    elapsed = time.perf_counter() - window.start
+    record = {"step": run.state.step, "epoch": run.state.epoch, "loss": window.loss / window.steps,
+              "lr": run.scheduler.get_last_lr()[0], "images_per_s": window.images / elapsed,
+              "data_wait": window.wait / elapsed,
+              "grad_norm": None if window.grad_norm is None else float(window.grad_norm)}
+    progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", img_s=f"{record['images_per_s']:.1f}")
+    if run.main:
+        append_jsonl(run.metrics_path, record)
+    run.accelerator.log({k: v for k, v in record.items() if v is not None}, step=run.state.step)
 
 
-def _no_process_failed(accelerator, error: BaseException | None) -> bool:
-    """A barrier that also tells every process whether any of them passed it with an error."""
-    import torch
+def _validate(run: Run) -> None:
+    """Score the validation split (every process its share); the best CIDEr so far is kept in best/."""
+    from med_train.evaluate import evaluate
 
-    failed = torch.tensor([0.0 if error is None else 1.0], device=accelerator.device)
-    return float(accelerator.reduce(failed, reduction="sum")) == 0.0
+    t, state = run.cfg.train, run.state
+    run.model.eval()
+    scores = evaluate(run.raw_model, run.cfg, max_images=t.eval_images, num_beams=1, accelerator=run.accelerator,
+                      quiet=True, loader=run.val_loader)
+    run.model.train()
+    if run.main:
+        append_jsonl(run.metrics_path, {"step": state.step, "eval": scores})
+        metric = scores.get("CIDEr")
+        if metric is not None and (state.best_metric is None or metric > state.best_metric):
+            state.best_metric, state.best_step = metric, state.step
+            run.raw_model.save_pretrained(run.run_dir / "best")
+        run.say(f"step {state.step}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if isinstance(v, float)))
+    run.accelerator.log({f"eval/{k}": v for k, v in scores.items() if isinstance(v, float)}, step=state.step)
 
 
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
+# -- checkpoints: periodic and last (_loop), on a stop signal, and the last weights (_finish)
+
+def _checkpoint(run: Run) -> None:
+    save_checkpoint(run.accelerator, run.raw_model, run.run_dir, run.state, run.loader,
+                    run.cfg.train.keep_checkpoints)
 
 
-def _append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+def _checkpoint_on_stop(run: Run) -> None:
+    if run.stop_signal is not None:
+        _checkpoint(run)
+        run.notice(f"stopped by signal {run.stop_signal} at step {run.state.step}; resume with "
+                   f"`med train --resume {run.run_dir}`")
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """After a resume, drop the lines logged after the checkpoint so no step appears twice."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+# -- the end
+
+def _finish(run: Run) -> None:
+    """Every process's bad rows in one report, the last weights and the curves; the trackers closed."""
+    accelerator = run.accelerator
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        everyone = gather_object([run.stats.to_dict()])  # a collective: every process calls it
+        if run.main:
+            for other in everyone[1:]:
+                run.stats.merge(other)
+    if run.main:
+        run.raw_model.save_pretrained(run.run_dir)
+        _plot_curves(run.metrics_path, run.run_dir / "curves.png")
+        run.notice(f"data: {run.stats.summary()}")
+    if run.cfg.train.trackers:
+        accelerator.end_training()
+    accelerator.wait_for_everyone()
 
 
 def _progress(total: int, initial: int, disabled: bool):

@@ -12,7 +12,7 @@ import yaml
 from typer.testing import CliRunner
 
 from med_train.cli import app
-from med_train.train import checkpoint_dirs
+from med_train.run_folder import checkpoint_dirs
 
 runner = CliRunner()
 

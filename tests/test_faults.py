@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 
 from med_train.cli import app
 from med_train.config import load_config
-from med_train.train import TrainingError, checkpoint_dirs, train
+from med_train.run_folder import checkpoint_dirs
+from med_train.train import TrainingError, train
 
 runner = CliRunner()
 

@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from med_train.cli import app
 from med_train.config import Config, save_config
-from med_train.train import TrainingError, checkpoint_dirs, choose_precision
+from med_train.run_folder import checkpoint_dirs
+from med_train.train import TrainingError, choose_precision
 
 runner = CliRunner()
 workspace = test_e2e.workspace  # the tiny config (tiny.yaml) and its shapes set
