@@ -36,7 +36,7 @@ lint: install
 bench: install
 	$(BIN)/med bench --json-out runs/bench.json
 
-# The demo: write the shapes set, train the small captioner (~10 min on a 2-core CPU), score it, caption a few.
+# The demo: write the shapes set, train the small captioner (~11 min on a 2-core CPU), score it, caption a few.
 demo: install
 	test -f data/shapes/val/metadata.jsonl || $(BIN)/med data shapes data/shapes --train 20000
 	$(BIN)/med train configs/shapes.yaml
