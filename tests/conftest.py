@@ -7,7 +7,7 @@ from med_train import few_rows
 from med_train.config import ModelConfig, TextConfig, VisionConfig
 from med_train.tokenizer import train_tokenizer
 
-# The CPU decoding kernel, built once for the session as `med eval` and `med caption` build it before decoding:
+# The CPU decoding kernel, built once per test run as `med eval` and `med caption` build it before decoding:
 # the tests that need it skip only where it cannot be built (`few_rows.missing()`).
 few_rows.build()
 

@@ -19,7 +19,7 @@ needs_kernel = pytest.mark.skipif(not buildable, reason=f"the few-row kernel can
 
 
 def test_the_kernel_is_built_wherever_it_can_be():
-    """On a machine that can build it (CI's can), the session's `build()` (conftest, as `med eval` does) must have
+    """On a machine that can build it (CI's can), the test run's `build()` (conftest, as `med eval` does) must have
     loaded it: a silent fallback would hide a broken build behind oneDNN's slower products."""
     assert few_rows.available() == buildable
 
@@ -394,7 +394,7 @@ def test_the_build_folder_changes_with_source_flags_compiler_and_torch(monkeypat
 @needs_kernel
 def test_forward_paths_never_build_and_a_later_process_loads_without_compiling():
     """In a fresh process, products through ops.linear and available() leave the kernel unbuilt and unloaded
-    (torch's path); `build()` then loads the library this session built, without compiling it again."""
+    (torch's path); `build()` then loads the library this test run built, without compiling it again."""
     libraries = list(few_rows.build_folder().glob("*.so"))
     assert len(libraries) == 1
     stamp = libraries[0].stat().st_mtime_ns
