@@ -37,6 +37,7 @@ differs from an uninterrupted run's. A stream has no such global order (each slo
 from __future__ import annotations
 
 import base64
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -141,15 +142,8 @@ class CaptionStream(torch.utils.data.IterableDataset):
     def epoch_size(self) -> int:
         """The examples of one training epoch, all slots together: one per usable caption of each row outside the
         holdout, counted in one pass without decoding images (so an unreadable image still counts)."""
-        examples = 0
-        for label, raw in iter_table(self.table, self.split):
-            row = parse_row(raw, self.cfg, label, self.root)
-            if self.holdout is None or row not in self.holdout:
-                try:
-                    examples += len(clean_captions(row.captions, self.cfg.max_words))
-                except BadRow:
-                    pass
-        return examples
+        rows = iter_table(self.table, self.split)
+        return sum(1 for _ in _usable_captions(rows, self.cfg, self.root, self.holdout))
 
     def iter_with_meta(self) -> Iterator[tuple[dict | None, dict]]:
         """(example, meta) pairs; meta: this worker, its position after the example, the rows read and bad rows
@@ -539,16 +533,20 @@ def iter_captions(cfg: DataConfig, split: str, limit: int | None = None, holdout
                   ) -> Iterator[str]:
     """The cleaned captions of `split` in stored order (images not decoded), e.g. to train a tokenizer; without
     those of the images `holdout` sets aside for validation (training never sees them)."""
-    root = image_root(cfg) if holdout is not None else None  # the image keys the training stream hashes
-    for n, (label, raw) in enumerate(iter_table(open_split(cfg, split), split)):
-        if limit is not None and n >= limit:
-            return
+    rows = iter_table(open_split(cfg, split), split)
+    yield from _usable_captions(itertools.islice(rows, limit), cfg, image_root(cfg), holdout)
+
+
+def _usable_captions(rows: Iterator[tuple[str, dict]], cfg: DataConfig, root: str | None,
+                     holdout: Holdout | None) -> Iterator[str]:
+    """The cleaned captions of (label, raw) rows outside `holdout`, images not decoded; a bad row gives none."""
+    for label, raw in rows:
         try:
             row = parse_row(raw, cfg, label, root)  # images: not needed
+            captions = clean_captions(row.captions, cfg.max_words) if holdout is None or row not in holdout else []
         except BadRow:
             continue
-        if holdout is None or row not in holdout:
-            yield from clean_captions(row.captions, cfg.max_words)
+        yield from captions
 
 
 def check(cfg: DataConfig, split: str, *, tokenizer=None, image_size: int = 224, prompt: str = "",

@@ -171,6 +171,19 @@ def test_a_trained_tokenizer_never_sees_the_held_out_captions(workspace, tmp_pat
     assert len(list(iter_captions(cfg, "train"))) == sum(len(c) for c in CAPTIONS.values())
 
 
+def test_rows_with_unusable_captions_are_skipped_by_the_tokenizer_and_the_epoch_count(tmp_path):
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    rows = [{"file_name": f"{i}.png", "caption": caption} for i, caption in enumerate(["a red circle", "!!!", " "])]
+    for i in range(len(rows)):
+        (tmp_path / "data" / "train" / f"{i}.png").write_bytes(png(i))
+    (tmp_path / "data" / "train" / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = DataConfig(source=str(tmp_path / "data"), val_holdout=1e-9, cache_dir=str(tmp_path / "cache"))
+    holdout = Holdout.of(cfg, 42)  # holds out nothing here: the filter runs, every row stays
+    for held in (None, holdout):
+        assert list(iter_captions(cfg, "train", holdout=held)) == ["a red circle"]
+        assert build_dataset(cfg, "train", train=True, image_size=8, holdout=held).epoch_size() == 1
+
+
 @pytest.mark.parametrize("streaming", [False, True])
 def test_training_never_reads_the_held_out_images_and_validation_reads_only_them(workspace, tokenizer, tmp_path,
                                                                                   streaming):
