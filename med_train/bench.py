@@ -51,8 +51,8 @@ from pathlib import Path
 
 import torch
 
-from med_train import few_rows
 from med_train.config import Config, load_config
+from med_train.fast import few_rows
 from med_train.model import normalize_images
 from med_train.tokenizer import load_tokenizer
 

@@ -23,11 +23,10 @@ from collections import OrderedDict
 
 import torch
 
-from med_train import few_rows
 from med_train.cache import DecoderCache
-from med_train.fast import attention
+from med_train.fast import attention, few_rows
 from med_train.fast.caches import FastDecoderCache, HistoryCache, StaticDecoderCache
-from med_train.kernel_steps import KernelSteps
+from med_train.fast.kernel_steps import KernelSteps
 
 NEG_INF = float("-inf")
 

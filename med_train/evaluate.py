@@ -216,7 +216,7 @@ def prepare_decoding(device) -> None:
     """Before the first batch: on the CPU, build the few-row kernel (`few_rows.build`: compiled the first time on
     a machine, loaded after; decoding runs through torch where it cannot be). Never inside a forward call."""
     if device.type == "cpu":
-        from med_train import few_rows
+        from med_train.fast import few_rows
 
         few_rows.build()
 

@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import BertConfig
 
 from med_train.cache import DecoderCache, attend_per_image
-from med_train.ops import Linear, ReleasesPackedOnTrain, gelu_linear, linear
+from med_train.fast.ops import Linear, ReleasesPackedOnTrain, gelu_linear, linear
 
 
 def med_config(**kwargs) -> BertConfig:

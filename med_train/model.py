@@ -23,8 +23,8 @@ from torch import nn
 
 from med_train import decode
 from med_train.config import ModelConfig, TextConfig, VisionConfig
+from med_train.fast.ops import ReleasesPackedOnTrain, gelu_linear, layer_norm_linear, linear, training_linear
 from med_train.med import BertLMHeadModel, med_config
-from med_train.ops import ReleasesPackedOnTrain, gelu_linear, layer_norm_linear, linear, training_linear
 from med_train.tokenizer import encode_captions, load_tokenizer, prompt_length
 
 WEIGHTS_NAME = "model.safetensors"

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from med_train import few_rows
 from med_train.config import ModelConfig, TextConfig, VisionConfig
+from med_train.fast import few_rows
 from med_train.tokenizer import train_tokenizer
 
 # The CPU decoding kernel, built once per test run as `med eval` and `med caption` build it before decoding:

@@ -12,9 +12,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from med_train import few_rows
 from med_train.bench import bert_layout_tokenizer, format_table, interleaved, peak_increase
 from med_train.cli import app
+from med_train.fast import few_rows
 
 runner = CliRunner()
 GLIBC = platform.libc_ver()[0] == "glibc"

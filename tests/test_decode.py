@@ -77,7 +77,8 @@ def test_beam_candidates_from_the_kernel_give_the_same_captions(monkeypatch, kwa
     """On the CPU a beam step's candidates come from one kernel pass over the logits (`few_rows.beam_candidates`:
     each row's ending score and k best, then each image's k best of its rows'): the captions are those of
     log_softmax and a top-k over each image's k x V running sums."""
-    from med_train import decode, few_rows
+    from med_train import decode
+    from med_train.fast import few_rows
 
     if not few_rows.available():
         pytest.skip("the few-row kernel is not built here")
@@ -218,8 +219,8 @@ def test_history_cache_gives_the_same_captions(monkeypatch, kwargs):
     kernel), the captions are those of the growing cache, whether its steps run through the decoder's modules or
     straight through the kernel (`KernelSteps`, what decoding uses there): greedy, beam search (images leaving the
     batch or not) and sampling, with a masked image padding."""
-    from med_train import decode, few_rows
-    from med_train.fast import attention
+    from med_train import decode
+    from med_train.fast import attention, few_rows
     from med_train.fast.caches import FastDecoderCache, HistoryCache
 
     if not few_rows.available():

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from test_med import HEADS, LAYERS, W_IMG, B, H, N, V, _inputs, _pair
 
-from med_train import few_rows, med
-from med_train.fast import attention
+from med_train import med
+from med_train.fast import attention, few_rows
 from med_train.fast.caches import FastDecoderCache, HistoryCache, ImageTokens, StaticDecoderCache
 from med_train.med import med_config
 

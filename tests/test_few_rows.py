@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from med_train import few_rows, ops
+from med_train.fast import few_rows, ops
 
 buildable = few_rows.missing() is None
 needs_kernel = pytest.mark.skipif(not buildable, reason=f"the few-row kernel cannot be built: {few_rows.missing()}")
@@ -401,7 +401,7 @@ def test_forward_paths_never_build_and_a_later_process_loads_without_compiling()
     code = """if True:
         import torch
         import torch.nn.functional as F
-        from med_train import few_rows, ops
+        from med_train.fast import few_rows, ops
         weight, x = torch.randn(16, 8), torch.randn(2, 8)
         with torch.no_grad():
             for _ in range(3):

@@ -5,9 +5,9 @@ and is only used where it applies."""
 import pytest
 import torch
 
-from med_train import few_rows
+from med_train.fast import few_rows
 from med_train.fast.caches import FastDecoderCache, HistoryCache, ImageTokens
-from med_train.kernel_steps import KernelSteps
+from med_train.fast.kernel_steps import KernelSteps
 from med_train.med import BertLMHeadModel, med_config
 
 pytestmark = pytest.mark.skipif(not few_rows.available(), reason="the few-row kernel is not built here")

@@ -364,7 +364,7 @@ def test_image_token_projections_train_through_onednn_with_transformers_gradient
     do; the text's few rows stay with F.linear. The gradients equal transformers'."""
     from torch.profiler import profile
 
-    from med_train import ops
+    from med_train.fast import ops
 
     ours, ref = _pair()
     ids, mask, labels, _ = _inputs()

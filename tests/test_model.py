@@ -264,7 +264,7 @@ def _plain_copy(vit):
 
 
 def test_gelu_linear_and_layer_norm_linear_gradients_are_exact():
-    from med_train.ops import gelu_linear
+    from med_train.fast.ops import gelu_linear
 
     g = torch.Generator().manual_seed(0)
     h = torch.randn(2, 3, 8, dtype=torch.float64, generator=g, requires_grad=True)
@@ -274,7 +274,7 @@ def test_gelu_linear_and_layer_norm_linear_gradients_are_exact():
     assert torch.autograd.gradcheck(gelu_linear, (h, w, None))
     assert torch.autograd.gradcheck(lambda h: gelu_linear(h, w.detach(), b.detach()), (h,))
 
-    from med_train.ops import _LayerNormLinear
+    from med_train.fast.ops import _LayerNormLinear
 
     def fused(x, norm_weight, norm_bias, weight, bias):  # layer_norm_linear's function, on plain tensors
         return _LayerNormLinear.apply(x, norm_weight, norm_bias, 1e-6, weight, bias)
@@ -288,7 +288,7 @@ def test_gelu_linear_and_layer_norm_linear_gradients_are_exact():
 @pytest.mark.parametrize("bf16,onednn", [(False, False), (True, False), (False, True)])
 def test_lean_vit_matches_timms_forward_and_gradients(bf16, onednn, monkeypatch):
     """`onednn`: every product at these tiny sizes goes through ops.product's oneDNN kernel, as a ViT-B batch's do."""
-    from med_train import ops
+    from med_train.fast import ops
 
     if onednn:
         monkeypatch.setattr(ops, "ONEDNN_MIN_ROWS", 1)
@@ -316,7 +316,7 @@ def test_training_products_take_onednn_for_many_rows_with_the_same_gradients(row
     import torch.nn.functional as F
     from torch.profiler import profile
 
-    from med_train import ops
+    from med_train.fast import ops
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(rows, 24, generator=g, requires_grad=True)
@@ -398,14 +398,14 @@ def test_decoder_feed_forward_matches_the_plain_one_with_gradients(tokenizer, ti
 
 
 def _packed_weights(model):
-    from med_train import ops
+    from med_train.fast import ops
 
     return {name for name, p in model.named_parameters()
             if p in ops._PACKED and any(copy is not None for copy in ops._PACKED[p][1].values())}
 
 
 def _packed_layouts(model, names):
-    from med_train import ops
+    from med_train.fast import ops
 
     return {n: {layout for layout, copy in ops._PACKED[p][1].items() if copy is not None}
             for n, p in model.named_parameters() if n in names}
@@ -417,7 +417,7 @@ def test_eval_mode_products_use_prepacked_weights_with_the_same_results(tokenize
     decoder runs with its weight prepacked (ops.linear): through oneDNN, or in fp32 with a step's few rows through
     the few-row kernel where it is built: the same image tokens, logits and captions (greedy and beam) as
     F.linear's, to float rounding."""
-    from med_train import few_rows, ops
+    from med_train.fast import few_rows, ops
 
     if bf16 and not ops.ONEDNN_BF16:
         pytest.skip("this CPU has no oneDNN bf16 products (the fallback is tested below)")
@@ -460,7 +460,7 @@ def test_bf16_on_a_cpu_without_onednn_bf16_takes_f_linears_path(tokenizer, tiny_
     """On CPUs without AVX512BW/VL/DQ or AVX_NE_CONVERT, oneDNN cannot reorder a weight to bf16 ("bf16 path needs
     the cpu support avx_ne_convert or avx512bw..."): captioning under bf16 autocast there packs nothing in bf16 and
     gives F.linear's captions."""
-    from med_train import ops
+    from med_train.fast import ops
 
     real_reorder = torch.ops.mkldnn._reorder_linear_weight
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from med_train import few_rows
 from med_train.cache import attend_per_image
-from med_train.ops import kept_copy
+from med_train.fast import few_rows
+from med_train.fast.ops import kept_copy
 
 # Below this many queries per key/value set (a decoding step: 1 per image, or its beams folded in), CPU inference
 # attends with two matrix products instead of SDPA's kernel, which is slower there (12 cross-attention layers

@@ -17,8 +17,8 @@ from typing import NamedTuple
 
 import torch
 
-from med_train import few_rows
 from med_train.cache import DecoderCache, attend_per_image
+from med_train.fast import few_rows
 from med_train.fast.attention import _cpu_inference, attend, folded_cross_attention, kernel_keys
 
 STEPS_ONLY = "takes decoding steps: one token per row, no masks, no images"

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from med_train import few_rows
+from med_train.fast import few_rows
 
 # weight -> (its version and storage when last seen, {layout: the packed copy, or None after its first use}), a
 # layout being oneDNN's in a dtype (torch.float32 or torch.bfloat16), FEW_ROWS, or another module's (`kept_copy`);

@@ -19,10 +19,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from med_train import few_rows, med
+from med_train import med
+from med_train.fast import few_rows
 from med_train.fast.attention import folded_cross_attention
 from med_train.fast.caches import HistoryCache, ImageTokens
-from med_train.ops import few_row_panels
+from med_train.fast.ops import few_row_panels
 
 
 def _product(linear, *, bias: torch.Tensor | None = None) -> few_rows.Product:
