@@ -51,6 +51,7 @@ from pathlib import Path
 
 import torch
 
+from med_train import fast
 from med_train.config import Config, load_config
 from med_train.fast import few_rows
 from med_train.model import normalize_images
@@ -335,8 +336,6 @@ def run_bench(settings: BenchSettings, config_path: str | Path | None = None,
     device = settings.device
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    if device == "cpu":
-        few_rows.build()  # before anything is timed: the first build compiles
     # as `med train` on the CPU: for both sides, since they share the process (fewer page faults, less noise)
     kept = keep_freed_memory() if device == "cpu" else False
     datasets.disable_progress_bars()  # the command prints its own progress lines
@@ -350,6 +349,9 @@ def run_bench(settings: BenchSettings, config_path: str | Path | None = None,
         tokenizer = bench_tokenizer(cfg, workdir, 400 if settings.quick else BERT_VOCAB)
         say(f"building the models (vocab {len(tokenizer)}) and exporting ours to transformers")
         ours, peer = build_models(cfg, tokenizer, workdir, device)
+        # as `med train` and `med caption` do, before anything is timed (the kernel's first build compiles)
+        fast.prepare(ours, device, "train")
+        prepared = fast.prepare(ours, device, "decode")
         say("measuring the data pipeline")
         data_rate, batch = data_throughput(cfg, settings, tokenizer)
 
@@ -365,7 +367,8 @@ def run_bench(settings: BenchSettings, config_path: str | Path | None = None,
                      else cfg.data.source,
                      "optimizer": {name: _adamw_kind(opt, device) for name, opt in optimizers.items()}},
         "machine": {**machine_info(device), "freed_memory_kept": kept,
-                    "few_row_kernel": device == "cpu" and few_rows.available()}}
+                    "few_row_kernel": device == "cpu" and few_rows.available(),
+                    "fast_paths": prepared.describe()}}
     autocast = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if settings.bf16 else nullcontext
     # ours takes the loader's uint8 images and normalises them on the device; the peer, like transformers'
     # BlipProcessor users, gets float pixels normalised beforehand (the same values), outside its timing
@@ -459,7 +462,7 @@ def _captioning(ours, peer, images, pixels, tokenizer, settings: BenchSettings, 
         greedy_decode_captions_identical=(_strip_pads(outputs["ours_greedy_decode"], pad)
                                           == _strip_pads(outputs["peer_greedy_decode"], pad)),
         beam3_captions_same_fraction=statistics.mean(a == b for a, b in beam_pairs))
-    decode.release_captured_steps(ours.text_decoder)  # a GPU's captured steps: not part of training's memory
+    fast.release(ours)  # a GPU's captured steps, the packed weights: not part of training's memory
     return results
 
 
@@ -534,6 +537,7 @@ def format_table(results: dict) -> str:
              f"optimizers: ours {s['optimizer']['ours']}, peer {s['optimizer']['peer']}"
              + ("; freed memory kept for reuse (both)" if m.get("freed_memory_kept") else "")
              + ("; ours decodes with the few-row kernel" if m.get("few_row_kernel") else ""),
+             f"ours: {m['fast_paths']}" if m.get("fast_paths") else "ours: fast paths not recorded",
              "",
              f"{'figure':<34}{'ours':>10}{'peer':>10}{'ours/peer':>11}"]
 

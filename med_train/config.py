@@ -164,6 +164,9 @@ class TrainConfig:
     mixed_precision: MixedPrecision | None = None  # no | bf16 | fp16; None: accelerate launch's / accelerate config's, or no
     freeze_vision: bool = False
     compile: bool = False  # torch.compile the training forward (inductor; needs a C++ compiler on the CPU)
+    # med_train.fast's speed-only paths (fused ops, prepacked products, decoding kernels, CUDA graphs), each where it
+    # pays on this machine; false: plain PyTorch, the same results to float rounding (MED_FAST=0 does the same)
+    fast: bool = True
     log_every: int = positive(10)
     eval_every: int = non_negative(0)  # 0: only at the end
     eval_images: int = non_negative(200)  # held-out images scored during training

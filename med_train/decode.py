@@ -1,12 +1,10 @@
 """Caption decoding over the MED decoder's key/value cache: greedy, beam search and nucleus sampling.
 
 Our own loop (transformers' `generate` internals change between releases). The prompt is run once per image; the
-cross-attention K/V are computed once per image and shared by its beams (see `cache.DecoderCache`), or, on the CPU
-when the decode asks each image few queries (greedy decoding, sampling), never computed: the key and value
-projections are folded into the queries (`fast.attention.folded_cross_attention`); each step feeds one token per
-row. On the CPU in fp32 the steps continue the prompt in a `fast.caches.HistoryCache` (self K/V never copied: beams
-reorder a table), straight through the few-row kernel (`KernelSteps`: the decoder's arithmetic without its modules).
-On a GPU each step is a replay of one captured CUDA graph over a preallocated cache (`StaticSteps`).
+cross-attention K/V are computed once per image and shared by its beams (see `cache.DecoderCache`); each step
+feeds one token per row. How the cache is kept and the steps run is a decoder's `Decoding`: the plain one here, or
+the one `med_train.fast.prepare` gives a decoder (kernels, caches and captured CUDA graphs that give the same
+tokens faster), which this module never imports.
 
     ids = generate(decoder, image_embeds, prompt_ids, eos_token_id=102, pad_token_id=0, num_beams=3,
                    max_length=20, min_length=5)   # (B, L) token ids, prompt included, pads after [SEP]
@@ -16,17 +14,9 @@ Lengths count the prompt tokens (BLIP's convention): `max_length=20` with a 4-to
 
 from __future__ import annotations
 
-import threading
-import warnings
-import weakref
-from collections import OrderedDict
-
 import torch
 
 from med_train.cache import DecoderCache
-from med_train.fast import attention, few_rows
-from med_train.fast.caches import FastDecoderCache, HistoryCache, StaticDecoderCache
-from med_train.fast.kernel_steps import KernelSteps
 
 NEG_INF = float("-inf")
 
@@ -43,144 +33,84 @@ def _process_logits(logits, tokens, cur_len, *, eos_token_id, min_length, repeti
     return logits
 
 
-def _prefill(decoder, image_embeds, image_mask, prompt_ids, *, rows_per_image: int, max_length: int,
-             fold: bool = True):
-    """Run the prompt for every image: returns the last position's logits (B, V) and the cache. On the CPU, when
-    the whole decode (prompt, then up to `max_length` tokens for each of `rows_per_image` beams or samples) asks
-    each image few enough queries (in fp32), the cache folds the cross-attention's image projections into the
-    queries (`FastDecoderCache.folding`) instead of projecting every image token to K/V for every layer (unless
-    `fold` is False: the steps will run over a `StaticDecoderCache`, which takes projected K/V)."""
-    batch = image_embeds.shape[0]
-    prompt = prompt_ids.to(image_embeds.device).expand(batch, -1)  # (B, P)
-    queries = prompt.shape[1] + max(max_length - prompt.shape[1] - 1, 0) * rows_per_image
-    cache = FastDecoderCache()
-    if fold and attention.folding_pays(decoder.config, image_embeds, queries):
-        cache = FastDecoderCache.folding(image_embeds, decoder.config.num_hidden_layers)
-    out = decoder(prompt, encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask, cache=cache,
-                  use_cache=True, logits_to_keep=1)  # the LM head (the widest product) on the last position only
-    return prompt, out.logits[:, -1], out.cache
+class Steps:
+    """The steps after the prompt: `step(tokens, src)` feeds one token per text row, tokens (R,), after reordering
+    the cached rows by `src` (R,) (beams; None keeps them), and returns the logits (R, V); `keep_images(images,
+    rows)` goes on with those images (indices into the image batch) and their text `rows` only."""
 
-
-def _step(decoder, last_tokens, cache, kernel: KernelSteps | None = None):
-    if kernel is not None:  # a HistoryCache on the CPU: the same step without the modules
-        return kernel.step(last_tokens, cache), cache
-    out = decoder(last_tokens[:, None], cache=cache, use_cache=True)
-    return out.logits[:, -1], out.cache
-
-
-_capturing = threading.Lock()
-
-
-class StaticSteps:
-    """The decoding steps after the prompt over a `StaticDecoderCache`: each step (the beams' reordering of
-    the cache, then the decoder on one token per row) is, on a GPU, one replay of a CUDA graph captured once,
-    instead of some 300 kernel launches from Python, which bound a GPU decode (the GPU idled most of a step).
-    Elsewhere (`capture=False`) the same step runs eagerly: what the tests check against the growing cache, and
-    what a GPU falls back to when the capture fails.
-
-    `step(tokens, src)` feeds `tokens` (R,) after reordering the cached rows by `src` (R,) (beams: given exactly
-    when `reorders`) and returns the logits (R, V), valid until the next step."""
-
-    def __init__(self, decoder, cache: StaticDecoderCache, *, reorders: bool, capture: bool):
-        rows = cache.self_kv[0].key.shape[0]
-        device = cache.position.device
-        self.cache, self.reorders = cache, reorders
-        self.key = None  # what `_static_steps` keeps it under: precision and weights
-        self.tokens = torch.zeros(rows, dtype=torch.long, device=device)
-        self.src = torch.arange(rows, device=device)
-        autocast = (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
-
-        def run():
-            # no cast cache: a graph must not read an autocast cache entry that is freed when autocast exits
-            with torch.autocast(device.type, dtype=autocast[1], enabled=autocast[0], cache_enabled=False):
-                if reorders:
-                    cache.reorder(self.src)
-                logits = decoder(self.tokens[:, None], cache=cache, use_cache=True).logits[:, -1]
-            cache.position.add_(1)
-            return logits
-
-        self.graph = self.logits = None
-        self._run = None if capture else run
-        if capture:  # warm up on a side stream (library handles, kernel choices), then capture
-            with _capturing:  # one capture at a time (a capture's start synchronizes the device)
-                stream = torch.cuda.Stream(device)
-                stream.wait_stream(torch.cuda.current_stream(device))
-                with torch.cuda.stream(stream):
-                    for _ in range(2):
-                        run()
-                torch.cuda.current_stream(device).wait_stream(stream)
-                self.graph = torch.cuda.CUDAGraph()
-                # thread-local: a DataLoader's pin-memory thread may allocate host memory meanwhile
-                with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-                    self.logits = run()
+    def __init__(self, decoder, cache: DecoderCache):
+        self.decoder, self.cache = decoder, cache
 
     def step(self, tokens: torch.Tensor, src: torch.Tensor | None = None) -> torch.Tensor:
-        self.tokens.copy_(tokens)
-        if self.reorders:
-            self.src.copy_(src)
-        if self.graph is None:
-            return self._run()
-        self.graph.replay()
-        return self.logits
+        if src is not None:
+            self.cache.reorder(src)
+        out = self.decoder(tokens[:, None], cache=self.cache, use_cache=True)
+        return out.logits[:, -1]
+
+    def keep_images(self, images: torch.Tensor, rows: torch.Tensor) -> None:
+        self.cache.keep_images(images, rows)
 
 
-# Steps kept per decoder, in each thread's own table (two threads decoding with one decoder must not share a
-# cache's buffers; a thread's table goes with it): a captioning run meets one or two batch shapes, full batches and
-# the last. Each holds its cache's buffers (the image K/V: about 0.7 GB for 32 images at 384 px in bf16).
-KEEP_CAPTURED = 2
-_local = threading.local()
-
-
-def captured_steps(decoder) -> OrderedDict:
-    """This thread's kept `StaticSteps` for `decoder`, least recently used first."""
-    table = getattr(_local, "table", None)
-    if table is None:
-        table = _local.table = weakref.WeakKeyDictionary()
-    return table.setdefault(decoder, OrderedDict())
-
-
-def release_captured_steps(decoder) -> None:
-    """Free the CUDA graphs (and their caches' memory) that this thread captured for decoding with `decoder`."""
-    table = getattr(_local, "table", None)
-    if table is not None:
-        table.pop(decoder, None)
-
-
-def _graphs_pay(decoder, device: torch.device, cuda_graphs: bool | None) -> bool:
-    """Whether the steps replay a CUDA graph (`StaticSteps`): by default on a GPU, for a decoder in eval mode."""
+def check_cuda_graphs(decoder, device: torch.device, cuda_graphs: bool | None) -> None:
+    """`cuda_graphs=True` asks for what only a GPU, with a decoder in eval mode, can do."""
     if cuda_graphs and decoder.training:
         raise ValueError("cuda_graphs=True needs the decoder in eval mode (dropout's randomness is not captured)")
     if cuda_graphs and device.type != "cuda":
         raise ValueError(f"cuda_graphs=True needs a CUDA device; the decoder runs on {device}")
-    return device.type == "cuda" and not decoder.training if cuda_graphs is None else cuda_graphs
 
 
-def _static_steps(decoder, cache: DecoderCache, rows: torch.Tensor | None, capacity: int,
-                  reorders: bool) -> StaticSteps:
-    """Steps over a static copy of the prefilled `cache` (text `rows` of it; None: all), kept for later decodes of
-    the same shapes, precision and weights: on a GPU a captured graph, else eager."""
-    count = cache.self_kv[0][0].shape[0] if rows is None else rows.shape[0]
-    device = cache.self_kv[0][0].device
-    key = (reorders, torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type),
-           tuple(p.data_ptr() for p in decoder.parameters()))
-    kept = captured_steps(decoder)
-    steps = next((s for s in kept.values() if s.key == key and s.cache.fits(cache, count, capacity)), None)
-    if steps is None:
-        static = StaticDecoderCache.like(cache, count, capacity)
-        try:
-            steps = StaticSteps(decoder, static, reorders=reorders, capture=device.type == "cuda")
-        except RuntimeError as err:  # a capture that this CUDA build or an op in the step refuses
-            if device.type != "cuda":
-                raise
-            warnings.warn(f"decoding steps run eagerly: capturing them in a CUDA graph failed: {err}", stacklevel=3)
-            steps = StaticSteps(decoder, static, reorders=reorders, capture=False)  # kept: no retry per batch
-        steps.key = key
-        kept[id(steps)] = steps
-        while len(kept) > KEEP_CAPTURED:
-            kept.popitem(last=False)
-    kept.move_to_end(id(steps))
-    steps.cache.load(cache, rows)
-    return steps
+class Decoding:
+    """How a decode keeps its cache and runs its steps: the plain way. A faster one (`decoder.decoding`, given by
+    `med_train.fast.prepare`) answers the same three calls with the same tokens."""
+
+    def prefill_cache(self, decoder, image_embeds: torch.Tensor, queries_per_image: int) -> DecoderCache:
+        """An empty cache for the prompt of a decode that will ask each image `queries_per_image` queries."""
+        return DecoderCache()
+
+    def steps(self, decoder, cache: DecoderCache, rows: torch.Tensor | None, max_length: int, *,
+              cuda_graphs: bool | None = None) -> Steps:
+        """The steps over the prefilled `cache`, whose text rows become `rows` (the image of each: a beam search's
+        k per image) or stay one per image (None). `cuda_graphs`: see `generate`."""
+        check_cuda_graphs(decoder, cache.self_kv[0][0].device, cuda_graphs)
+        if cuda_graphs:
+            raise ValueError("cuda_graphs=True needs a decoder prepared for its GPU by med_train.fast.prepare")
+        if rows is not None:
+            cache.reorder(rows)  # the prompt's self K/V, k copies per image (cross K/V stay one per image)
+        return Steps(decoder, cache)
+
+    def beam_candidates(self, logits: torch.Tensor, beam_scores: torch.Tensor, eos_token_id: int, k: int):
+        """Each row's running sums beam_scores + log_softmax(logits) (R, V): that of ending here ([SEP]), (R,),
+        and the k best continuations that do not end, (R, k) sums and (R, k) tokens."""
+        candidates = beam_scores[:, None] + logits.log_softmax(-1)
+        ending = candidates[:, eos_token_id].clone()
+        candidates[:, eos_token_id] = NEG_INF
+        vocab = candidates.shape[1]
+        if vocab < k:  # fewer tokens than beams: the rest are dead candidates (-inf) of some valid token
+            candidates = torch.nn.functional.pad(candidates, (0, k - vocab), value=NEG_INF)
+        scores, tokens = candidates.topk(k, dim=1)
+        return ending, scores, tokens.clamp_(max=vocab - 1)
+
+
+PLAIN = Decoding()
+
+
+def decoding_of(decoder) -> Decoding:
+    """The decoder's own `Decoding` where it was given one, else the plain one."""
+    return getattr(decoder, "decoding", None) or PLAIN
+
+
+def _prefill(decoder, plan: Decoding, image_embeds, image_mask, prompt_ids, *, rows_per_image: int,
+             max_length: int):
+    """Run the prompt for every image: returns the prompt (B, P), the last position's logits (B, V) and the cache,
+    which the plan made knowing how many queries the whole decode (prompt, then up to `max_length` tokens for each
+    of `rows_per_image` beams or samples) asks each image."""
+    batch = image_embeds.shape[0]
+    prompt = prompt_ids.to(image_embeds.device).expand(batch, -1)  # (B, P)
+    queries = prompt.shape[1] + max(max_length - prompt.shape[1] - 1, 0) * rows_per_image
+    cache = plan.prefill_cache(decoder, image_embeds, queries)
+    out = decoder(prompt, encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask, cache=cache,
+                  use_cache=True, logits_to_keep=1)  # the LM head (the widest product) on the last position only
+    return prompt, out.logits[:, -1], out.cache
 
 
 def _filter_top_k_top_p(logits, top_k: int, top_p: float):
@@ -203,15 +133,11 @@ def greedy_or_sample(decoder, image_embeds, prompt_ids, *, eos_token_id, pad_tok
                      image_mask=None, cuda_graphs: bool | None = None):
     """One caption per image, the most likely token each step (or a sample from the filtered distribution).
     `cuda_graphs`: see `generate`."""
-    static = _graphs_pay(decoder, image_embeds.device, cuda_graphs)
-    tokens, logits, cache = _prefill(decoder, image_embeds, image_mask, prompt_ids, rows_per_image=1,
-                                     max_length=max_length, fold=not static)
-    steps = kernel = None
-    if static and max_length - tokens.shape[1] > 1:
-        steps = _static_steps(decoder, cache, None, max_length - 1, reorders=False)
-    elif attention.history_pays(decoder, image_embeds):
-        cache = HistoryCache.following(cache, torch.arange(tokens.shape[0]), max_length)
-        kernel = KernelSteps.for_decoder(decoder)
+    plan = decoding_of(decoder)
+    check_cuda_graphs(decoder, image_embeds.device, cuda_graphs)
+    tokens, logits, cache = _prefill(decoder, plan, image_embeds, image_mask, prompt_ids, rows_per_image=1,
+                                     max_length=max_length)
+    steps = plan.steps(decoder, cache, None, max_length, cuda_graphs=cuda_graphs)
     finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
     for cur_len in range(tokens.shape[1], max_length):
         logits = _process_logits(logits.float(), tokens, cur_len, eos_token_id=eos_token_id, min_length=min_length,
@@ -226,10 +152,7 @@ def greedy_or_sample(decoder, image_embeds, prompt_ids, *, eos_token_id, pad_tok
         finished |= next_tokens == eos_token_id
         if cur_len + 1 == max_length or bool(finished.all()):
             break
-        if steps is not None:
-            logits = steps.step(next_tokens)
-        else:
-            logits, cache = _step(decoder, next_tokens, cache, kernel)
+        logits = steps.step(next_tokens)
     return tokens
 
 
@@ -258,22 +181,15 @@ def beam_search(decoder, image_embeds, prompt_ids, *, eos_token_id, pad_token_id
         drop_finished = device.type == "cpu" and not cuda_graphs
     if drop_finished and cuda_graphs:
         raise ValueError("cuda_graphs and drop_finished exclude each other: a captured step's shapes are fixed")
-    static = not drop_finished and _graphs_pay(decoder, device, cuda_graphs)
-    prompt, logits, cache = _prefill(decoder, image_embeds, image_mask, prompt_ids, rows_per_image=k,
-                                     max_length=max_length, fold=not static)
+    plan = decoding_of(decoder)
+    check_cuda_graphs(decoder, device, cuda_graphs)
+    prompt, logits, cache = _prefill(decoder, plan, image_embeds, image_mask, prompt_ids, rows_per_image=k,
+                                     max_length=max_length)
     batch, prompt_len = prompt.shape
     rows = torch.arange(batch, device=device).repeat_interleave(k)  # image of each text row, image-major
-    steps = kernel = None
-    if static and max_length - prompt_len > 1:
-        steps = _static_steps(decoder, cache, rows, max_length - 1, reorders=True)
-    elif attention.history_pays(decoder, image_embeds):  # each beam's self K/V stay where computed (cross: per image)
-        cache = HistoryCache.following(cache, rows, max_length)
-        kernel = KernelSteps.for_decoder(decoder)
-    else:
-        cache.reorder(rows)  # the prompt's self K/V, k copies per image (cross K/V stay one per image)
+    steps = plan.steps(decoder, cache, rows, max_length, cuda_graphs=False if drop_finished else cuda_graphs)
     logits = logits[rows]
     tokens = prompt[rows]  # (B*K, P)
-    kernel_candidates = _kernel_candidates(logits, k)
     # all beams start equal: keep only the first alive so the first step does not pick k copies of one token
     beam_scores = torch.full((batch, k), NEG_INF, device=device)
     beam_scores[:, 0] = 0.0
@@ -299,22 +215,13 @@ def beam_search(decoder, image_embeds, prompt_ids, *, eos_token_id, pad_token_id
         n = searching.shape[0]
         logits = _process_logits(logits.float(), tokens, cur_len, eos_token_id=eos_token_id, min_length=min_length,
                                  repetition_penalty=repetition_penalty)
-        vocab = logits.shape[-1]
         generated = cur_len + 1 - prompt_len  # tokens after the prompt, this one included
-        # each row's running sums beam_scores + log_softmax(logits) (n*K, V): that of ending here ([SEP]), and the
-        # k best continuations that do not end, among which each image keeps its k best
-        if kernel_candidates:
-            ending, row_scores, row_tokens = few_rows.beam_candidates(logits, beam_scores.view(-1), eos_token_id, k)
-            beam_scores, pick = row_scores.view(n, k * k).topk(k, dim=1)  # (n, K) of each image's K*K
-            src = (first_rows + pick // k).view(-1)  # (n*K,) row each new beam extends
-            next_tokens = row_tokens.view(n, k * k).gather(1, pick).view(-1)
-        else:
-            candidates = beam_scores.view(-1, 1) + logits.log_softmax(-1)  # (n*K, V)
-            ending = candidates[:, eos_token_id].clone()
-            candidates[:, eos_token_id] = NEG_INF
-            beam_scores, flat = candidates.view(n, k * vocab).topk(k, dim=1)  # (n, K)
-            src = (first_rows + flat // vocab).view(-1)
-            next_tokens = (flat % vocab).view(-1)
+        # each row's running sum of ending here ([SEP]), and its k best continuations that do not end, among
+        # which each image keeps its k best (an image's k best are among its rows' k best each)
+        ending, row_scores, row_tokens = plan.beam_candidates(logits, beam_scores.view(-1), eos_token_id, k)
+        beam_scores, pick = row_scores.view(n, k * k).topk(k, dim=1)  # (n, K) of each image's K*K
+        src = (first_rows + pick // k).view(-1)  # (n*K,) row each new beam extends
+        next_tokens = row_tokens.view(n, k * k).gather(1, pick).view(-1)
 
         # every beam's [SEP] continuation is a finished hypothesis
         ended = torch.cat([tokens, torch.full_like(tokens[:, :1], eos_token_id)], dim=1).view(n, k, -1)
@@ -342,27 +249,16 @@ def beam_search(decoder, image_embeds, prompt_ids, *, eos_token_id, pad_token_id
             src, next_tokens, tokens = src[kept_rows], next_tokens[kept_rows], tokens[kept_rows]
             searching, beam_scores, pool_scores, pool_tokens, done = (
                 t[kept] for t in (searching, beam_scores, pool_scores, pool_tokens, done))
-            cache.keep_images(kept, src)
-        elif steps is not None:
-            logits = steps.step(next_tokens, src)
-            continue
+            steps.keep_images(kept, src)
+            logits = steps.step(next_tokens)
         else:
-            cache.reorder(src)
-        logits, cache = _step(decoder, next_tokens, cache, kernel)
+            logits = steps.step(next_tokens, src)
 
     # beams still running at max_length finish there
     running = tokens.view(searching.shape[0], k, -1)
     add_to_pool(beam_scores / (tokens.shape[1] - prompt_len) ** length_penalty, running)
     best[searching] = pool_tokens[:, 0]
     return best
-
-
-def _kernel_candidates(logits: torch.Tensor, k: int) -> bool:
-    """Whether a beam step's candidates come from `few_rows.beam_candidates` (CPU, fp32, the kernel built, fewer
-    beams than tokens): one pass over the logits (24 x 30524 in the bench) instead of log_softmax, a sum and a
-    top-k over them, 0.28 against 1.4 to 4.8 ms a step."""
-    return (logits.device.type == "cpu" and logits.dtype == torch.float32 and few_rows.available()
-            and k < logits.shape[-1])
 
 
 _BEAM_ONLY = ("length_penalty", "early_stopping", "drop_finished")
@@ -372,9 +268,9 @@ _SAMPLING_ONLY = ("top_p", "top_k", "temperature", "generator")
 def generate(decoder, image_embeds, prompt_ids, *, num_beams=1, do_sample=False, **kwargs):
     """Greedy (`num_beams=1`), beam search (`num_beams>1`) or sampling (`do_sample=True`): token ids (B, L).
 
-    `cuda_graphs` (default: on a GPU, for a decoder in eval mode): the steps after the prompt run over a
-    preallocated cache, each one a replay of a CUDA graph captured at the first decode of its shapes (and kept
-    for the next ones: `release_captured_steps` frees them); False runs them eagerly."""
+    `cuda_graphs` (default: on a GPU, for a decoder that `med_train.fast.prepare` prepared for it, in eval mode):
+    the steps after the prompt run over a preallocated cache, each one a replay of a CUDA graph captured at the
+    first decode of its shapes (and kept for the next ones: `fast.release` frees them); False runs them eagerly."""
     beams = not do_sample and num_beams > 1
     for key in (() if beams else _BEAM_ONLY) + (() if do_sample else _SAMPLING_ONLY):  # the other modes' options
         kwargs.pop(key, None)

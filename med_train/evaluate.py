@@ -99,13 +99,12 @@ def evaluate(model, cfg: Config, *, split: str | None = None, num_beams: int | N
     import torch
     from accelerate.utils import gather_object
 
-    from med_train import decode
     from med_train.metrics import cider_per_image, meteor_available, score_captions
 
     num_processes = accelerator.num_processes if accelerator else 1
     process_index = accelerator.process_index if accelerator else 0
     device = accelerator.device if accelerator else model.device
-    prepare_decoding(device)
+    prepare_decoding(model, device)
     if loader is None:
         loader = heldout_loader(model, cfg, split or cfg.data.eval_split, batch_size=batch_size,
                                 accelerator=accelerator)
@@ -134,8 +133,9 @@ def evaluate(model, cfg: Config, *, split: str | None = None, num_beams: int | N
             if progress is not None:
                 progress.update(len(captions))
     model.train(was_training)
-    if hasattr(model, "text_decoder"):  # a GPU's captured decoding steps (`decode`): their memory is training's
-        decode.release_captured_steps(model.text_decoder)
+    from med_train.fast.graphs import release_captured_steps
+
+    release_captured_steps(getattr(model, "text_decoder", model))  # a GPU's captured steps: their memory is training's
     if per_process is not None:
         records = records[:per_process]
     if num_processes > 1:
@@ -212,13 +212,13 @@ def expand_image_paths(items: Iterable[str]) -> list[str]:
     return paths
 
 
-def prepare_decoding(device) -> None:
-    """Before the first batch: on the CPU, build the few-row kernel (`few_rows.build`: compiled the first time on
-    a machine, loaded after; decoding runs through torch where it cannot be). Never inside a forward call."""
-    if device.type == "cpu":
-        from med_train.fast import few_rows
+def prepare_decoding(model, device) -> None:
+    """Before the first batch: the fast paths for decoding on `device` (`fast.prepare`; on the CPU it builds the
+    few-row kernel, compiled the first time on a machine, never inside a forward call), unless the model was
+    prepared already (a training run's, which `train.fast` decided) or MED_FAST=0."""
+    from med_train import fast
 
-        few_rows.build()
+    fast.prepare(model, device, "decode")
 
 
 def caption_files(model, paths: list[str], *, batch_size: int = 16, max_pixels: int | None = 89_478_485,
@@ -231,7 +231,7 @@ def caption_files(model, paths: list[str], *, batch_size: int = 16, max_pixels: 
     from med_train.data import build_transform, load_image
 
     transform = build_transform(train=False, image_size=model.cfg.vision.image_size)
-    prepare_decoding(model.device)
+    prepare_decoding(model, model.device)
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]
         tensors, errors = [], {}

@@ -11,9 +11,10 @@ differs from BLIP's code, on purpose:
   caches (`fast.caches`) replace the plain one without a change here;
 - gradient checkpointing works;
 - with labels, the LM head runs only where there is a target (`output_logits=False` skips the full logits), and
-  then the layers run on the real tokens only (`Packing`: padding is neither computed nor kept for backward);
-- with labels, the tied word embeddings' lookup has a sparse gradient, which the LM head's dense one absorbs in
-  place (`TiedTable`: no zero-filled vocabulary-sized gradient is made per step, nor a copy of the head's).
+  then, where `skip_padding` is set, the layers run on the real tokens only (`Packing`).
+
+Every speed-only piece (prepacked products, fused training ops, the decoding kernels and caches) lives in
+`med_train.fast`, which `fast.prepare(model, device, use)` applies to a model; nothing here imports it.
 
     config = med_config(vocab_size=30524, encoder_width=768)  # a transformers.BertConfig
     decoder = BertLMHeadModel(config)
@@ -30,9 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import BertConfig
+from transformers.activations import ACT2FN
 
 from med_train.cache import DecoderCache, attend_per_image
-from med_train.fast.ops import Linear, ReleasesPackedOnTrain, gelu_linear, linear
 
 
 def med_config(**kwargs) -> BertConfig:
@@ -68,19 +69,12 @@ class BertEmbeddings(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.register_buffer("position_ids", torch.arange(config.max_position_embeddings)[None], persistent=False)
 
-    def forward(self, input_ids=None, position_ids=None, inputs_embeds=None, past_key_values_length: int = 0,
-                sparse_grad: bool = False, word_weight: torch.Tensor | None = None):
-        """`sparse_grad=True`: the word embeddings' gradient is the looked-up rows only, not a dense (vocab, H)
-        tensor. For a table tied to an LM head that is in the same loss, look up in `word_weight`, the lookup's
-        alias of the table from `TiedTable`: the head's dense gradient takes those rows in place, so neither the
-        zero-filled table-sized gradient nor the sum of the two is ever made."""
+    def forward(self, input_ids=None, position_ids=None, inputs_embeds=None, past_key_values_length: int = 0):
         seq_length = (input_ids if input_ids is not None else inputs_embeds[..., 0]).shape[1]
         if position_ids is None:  # positions continue after the cached tokens
             position_ids = self.position_ids[:, past_key_values_length : past_key_values_length + seq_length]
         if inputs_embeds is None:
-            table = self.word_embeddings
-            weight = table.weight if word_weight is None else word_weight
-            inputs_embeds = F.embedding(input_ids, weight, table.padding_idx, sparse=sparse_grad)
+            inputs_embeds = self.word_embeddings(input_ids)
         embeddings = inputs_embeds + self.position_embeddings(position_ids)
         return self.dropout(self.LayerNorm(embeddings))
 
@@ -98,9 +92,9 @@ class BertSelfAttention(nn.Module):
         self.attention_head_size = config.hidden_size // config.num_attention_heads
         self.all_head_size = config.hidden_size
         kv_width = config.encoder_width if is_cross_attention else config.hidden_size
-        self.query = Linear(config.hidden_size, self.all_head_size)
-        self.key = Linear(kv_width, self.all_head_size)
-        self.value = Linear(kv_width, self.all_head_size)
+        self.query = nn.Linear(config.hidden_size, self.all_head_size)
+        self.key = nn.Linear(kv_width, self.all_head_size)
+        self.value = nn.Linear(kv_width, self.all_head_size)
         self.dropout_p = config.attention_probs_dropout_prob
         self.is_cross_attention = is_cross_attention
         self.layer_idx = layer_idx  # where a cache keeps this layer's K/V
@@ -154,7 +148,7 @@ class BertSelfAttention(nn.Module):
 class BertSelfOutput(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.dense = Linear(config.hidden_size, config.hidden_size)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
@@ -178,21 +172,28 @@ class BertAttention(nn.Module):
 
 
 class BertIntermediate(nn.Module):
-    """The feed-forward block's first half: dense, then BERT's exact (erf) GELU (applied in BertLayer.feed_forward)."""
+    """The feed-forward block's first half: dense, then BERT's exact (erf) GELU."""
 
     def __init__(self, config):
         super().__init__()
-        self.dense = Linear(config.hidden_size, config.intermediate_size)
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.intermediate_act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states):
+        return self.intermediate_act_fn(self.dense(hidden_states))
 
 
 class BertOutput(nn.Module):
-    """The second half: dense, dropout, residual, LayerNorm (BertLayer.feed_forward)."""
+    """The second half: dense, dropout, residual, LayerNorm."""
 
     def __init__(self, config):
         super().__init__()
-        self.dense = Linear(config.intermediate_size, config.hidden_size)
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states, input_tensor):
+        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
 
 
 class BertLayer(nn.Module):
@@ -220,15 +221,10 @@ class BertLayer(nn.Module):
                 raise ValueError("mode='multimodal' needs encoder_hidden_states (the image tokens)")
             hidden_states, _ = self.crossattention(hidden_states, None, encoder_hidden_states, encoder_attention_mask,
                                                    past_key_value=past_key_value, packing=packing)
-        return self.feed_forward(hidden_states)
+        return self.feed_forward_chunk(hidden_states)
 
-    def feed_forward(self, hidden_states):
-        """intermediate (dense, GELU), then output (dense, dropout, residual, LayerNorm), with the GELU folded into
-        the output's dense (`gelu_linear`: the wide hidden activation is kept once for backward, not twice)."""
-        out = self.output
-        wide = gelu_linear(self.intermediate.dense(hidden_states), out.dense.weight, out.dense.bias,
-                           packed=not self.training)
-        return out.LayerNorm(out.dropout(wide) + hidden_states)
+    def feed_forward_chunk(self, attention_output):
+        return self.output(self.intermediate(attention_output), attention_output)
 
 
 class BertEncoder(nn.Module):
@@ -262,7 +258,7 @@ class BertEncoder(nn.Module):
 class BertPooler(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.dense = Linear(config.hidden_size, config.hidden_size)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.activation = nn.Tanh()
 
     def forward(self, hidden_states):
@@ -294,17 +290,16 @@ class BertModel(nn.Module):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
                 encoder_hidden_states=None, encoder_attention_mask=None, cache: DecoderCache | None = None,
                 use_cache: bool | None = None, is_decoder: bool = False, mode: str = "multimodal",
-                pack_padding: bool = False, sparse_grad: bool = False, word_weight: torch.Tensor | None = None):
+                pack_padding: bool = False):
         """`pack_padding=True` (with an `attention_mask`, no cache): the layers run on the real tokens only (see
         `Packing`); the last hidden state is zero at the padding instead of a value nobody should use.
-        `sparse_grad`, `word_weight`: see `BertEmbeddings`."""
+        """
         tokens = input_ids if input_ids is not None else inputs_embeds[..., 0]  # (B, T)
         seq_length = tokens.shape[1]
         if cache is not None and position_ids is None:  # positions continue after the cached tokens
             position_ids = cache.position_ids(seq_length, tokens.device)
         embedding_output = self.embeddings(input_ids=input_ids, position_ids=position_ids,
-                                           inputs_embeds=inputs_embeds, sparse_grad=sparse_grad,
-                                           word_weight=word_weight)
+                                           inputs_embeds=inputs_embeds)
         batch = embedding_output.shape[0]
         dtype = embedding_output.dtype
 
@@ -354,7 +349,7 @@ class BertModel(nn.Module):
 class BertPredictionHeadTransform(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.dense = Linear(config.hidden_size, config.hidden_size)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.transform_act_fn = nn.GELU()
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
@@ -368,13 +363,11 @@ class BertLMPredictionHead(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.transform = BertPredictionHeadTransform(config)
-        self.decoder = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
 
-    def forward(self, hidden_states, weight: torch.Tensor | None = None):
-        """`weight`: the projection to use instead of `decoder.weight` (its alias from `TiedTable`)."""
-        weight = self.decoder.weight if weight is None else weight
-        return linear(self.transform(hidden_states), weight, self.bias, packed=not self.training)
+    def forward(self, hidden_states):
+        return F.linear(self.transform(hidden_states), self.decoder.weight, self.bias)
 
 
 class BertOnlyMLMHead(nn.Module):
@@ -382,12 +375,16 @@ class BertOnlyMLMHead(nn.Module):
         super().__init__()
         self.predictions = BertLMPredictionHead(config)
 
-    def forward(self, sequence_output, weight: torch.Tensor | None = None):
-        return self.predictions(sequence_output, weight)
+    def forward(self, sequence_output):
+        return self.predictions(sequence_output)
 
 
-class BertLMHeadModel(ReleasesPackedOnTrain, nn.Module):
+class BertLMHeadModel(nn.Module):
     """The caption decoder: `BertModel` without pooler + LM head tied to the word embeddings, next-token loss."""
+
+    # With labels and `output_logits=False`, run the layers on the real tokens only (`Packing`): less work, the same
+    # loss. Where that pays (the CPU) `fast.prepare` sets it; on a GPU the gathers cost more than they save.
+    skip_padding = False
 
     def __init__(self, config, label_smoothing: float = 0.1):
         super().__init__()
@@ -434,29 +431,19 @@ class BertLMHeadModel(ReleasesPackedOnTrain, nn.Module):
             raise ValueError("logits_to_keep is for inference: it cannot be combined with labels or return_logits")
         # Only the targets' hidden states are read when the full logits are not wanted: padding can be skipped.
         target_only = labels is not None and not output_logits and not return_logits
-        on_cpu = input_ids is not None and cpu_savings_pay(input_ids.device)
         # Where the targets are, found before the layers run: on a GPU, finding them (and the packing's real
         # tokens, next) waits for the queued work once, here, rather than again after the whole forward.
         target_rows = (labels[:, 1:] != -100).nonzero(as_tuple=True) if target_only else None
-        # With a loss, the (tied) LM head's dense gradient takes the embedding rows' sparse one in place
-        # (`TiedTable`; torch.compile keeps the dense lookup: it does not trace sparse gradients).
-        tied = self.cls.predictions.decoder.weight is self.bert.embeddings.word_embeddings.weight
-        sparse_grad = (on_cpu and labels is not None and tied and torch.is_grad_enabled()
-                       and not torch.compiler.is_compiling())
-        word_weight = head_weight = None
-        if sparse_grad:
-            word_weight, head_weight = TiedTable.apply(self.cls.predictions.decoder.weight)
         outputs = self.bert(input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             encoder_hidden_states=encoder_hidden_states,
                             encoder_attention_mask=encoder_attention_mask, cache=cache, use_cache=use_cache,
-                            is_decoder=is_decoder, mode=mode, pack_padding=target_only and on_cpu,
-                            sparse_grad=sparse_grad, word_weight=word_weight)
+                            is_decoder=is_decoder, mode=mode, pack_padding=target_only and self.skip_padding)
         sequence_output = outputs.last_hidden_state  # (B, T, H)
         if return_logits:
-            return self.cls(sequence_output, head_weight)[:, :-1, :].contiguous()
+            return self.cls(sequence_output)[:, :-1, :].contiguous()
 
         kept = sequence_output[:, -logits_to_keep:] if logits_to_keep else sequence_output
-        logits = self.cls(kept, head_weight) if (output_logits or labels is None) else None
+        logits = self.cls(kept) if (output_logits or labels is None) else None
         loss = None
         if labels is not None:
             targets = labels[:, 1:]  # (B, T-1)
@@ -470,29 +457,18 @@ class BertLMHeadModel(ReleasesPackedOnTrain, nn.Module):
                 else:
                     loss = token_loss.sum() / valid.sum()
             else:
-                loss = self._target_only_loss(sequence_output[:, :-1], targets, target_rows, reduction, head_weight)
+                loss = self._target_only_loss(sequence_output[:, :-1], targets, target_rows, reduction)
         return CausalLMOutput(loss=loss, logits=logits, cache=outputs.cache)
 
-    def _target_only_loss(self, hidden, targets, rows, reduction, head_weight=None):
+    def _target_only_loss(self, hidden, targets, rows, reduction):
         """The loss with the LM head (the largest matmul) applied only at positions with a target, `rows`."""
         valid = targets != -100  # (B, T-1)
-        token_loss = F.cross_entropy(self.cls(hidden[rows], head_weight), targets[rows], reduction="none",
+        token_loss = F.cross_entropy(self.cls(hidden[rows]), targets[rows], reduction="none",
                                      label_smoothing=self.label_smoothing)
         if reduction == "none":  # per-sequence sums
             return torch.zeros(targets.shape[0], dtype=token_loss.dtype,
                                device=token_loss.device).index_add(0, rows[0], token_loss)
         return token_loss.sum() / valid.sum()
-
-
-# Training-time savings on the CPU: the padding skip and the tied table's sparse gradient.
-
-
-def cpu_savings_pay(device: torch.device) -> bool:
-    """Whether the training forward skips the decoder's padding (`Packing`) and makes the word embeddings'
-    gradient sparse. Both save work on the CPU; on a GPU, where a BERT-base decoder at BLIP's batch sizes is bound
-    by kernel launches rather than by arithmetic, they cost more than they save (an H100, batch 32 at 384 px, bf16:
-    83 ms a step without either, 90 ms with both; see the README's Speed section)."""
-    return torch.device(device).type == "cpu"
 
 
 @dataclass
@@ -520,23 +496,3 @@ class Packing:
         rest = x.shape[1:]
         return x.new_zeros(self.batch * self.length, *rest).index_copy(0, self.index, x).view(
             self.batch, self.length, *rest)
-
-
-class TiedTable(torch.autograd.Function):
-    """The word embeddings' table, tied to the LM head, handed out as two aliases, (lookup's, head's), so that the
-    two gradients meet here and not in autograd's own accumulation, which adds a sparse gradient to a dense one by
-    copying the dense one: a vocabulary-sized copy every step (30524 x 768: about 40 ms of a CPU training step,
-    profiled). Here the lookup's sparse rows are added into the head's dense gradient in place."""
-
-    @staticmethod
-    def forward(ctx, weight):
-        ctx.set_materialize_grads(False)
-        return weight.view_as(weight), weight.view_as(weight)
-
-    @staticmethod
-    def backward(ctx, grad_lookup, grad_head):
-        if grad_head is None or grad_lookup is None:
-            return grad_lookup if grad_head is None else grad_head
-        if not grad_head.is_contiguous():  # not a product's fresh output: leave it be
-            return grad_head + grad_lookup
-        return grad_head.add_(grad_lookup)  # the head's gradient is this node's alone: it came from its product

@@ -18,12 +18,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from med_train import decode
 from med_train.config import ModelConfig, TextConfig, VisionConfig
-from med_train.fast.ops import ReleasesPackedOnTrain, gelu_linear, layer_norm_linear, linear, training_linear
 from med_train.med import BertLMHeadModel, med_config
 from med_train.tokenizer import encode_captions, load_tokenizer, prompt_length
 
@@ -50,87 +48,11 @@ def create_vision_encoder(cfg: VisionConfig, load_weights: bool = True) -> nn.Mo
     if not hasattr(model, "forward_features") or not hasattr(model, "num_features"):
         raise ValueError(f"model.vision.name: {cfg.name!r} is not a timm model with forward_features")
     model.set_grad_checkpointing(cfg.grad_checkpointing)
-    blocks = getattr(model, "blocks", None)
-    for i, block in enumerate(blocks if isinstance(blocks, nn.Sequential) else ()):
-        if LeanMlp.fits(getattr(block, "mlp", None)):
-            block.mlp = LeanMlp(block.mlp)
-        if LeanBlock.fits(block):
-            blocks[i] = LeanBlock(block)
     if cfg.stem == "conv":
         _use_conv_stem(model)
     if cfg.pos_embed_init == "sincos" and not pretrained:
         _init_sincos_pos_embed(model)
     return model
-
-
-class LeanMlp(nn.Module):
-    """timm's ViT MLP (fc1 -> exact GELU -> fc2), computed the same way with `gelu_linear`: its backward keeps the
-    hidden activation once instead of twice (about a fifth of a ViT-B's activation memory in training). Same
-    submodules, so the same state-dict keys."""
-
-    def __init__(self, mlp: nn.Module) -> None:
-        super().__init__()
-        self.fc1, self.act, self.drop1, self.norm, self.fc2, self.drop2 = (
-            mlp.fc1, mlp.act, mlp.drop1, mlp.norm, mlp.fc2, mlp.drop2)
-
-    @staticmethod
-    def fits(mlp) -> bool:
-        """timm's plain Mlp with exact GELU, no hidden dropout and no hidden norm."""
-        from timm.layers import Mlp
-
-        return (type(mlp) is Mlp and isinstance(mlp.act, nn.GELU) and mlp.act.approximate == "none"
-                and isinstance(mlp.norm, nn.Identity) and getattr(mlp.drop1, "p", 0.0) == 0.0
-                and isinstance(mlp.fc2, nn.Linear))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.from_hidden(linear(x, self.fc1.weight, self.fc1.bias, packed=not self.training))
-
-    def from_hidden(self, h: torch.Tensor) -> torch.Tensor:
-        """The MLP after fc1: GELU folded into fc2, then dropout (LeanBlock gives fc1's output itself). In eval
-        mode the products use prepacked weights on the CPU (`ops.linear`)."""
-        return self.drop2(gelu_linear(h, self.fc2.weight, self.fc2.bias, packed=not self.training))
-
-
-class LeanBlock(nn.Module):
-    """timm's ViT block (pre-norm attention, then pre-norm MLP) computed the same way, with each LayerNorm folded
-    into the linear after it (`layer_norm_linear`) and the MLP's GELU into fc2 (`gelu_linear`): backward keeps the
-    block's input and hidden activations once each, not also their normed and activated copies. Same submodules,
-    so the same state-dict keys; gradient checkpointing and drop-path work as in timm."""
-
-    PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
-
-    def __init__(self, block: nn.Module) -> None:
-        super().__init__()
-        for name in self.PARTS:
-            setattr(self, name, getattr(block, name))
-
-    @staticmethod
-    def fits(block) -> bool:
-        """timm's plain Block: affine LayerNorms, fused attention without q/k norms, gate or output norm, and an
-        MLP that LeanMlp takes."""
-        from timm.models.vision_transformer import Attention, Block
-
-        if type(block) is not Block or type(block.attn) is not Attention or not isinstance(block.mlp, LeanMlp):
-            return False
-        a = block.attn
-        norms = all(isinstance(n, nn.LayerNorm) and not getattr(n, "_fast_norm", False) and n.weight is not None
-                    and n.bias is not None and len(n.normalized_shape) == 1 for n in (block.norm1, block.norm2))
-        return norms and a.fused_attn and getattr(a, "gate", None) is None and all(
-            isinstance(m, nn.Identity) for m in (a.q_norm, a.k_norm, a.norm))
-
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
-        a, (b, n, _) = self.attn, x.shape
-        packed = not self.training  # eval mode: prepacked weights on the CPU (ops.linear)
-        qkv = layer_norm_linear(x, self.norm1, a.qkv, packed=packed)
-        q, k, v = qkv.reshape(b, n, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                                                  dropout_p=a.attn_drop.p if self.training else 0.0)
-        attended = attended.transpose(1, 2).reshape(b, n, a.attn_dim)
-        attended = (linear(attended, a.proj.weight, a.proj.bias, packed=True) if packed
-                    else training_linear(attended, a.proj.weight, a.proj.bias))
-        x = x + self.drop_path1(self.ls1(a.proj_drop(attended)))
-        hidden = self.mlp.from_hidden(layer_norm_linear(x, self.norm2, self.mlp.fc1, packed=packed))
-        return x + self.drop_path2(self.ls2(hidden))
 
 
 def _use_conv_stem(vit: nn.Module) -> None:
@@ -184,7 +106,7 @@ def normalize_images(images: torch.Tensor, mean, std) -> torch.Tensor:
     return images.float().div_(255).sub_(mean).div_(std)
 
 
-class Captioner(ReleasesPackedOnTrain, nn.Module):
+class Captioner(nn.Module):
     def __init__(self, cfg: ModelConfig, tokenizer, load_weights: bool = True, max_caption_tokens: int = 40):
         """`load_weights=False` builds the architecture only (the weights come from a checkpoint next).
         `max_caption_tokens` truncates captions given as text to `forward` (prompt included)."""

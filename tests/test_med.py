@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from transformers import BlipTextConfig
 from transformers.models.blip.modeling_blip_text import BlipTextLMHeadModel
 
-from med_train import med
 from med_train.cache import DecoderCache
 from med_train.med import BertLMHeadModel, med_config
 
@@ -289,57 +288,6 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_target_only_loss_skips_padding_with_the_same_gradients(checkpointing):
-    """`output_logits=False` runs the layers on the real tokens only (med.Packing): the same loss and gradients
-    (weights and image tokens) as the padded batch, with the feed-forward seeing mask.sum() rows, not B * T."""
-    ours, _ = _pair()
-    ids, mask, labels, images = _inputs()
-    images = images.requires_grad_()
-    ours.train()
-    ours.set_gradient_checkpointing(checkpointing)
-    rows = []
-    ours.bert.encoder.layer[0].intermediate.dense.register_forward_hook(
-        lambda module, args, out: rows.append(args[0].shape[:-1].numel()))
-
-    def loss_and_grads(output_logits):
-        ours.zero_grad()
-        images.grad = None
-        loss = ours(ids, mask, encoder_hidden_states=images, labels=labels, output_logits=output_logits).loss
-        loss.backward()
-        return [loss.detach()] + [p.grad.clone() for p in ours.parameters()] + [images.grad.clone()]
-
-    padded = loss_and_grads(True)
-    assert rows[0] == B * T
-    packed = loss_and_grads(False)
-    assert rows[-1] == int(mask.sum()) < B * T
-    for a, b in zip(padded, packed, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
-
-
-def test_padding_skip_and_sparse_embedding_gradient_are_for_the_cpu_only(monkeypatch):
-    """On a GPU the decoder runs the padded batch with a dense embedding lookup (cheaper there, README: Speed):
-    with the rule saying no, the feed-forward sees B * T rows and the lookup is dense; the loss is unchanged."""
-    from med_train import med
-
-    assert med.cpu_savings_pay(torch.device("cpu"))
-    assert not med.cpu_savings_pay(torch.device("cuda")) and not med.cpu_savings_pay("cuda:1")
-    ours, _ = _pair()
-    ids, mask, labels, images = _inputs()
-    ours.train()
-    rows, sparse = [], []
-    ours.bert.encoder.layer[0].intermediate.dense.register_forward_hook(
-        lambda module, args, out: rows.append(args[0].shape[:-1].numel()))
-    ours.bert.embeddings.register_forward_pre_hook(
-        lambda module, args, kwargs: sparse.append(kwargs["sparse_grad"]), with_kwargs=True)
-    on_cpu = ours(ids, mask, encoder_hidden_states=images, labels=labels, output_logits=False).loss
-    assert rows[-1] == int(mask.sum()) < B * T and sparse[-1] is True
-    monkeypatch.setattr(med, "cpu_savings_pay", lambda device: False)
-    elsewhere = ours(ids, mask, encoder_hidden_states=images, labels=labels, output_logits=False).loss
-    assert rows[-1] == B * T and sparse[-1] is False
-    torch.testing.assert_close(on_cpu, elsewhere, atol=1e-6, rtol=1e-5)
-
-
 @pytest.mark.parametrize("output_logits", [True, False])
 def test_gradients_match_transformers_and_stay_dense(output_logits):
     """The training loss's gradients equal transformers' for every weight, the tied word embeddings included
@@ -356,64 +304,6 @@ def test_gradients_match_transformers_and_stay_dense(output_logits):
     for name, param in ours.named_parameters():
         assert param.grad is not None and param.grad.layout == torch.strided, name
         torch.testing.assert_close(param.grad, ref_grads[name].grad, atol=1e-5, rtol=1e-4, msg=name)
-
-
-def test_image_token_projections_train_through_onednn_with_transformers_gradients(monkeypatch):
-    """In training, the cross-attention's key and value projections of the image tokens (a ViT's batch x tokens
-    rows, from ops.ONEDNN_MIN_ROWS) run their forward and input-gradient products through oneDNN, as the ViT's
-    do; the text's few rows stay with F.linear. The gradients equal transformers'."""
-    from torch.profiler import profile
-
-    from med_train.fast import ops
-
-    ours, ref = _pair()
-    ids, mask, labels, _ = _inputs()
-    images = torch.randn(B, 40, W_IMG, generator=torch.Generator().manual_seed(8)).requires_grad_()
-    monkeypatch.setattr(ops, "ONEDNN_MIN_ROWS", B * 40)  # the image tokens' rows; the text has B * T = 27
-    ours.train()
-    ref.train()
-    ref_images = images.detach().clone().requires_grad_()
-    ref(input_ids=ids, attention_mask=mask, encoder_hidden_states=ref_images, labels=labels).loss.backward()
-    with profile() as prof:
-        ours(ids, mask, encoder_hidden_states=images, labels=labels).loss.backward()
-    onednn_calls = sum(e.count for e in prof.key_averages() if e.key == "mkldnn::_linear_pointwise")
-    assert onednn_calls == 2 * 2 * LAYERS  # key and value, forward and input gradient, in every layer
-    torch.testing.assert_close(images.grad, ref_images.grad, atol=1e-5, rtol=1e-4)
-    ref_grads = dict(ref.named_parameters())
-    for name, param in ours.named_parameters():
-        torch.testing.assert_close(param.grad, ref_grads[name].grad, atol=1e-5, rtol=1e-4, msg=name)
-
-
-def test_tied_table_gradient_takes_the_lookup_rows_in_place(monkeypatch):
-    """The sparse lookup gradient is added into the LM head's dense one in place (`med.TiedTable`), where
-    autograd's own dense + sparse accumulation copies the vocabulary-sized gradient (profiled: an in-place add,
-    no copy); the gradient stays what the dense lookup gives."""
-    from torch.profiler import profile
-
-    ours, _ = _pair()
-    ids, mask, labels, images = _inputs()
-    ours.train()
-    table = ours.bert.embeddings.word_embeddings.weight
-
-    def grad(**kw):
-        ours.zero_grad(set_to_none=True)
-        with profile(record_shapes=True) as prof:
-            ours(ids, mask, encoder_hidden_states=images, labels=labels, **kw).loss.backward()
-        table_sized = [e.name for e in prof.events() if e.input_shapes and e.input_shapes[0] == [V, H]]
-        return table.grad.clone(), table_sized
-
-    sparse_grad, sparse_ops = grad(output_logits=False)
-    assert "aten::add_" in sparse_ops and "aten::copy_" not in sparse_ops and table.grad.is_contiguous()
-    # the check sees autograd's accumulation when the lookup's gradient is not routed through TiedTable
-    with monkeypatch.context() as patch:
-        patch.setattr(med.TiedTable, "apply", lambda weight: (weight, weight))
-        _, untied_ops = grad(output_logits=False)
-    assert "aten::copy_" in untied_ops
-    ours.bert.embeddings.register_forward_pre_hook(
-        lambda module, args, kwargs: kwargs.update(sparse_grad=False, word_weight=None) or (args, kwargs),
-        with_kwargs=True)
-    dense_grad, _ = grad(output_logits=False)
-    torch.testing.assert_close(sparse_grad, dense_grad, atol=1e-6, rtol=1e-5)
 
 
 def test_dropout_is_active_in_training_only():

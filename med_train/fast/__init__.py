@@ -1,4 +1,116 @@
-"""Speed-only pieces of the decoder: attention routes measured faster on the CPU (`attention`) and the decoding
-caches that use them or keep their tensors in place (`caches`). Each equals the plain decoder's arithmetic
-(`med`, `cache.DecoderCache`); `med.py` imports nothing from here, so without it the captioner is the same,
-slower."""
+"""Every speed-only piece of med_train, behind one door:
+
+    from med_train import fast
+    fast.prepare(model, device, "decode")   # or "train": once, before the first forward on `device`
+
+`prepare` changes a model in place, keeping its parameters, state-dict keys and results (to float rounding):
+its linears become `ops.FastLinear`s (oneDNN products with prepacked weights in CPU inference, owned by each module
+and freed when it trains again), the ViT's blocks `vit.LeanBlock`s and the decoder's layers `decoder.LeanLayer`s
+(fused training ops that keep one activation where autograd keeps two), the decoder a `decoder.SparseTiedDecoder`
+on the CPU (the padding skipped, a sparse embedding gradient), and the decoder's decoding a
+`decoding.FastDecoding` (the few-row C++ kernel, folded cross-attention and a history cache on the CPU, CUDA
+graphs on a GPU). The routes that are only faster on some CPUs are chosen by measuring them on this one
+(`choose_routes`).
+
+The model files (`med.py`, `decode.py`, `model.py`) import nothing from here: without `prepare` (or with
+MED_FAST=0 in the environment, or `train.fast: false` in a training config) the same model runs plain PyTorch.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from med_train import med
+from med_train.fast import few_rows, ops
+
+
+def enabled() -> bool:
+    """False where MED_FAST=0 turns every fast path off."""
+    return os.environ.get("MED_FAST", "").strip() != "0"
+
+
+@dataclass
+class Prepared:
+    """What `prepare` did to a model, to say (`med bench`)."""
+
+    device: str
+    uses: set[str] = field(default_factory=set)
+    pieces: list[str] = field(default_factory=list)
+    routes: dict[str, bool] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        if not self.pieces:
+            return "fast paths: off"
+        chosen = ", ".join(f"{name} {'on' if on else 'off'}" for name, on in self.routes.items())
+        return f"fast paths on {self.device}: {', '.join(self.pieces)}" + (f"; CPU routes: {chosen}" if chosen else "")
+
+
+def prepare(model: nn.Module, device: torch.device | str | None = None, use: str = "decode", *,
+            enabled_here: bool | None = None) -> Prepared:
+    """Give `model` (a Captioner or a MED decoder) the fast paths for `device` (default: where its parameters are)
+    and `use` ("decode" or "train"; a training run's validation decodes with what "train" prepared). Call it
+    before the first forward, and before wrapping the model (DDP, accelerate). `enabled_here=False` (or
+    MED_FAST=0) leaves the model as it is."""
+    if use not in ("decode", "train"):
+        raise ValueError(f"use must be 'decode' or 'train', not {use!r}")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    done = model.__dict__.get("fast_paths")
+    if done is not None and done.device == device.type and use in done.uses:
+        return done  # decided once per model and device
+    if not (enabled() if enabled_here is None else enabled_here):
+        report = model.__dict__["fast_paths"] = Prepared(device.type, uses={"decode", "train"})
+        return report
+    report = model.__dict__["fast_paths"] = Prepared(device.type, uses={use} | (done.uses if done else set()))
+    vit = getattr(model, "visual_encoder", None)
+    if vit is not None:
+        from med_train.fast.vit import lean_blocks
+
+        lean_blocks(vit)
+        report.pieces.append("lean ViT blocks")
+    _swap_classes(model, device)
+    report.pieces += ["fused decoder feed-forward", "prepacked products"]
+    if device.type == "cpu":
+        report.pieces.append("padding skipped and sparse embedding gradient in training")
+        few_rows.build()  # compiled once per machine, loaded after; never inside a forward call
+        report.routes = choose_routes(model, use)
+    report.pieces.append("CUDA-graph decoding steps" if device.type == "cuda" else "fast decoding caches")
+    return report
+
+
+def _swap_classes(model: nn.Module, device: torch.device) -> None:
+    from med_train.fast.decoder import LeanLayer, PackedHead, SparseTiedDecoder
+    from med_train.fast.decoding import FastDecoding
+
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = ops.FastLinear
+        elif type(module) is med.BertLMPredictionHead:
+            module.__class__ = PackedHead
+        elif LeanLayer.fits(module):
+            module.__class__ = LeanLayer
+        elif isinstance(module, med.BertLMHeadModel):
+            if device.type == "cpu" and type(module) is med.BertLMHeadModel:
+                module.__class__ = SparseTiedDecoder
+            module.decoding = FastDecoding()
+
+
+def choose_routes(model: nn.Module, use: str) -> dict[str, bool]:
+    """The CPU routes this process takes (`ops.ROUTES`), chosen for this machine."""
+    ops.ROUTES.few_rows = few_rows.available()
+    return {"few-row kernel": ops.ROUTES.few_rows, "oneDNN prepacked": ops.ROUTES.packed,
+            "oneDNN training products": ops.ROUTES.onednn_training}
+
+
+def release(model: nn.Module) -> None:
+    """Free what the fast paths keep for `model`: its linears' packed weights and its captured CUDA graphs."""
+    from med_train.fast.graphs import release_captured_steps
+
+    for module in model.modules():
+        if isinstance(module, ops.FastLinear):
+            module.release()
+        if isinstance(module, med.BertLMHeadModel):
+            release_captured_steps(module)

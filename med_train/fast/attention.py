@@ -12,7 +12,7 @@ from torch import nn
 
 from med_train.cache import attend_per_image
 from med_train.fast import few_rows
-from med_train.fast.ops import kept_copy
+from med_train.fast.ops import few_rows_ready
 
 # Below this many queries per key/value set (a decoding step: 1 per image, or its beams folded in), CPU inference
 # attends with two matrix products instead of SDPA's kernel, which is slower there (12 cross-attention layers
@@ -63,7 +63,7 @@ def kernel_keys(key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, t
     reads each head's rows at their stride, fetching the next head's as it goes: as fast as a contiguous copy,
     which took about 10 ms of the bench's beam-3 decode). Elsewhere both contiguous, which makes each step's read
     of them sequential (a greedy step's cross-attention, ViT-B image tokens: 17 -> 10 ms with bmm)."""
-    if key.dtype == value.dtype == torch.float32 and few_rows.available():
+    if key.dtype == value.dtype == torch.float32 and few_rows_ready():
         return key.transpose(-1, -2).contiguous().transpose(-1, -2), value
     return key.contiguous(), value.contiguous()
 
@@ -75,14 +75,14 @@ def _attends_in_kernel(query, key, value, attention_mask) -> bool:
     1.7 with matmul; the data (9.7 MB of K/V a layer) come from memory every step, which bounds it (0.37 ms)."""
     return (query.dtype == key.dtype == value.dtype == torch.float32 and key.transpose(-1, -2).is_contiguous()
             and (attention_mask is None or attention_mask.dtype == torch.float32)
-            and _cpu_inference(query) and few_rows.available())
+            and _cpu_inference(query) and few_rows_ready())
 
 
 def history_pays(decoder: nn.Module, image_embeds: torch.Tensor) -> bool:
     """Whether a decode continues its prompt in a `HistoryCache`: CPU inference in fp32 (no autocast), a decoder
     in eval mode (no attention dropout), where the few-row kernel is built."""
     return (not decoder.training and _cpu_inference(image_embeds) and image_embeds.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu") and few_rows.available())
+            and not torch.is_autocast_enabled("cpu") and few_rows_ready())
 
 
 # A CPU decode folds the image projections into the queries (`FastDecoderCache.folding`) when its estimated cost is
@@ -141,7 +141,8 @@ def folded_cross_attention(query, image, key: nn.Linear, value: nn.Linear, atten
 
 def _folded_panels(query, image, key: nn.Linear, value: nn.Linear) -> dict | None:
     """The few-row kernel's panels for `folded_cross_attention`'s four products, or None where they run as bmm
-    (not fp32, no kernel, or a weight's first use: see ops.kept_copy): per head h, Wk_h (hs, E) to carry and
+    (not fp32, no kernel, linears that are not `FastLinear`s, or a weight's first use: see `FastLinear.kept`): per
+    head h, Wk_h (hs, E) to carry and
     Wv_h^T (E, hs) to come back, kept with the weights; per image, the tokens transposed (E, N) for the scores and
     the tokens (N, E) for the mix, kept with the cache's `ImageTokens` for the decode.
 
@@ -149,11 +150,11 @@ def _folded_panels(query, image, key: nn.Linear, value: nn.Linear) -> dict | Non
     take 0.34 + 0.69 + 0.62 + 0.33 ms a step with the weights and tokens cold in cache, about 40 GFLOP/s."""
     tokens = image.tokens
     if not (query.dtype == tokens.dtype == key.weight.dtype == value.weight.dtype == torch.float32
-            and query.device.type == "cpu" and few_rows.available()):
+            and query.device.type == "cpu" and few_rows_ready() and hasattr(key, "kept") and hasattr(value, "kept")):
         return None
     nh, hs = query.shape[1], query.shape[3]
-    carry = kept_copy(key.weight, ("folded carry", nh), lambda w: few_rows.pack(w.view(nh, hs, -1)))
-    back = kept_copy(value.weight, ("folded back", nh), lambda w: few_rows.pack(w.view(nh, hs, -1).transpose(1, 2)))
+    carry = key.kept(("folded carry", nh), lambda w: few_rows.pack(w.view(nh, hs, -1)))
+    back = value.kept(("folded back", nh), lambda w: few_rows.pack(w.view(nh, hs, -1).transpose(1, 2)))
     if carry is None or back is None:
         return None
     scores, mix = image.panels()

@@ -23,12 +23,12 @@ from med_train import med
 from med_train.fast import few_rows
 from med_train.fast.attention import folded_cross_attention
 from med_train.fast.caches import HistoryCache, ImageTokens
-from med_train.fast.ops import few_row_panels
+from med_train.fast.ops import FastLinear, few_rows_ready
 
 
-def _product(linear, *, bias: torch.Tensor | None = None) -> few_rows.Product:
+def _product(linear: FastLinear, *, bias: torch.Tensor | None = None) -> few_rows.Product:
     weight = linear.weight
-    return few_rows.Product(few_row_panels(weight), weight.shape[0], linear.bias if bias is None else bias)
+    return few_rows.Product(linear.few_row_panels(), weight.shape[0], linear.bias if bias is None else bias)
 
 
 def _norm(layer_norm) -> few_rows.Norm:
@@ -51,7 +51,7 @@ class _Layer:
 
 
 class KernelSteps:
-    """A decoder's weights prepared for `step` (the kernel's panels are the ones `ops.linear` keeps: no copy of
+    """A decoder's weights prepared for `step` (the kernel's panels are the ones its `FastLinear`s keep: no copy of
     its own). Make one per decode with `for_decoder`: it reads the weights as they are then."""
 
     def __init__(self, decoder):
@@ -69,11 +69,14 @@ class KernelSteps:
     @classmethod
     def for_decoder(cls, decoder) -> KernelSteps | None:
         """The steps for `decoder`, or None where they do not apply: only a `med.BertLMHeadModel` with
-        cross-attention, in eval mode, with fp32 CPU weights, outside autocast and autograd, where the kernel is
-        built (the decoder's own forward runs everywhere else). Forward hooks on its modules are not called here."""
+        cross-attention whose linears are `FastLinear`s (`fast.prepare`), in eval mode, with fp32 CPU weights,
+        outside autocast and autograd, where the kernel is built and chosen (the decoder's own forward runs
+        everywhere else). Forward hooks on its modules are not called here."""
         if not (isinstance(decoder, med.BertLMHeadModel) and decoder.config.add_cross_attention
                 and not decoder.training and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
-                and few_rows.available()):
+                and few_rows_ready()):
+            return None
+        if not all(isinstance(m, FastLinear) for m in decoder.modules() if isinstance(m, torch.nn.Linear)):
             return None
         if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in decoder.parameters()):
             return None

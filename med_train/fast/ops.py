@@ -1,48 +1,55 @@
-"""Memory-lean fused operations for training: each keeps one activation for backward where autograd would keep two,
-and recomputes the other (one element-wise pass) in backward. Same values and gradients as the unfused ops
-(gradcheck in the tests), in fp32 and under autocast.
+"""Memory-lean fused operations for training, and prepacked products for CPU inference.
+
+Training: each fused op keeps one activation for backward where autograd would keep two, and recomputes the other
+(one element-wise pass) in backward. Same values and gradients as the unfused ops (gradcheck in the tests), in fp32
+and under autocast.
 
     y = gelu_linear(h, fc2.weight, fc2.bias)       # = fc2(F.gelu(h)); keeps h, not gelu(h)
     y = layer_norm_linear(x, norm, qkv)            # = qkv(norm(x)); keeps x, not norm(x)
 
-Used by the ViT blocks (model.LeanBlock) and the decoder's feed-forward (med.BertLayer).
-
-For inference on the CPU, `linear(..., packed=True)` (and `Linear`, and the two fused ops with `packed=True`) runs
-the product through oneDNN with the weight reordered (at its second use) into oneDNN's blocked layout and kept.
-MKL's sgemm, which `F.linear` calls, copies the weight into its own layout on every call: for the few rows of a
-decoding step that copy costs more than the product (a BERT-base decoder's weights against 8 rows: 76 ms per step
-with `F.linear`, 40 ms packed, one thread; at ViT sizes, 1576 rows, about 95 against 107 GFLOP/s). The price is
-memory: a second copy of the weights that run packed, freed when the model goes back to training. In fp32, a
-product of at most FEW_ROWS_MAX rows (a decoding step's) runs through `few_rows` instead where that kernel is
-built (AVX-512 CPUs with a C++ compiler), with the weight kept in its panel layout: a BERT-base decoder's weights
-against 8 rows at 92 GFLOP/s instead of oneDNN's 58 (one thread; see few_rows.py).
+Inference on the CPU: `FastLinear` (what `fast.prepare` makes of a model's `nn.Linear`s, same parameters) runs its
+product through oneDNN with the weight reordered (at its second use) into oneDNN's blocked layout and kept by the
+module. MKL's sgemm, which `F.linear` calls, copies the weight into its own layout on every call: for the few rows
+of a decoding step that copy costs more than the product (a BERT-base decoder's weights against 8 rows: 76 ms per
+step with `F.linear`, 40 ms packed, one thread; at ViT sizes, 1576 rows, about 95 against 107 GFLOP/s). The price
+is memory: a second copy of the weights that run packed, which the module frees when it trains again (its weights
+will change) and which goes with it. In fp32, a product of at most FEW_ROWS_MAX rows (a decoding step's) runs
+through `few_rows` instead where that kernel is built and chosen, with the weight kept in its panel layout.
 
 In training the weights change every step, so nothing is kept: `product` (the fused ops' products, and
-`training_linear`'s) hands oneDNN the plain weight, which it reorders for each call; that pays from about a
-thousand rows (a ViT-B batch's 1576 tokens: its forward and input-gradient products 6.6% faster, a training step
-3% faster); with fewer rows (the decoder's captions) F.linear's MKL is faster and is used.
+`training_linear`'s) hands oneDNN the plain weight, which it reorders for each call, from ONEDNN_MIN_ROWS rows
+where that was chosen (`ROUTES.onednn_training`); with fewer rows F.linear's MKL is faster and is used.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.weak import WeakIdKeyDictionary
 
 from med_train.fast import few_rows
 
-# weight -> (its version and storage when last seen, {layout: the packed copy, or None after its first use}), a
-# layout being oneDNN's in a dtype (torch.float32 or torch.bfloat16), FEW_ROWS, or another module's (`kept_copy`);
-# entries go with their weights
-_PACKED = WeakIdKeyDictionary()
 FEW_ROWS = "few_rows"
 # oneDNN's bf16 products (the prepacked path under bf16 autocast) need AVX512BW/VL/DQ or AVX_NE_CONVERT; on other
 # CPUs `_reorder_linear_weight` fails in bf16, and F.linear, which autocast runs in bf16 its own way, is used instead.
 ONEDNN_BF16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-# Products of at most this many rows go through the few-row kernel where it is built: it beat oneDNN's prepacked
-# product at every count measured, 1 to 64 rows (8: 92 against 58 GFLOP/s; 64: 108 against 105), one thread.
+# Products of at most this many rows go through the few-row kernel where it is built and chosen: on AVX-512 it
+# beat oneDNN's prepacked product at every count measured, 1 to 64 rows, one thread.
 FEW_ROWS_MAX = 64
+
+
+@dataclass
+class Routes:
+    """Which CPU routes this process takes (`fast.prepare` sets them from measurements on this machine)."""
+
+    packed: bool = True  # inference products with weights prepacked for oneDNN
+    few_rows: bool = True  # a decoding step's products (at most FEW_ROWS_MAX rows) through the few-row kernel
+    onednn_training: bool = True  # training's large products through oneDNN (`product`)
+
+
+ROUTES = Routes()
 
 
 def _packed_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
@@ -50,7 +57,7 @@ def _packed_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
     with fp32 weights: no gradient to record, not inside torch.compile (which prepacks on its own). fp32, or bf16
     under bf16 autocast, where F.linear would cast the inputs (and the weight, on every call) to bf16 too, on CPUs
     where oneDNN has bf16 products (ONEDNN_BF16)."""
-    if (x.device.type != "cpu" or weight.dtype != torch.float32 or weight.dim() != 2
+    if (not ROUTES.packed or x.device.type != "cpu" or weight.dtype != torch.float32 or weight.dim() != 2
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
             or torch.compiler.is_compiling() or not torch.backends.mkldnn.is_available()):
         return None
@@ -60,91 +67,80 @@ def _packed_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
     return torch.float32 if x.dtype == torch.float32 else None
 
 
-def _packed_weight(weight: torch.Tensor, layout: torch.dtype | str) -> torch.Tensor | None:
-    """`weight` in oneDNN's blocked layout in that dtype, or FEW_ROWS's panels: see `kept_copy`."""
-    return kept_copy(weight, layout, _few_row_pack if layout == FEW_ROWS
-                     else lambda w: torch.ops.mkldnn._reorder_linear_weight(w.detach().to(layout)))
+def few_rows_ready() -> bool:
+    """Whether a step's few rows go through the kernel: built, and chosen on this machine."""
+    return ROUTES.few_rows and few_rows.available()
+
+
+class FastLinear(nn.Linear):
+    """`nn.Linear` (same parameters, state-dict keys and values: `fast.prepare` turns a model's linears into these
+    in place) whose forward in eval mode uses prepacked weights for CPU inference (`packed`); in training
+    `training_linear` (a decoder's projections of the image tokens have a ViT's rows: oneDNN pays there)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            return training_linear(x, self.weight, self.bias)
+        return self.packed(x)
+
+    def packed(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x W^T + b (`bias` instead of the module's own where given: the LM head's lives beside it). In inference
+        on the CPU (see `_packed_dtype`) with the weight prepacked from its second use: through `few_rows` for at
+        most FEW_ROWS_MAX rows in fp32 where that kernel is chosen, else oneDNN. In fp32 equal to F.linear's to
+        float rounding (about 1e-6; the sums run in another order), under bf16 autocast in bf16 as autocast's."""
+        weight, bias = self.weight, self.bias if bias is None else bias
+        dtype = _packed_dtype(x, weight)
+        if dtype is None:
+            return F.linear(x, weight, bias)
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        if (dtype == torch.float32 and 0 < rows <= FEW_ROWS_MAX and (bias is None or bias.dtype == torch.float32)
+                and few_rows_ready()):
+            panels = self.kept(FEW_ROWS, _few_row_pack)
+            return F.linear(x, weight, bias) if panels is None else few_rows.linear(x, panels, weight.shape[0], bias)
+        blocked = self.kept(dtype, lambda w: torch.ops.mkldnn._reorder_linear_weight(w.detach().to(dtype)))
+        if blocked is None:
+            return F.linear(x, weight, bias)
+        return _onednn_linear(x.to(dtype), blocked, None if bias is None else bias.to(dtype))
+
+    def kept(self, layout: object, make, *, now: bool = False) -> torch.Tensor | None:
+        """`make(self.weight)`, a copy of the weight in another layout (oneDNN's in a dtype, the few-row kernel's
+        panels, or another route's), made at the weight's second use in that layout and kept by this module until
+        the weight changes (an optimizer step or a loaded checkpoint writes into it in place, which bumps its
+        version) or the module trains again. None at the first use: a weight used once (the ViT's, captioning one
+        batch) is not worth the copy, which costs about what one product saves; `now=True` makes it now."""
+        weight = self.weight
+        stamp = (weight._version, weight.data_ptr())
+        if self.__dict__.get("_stamp") != stamp:
+            self.__dict__["_stamp"], self.__dict__["_kept"] = stamp, {}
+        copies = self.__dict__["_kept"]
+        if layout not in copies and not now:
+            copies[layout] = None
+        elif copies.get(layout) is None:
+            copies[layout] = make(weight)
+        return copies[layout]
+
+    def few_row_panels(self) -> torch.Tensor:
+        """The weight's panels for the few-row kernel, the copy `packed` keeps and uses, made now if not yet."""
+        return self.kept(FEW_ROWS, _few_row_pack, now=True)
+
+    def release(self) -> None:
+        """Free the kept copies."""
+        self.__dict__.pop("_kept", None)
+        self.__dict__.pop("_stamp", None)
+
+    def train(self, mode: bool = True):
+        if mode:  # its weights will change: the copies would be stale
+            self.release()
+        return super().train(mode)
 
 
 def _few_row_pack(weight: torch.Tensor) -> torch.Tensor:
     return few_rows.pack(weight.t())
 
 
-def kept_copy(weight: torch.Tensor, layout: object, make, *, now: bool = False) -> torch.Tensor | None:
-    """`make(weight)`, a copy of `weight` in another layout, made at the weight's second use in that layout and
-    kept until the weight changes (an optimizer step or a loaded checkpoint writes into it in place, which bumps
-    its version) or `release_packed`. None at the first use: a weight used once (the ViT's, captioning one batch)
-    is not worth the copy, which costs about what one product saves; `now=True` makes it at the first use."""
-    key = (weight._version, weight.data_ptr())
-    entry = _PACKED.get(weight)
-    if entry is None or entry[0] != key:
-        entry = _PACKED[weight] = (key, {})
-    copies = entry[1]
-    if layout not in copies and not now:
-        copies[layout] = None
-    elif copies.get(layout) is None:
-        copies[layout] = make(weight)
-    return copies[layout]
-
-
-def few_row_panels(weight: torch.Tensor) -> torch.Tensor:
-    """`weight`'s panels for the few-row kernel (`few_rows.pack(weight.t())`), the copy `linear` keeps and uses,
-    made now if not yet."""
-    return kept_copy(weight, FEW_ROWS, _few_row_pack, now=True)
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-           packed: bool = False) -> torch.Tensor:
-    """`F.linear(x, weight, bias)`. With `packed=True`, in inference on the CPU (see `_packed_dtype`), the same
-    product with the weight prepacked (from its second use) and kept until it changes or `release_packed`:
-    through `few_rows` for at most FEW_ROWS_MAX rows in fp32 where that kernel is built, else oneDNN. In fp32
-    equal to F.linear's to float rounding (about 1e-6; the sums run in another order), under bf16 autocast in
-    bf16 as autocast's F.linear."""
-    dtype = _packed_dtype(x, weight) if packed else None
-    if dtype is None:
-        return F.linear(x, weight, bias)
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if (dtype == torch.float32 and 0 < rows <= FEW_ROWS_MAX and (bias is None or bias.dtype == torch.float32)
-            and few_rows.available()):
-        panels = _packed_weight(weight, FEW_ROWS)
-        return F.linear(x, weight, bias) if panels is None else few_rows.linear(x, panels, weight.shape[0], bias)
-    blocked = _packed_weight(weight, dtype)
-    if blocked is None:
-        return F.linear(x, weight, bias)
-    return _onednn_linear(x.to(dtype), blocked, None if bias is None else bias.to(dtype))
-
-
 def _onednn_linear(x: torch.Tensor, blocked: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x @ weight.T + bias with the weight in oneDNN's blocked layout, for any leading dimensions of x."""
     y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), blocked, bias, "none", [], "")
     return y.view(*x.shape[:-1], y.shape[-1])
-
-
-def release_packed(module: nn.Module) -> None:
-    """Free the packed copies of `module`'s weights (a model going back to training: its weights will change)."""
-    for param in module.parameters():
-        _PACKED.pop(param, None)
-
-
-class ReleasesPackedOnTrain:
-    """Mixin for a model whose eval mode packs weights (`linear`): back in training mode its weights will change,
-    so their packed copies are freed."""
-
-    def train(self, mode: bool = True):
-        if mode:
-            release_packed(self)
-        return super().train(mode)
-
-
-class Linear(nn.Linear):
-    """`nn.Linear` (same parameters, state-dict keys and values) whose forward in eval mode uses `linear(...,
-    packed=True)`: prepacked weights for CPU inference; in training `training_linear` (a decoder's projections
-    of the image tokens have a ViT's rows: oneDNN pays there); F.linear everywhere else."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            return training_linear(x, self.weight, self.bias)
-        return linear(x, self.weight, self.bias, packed=True)
 
 
 # Training's products on the CPU: from this many rows (a ViT's batch x tokens), oneDNN with the weight reordered
@@ -168,7 +164,7 @@ def _onednn_pays(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """A training product that `product` hands to oneDNN: fp32 on the CPU, from ONEDNN_MIN_ROWS rows, outside
     autocast and torch.compile."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return (rows >= ONEDNN_MIN_ROWS and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+    return (ROUTES.onednn_training and rows >= ONEDNN_MIN_ROWS and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
             and torch.backends.mkldnn.is_available())
 
@@ -228,12 +224,8 @@ class _GeluLinear(torch.autograd.Function):
         return grad_h, grad_weight, grad_bias
 
 
-def gelu_linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                packed: bool = False) -> torch.Tensor:
-    """`F.linear(F.gelu(h), weight, bias)`, storing one activation for backward instead of two (`packed`: see
-    `linear`)."""
-    if packed and _packed_dtype(h, weight) is not None:
-        return linear(F.gelu(h), weight, bias, packed=True)
+def gelu_linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(F.gelu(h), weight, bias)`, storing one activation for backward instead of two."""
     return _GeluLinear.apply(h, weight, bias)
 
 
@@ -266,8 +258,6 @@ class _LayerNormLinear(torch.autograd.Function):
         return grad_x, grad_norm_weight, grad_norm_bias, None, grad_weight, grad_bias
 
 
-def layer_norm_linear(x: torch.Tensor, norm: nn.LayerNorm, dense: nn.Linear, *, packed: bool = False) -> torch.Tensor:
-    """`dense(norm(x))`, storing one activation for backward instead of two (`packed`: see `linear`)."""
-    if packed and _packed_dtype(x, dense.weight) is not None:
-        return linear(norm(x), dense.weight, dense.bias, packed=True)
+def layer_norm_linear(x: torch.Tensor, norm: nn.LayerNorm, dense: nn.Linear) -> torch.Tensor:
+    """`dense(norm(x))`, storing one activation for backward instead of two."""
     return _LayerNormLinear.apply(x, norm.weight, norm.bias, norm.eps, dense.weight, dense.bias)

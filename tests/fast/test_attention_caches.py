@@ -6,10 +6,17 @@ import torch
 import torch.nn.functional as F
 from test_med import HEADS, LAYERS, W_IMG, B, H, N, V, _inputs, _pair
 
-from med_train import med
+from med_train import fast, med
 from med_train.fast import attention, few_rows
 from med_train.fast.caches import FastDecoderCache, HistoryCache, ImageTokens, StaticDecoderCache
 from med_train.med import med_config
+
+
+def _prepared():
+    """test_med's decoder (transformers' BLIP weights) with the fast paths, whatever MED_FAST says."""
+    ours, _ = _pair()
+    fast.prepare(ours, "cpu", "decode", enabled_here=True)
+    return ours
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -41,7 +48,7 @@ def test_cpu_decoding_attends_outside_sdpa(monkeypatch, beams, kernel):
         pytest.skip("the few-row kernel is not built here")
     if not kernel:
         monkeypatch.setattr(few_rows, "available", lambda: False)
-    ours, _ = _pair()
+    ours = _prepared()
     _, _, _, images = _inputs()
     text = torch.randint(3, V, (B * beams, 7), generator=torch.Generator().manual_seed(3))
     full = ours(text, encoder_hidden_states=images.repeat_interleave(beams, 0)).logits
@@ -85,7 +92,7 @@ def test_cpu_decoding_attends_outside_sdpa(monkeypatch, beams, kernel):
 def test_folded_cross_attention_equals_attention_over_projected_kv(dtype, queries, masked):
     """Queries carried to the image tokens' width (the key and value projections folded in) attend as SDPA does
     over the projected K/V, the key and value biases included."""
-    ours, _ = _pair()
+    ours = _prepared()
     attn = ours.bert.encoder.layer[1].crossattention.self
     g = torch.Generator().manual_seed(4)
     with torch.no_grad():  # BERT's init zeroes biases: give them values, so that dropping bk and adding bv is tested
@@ -119,7 +126,7 @@ def test_folding_cache_decodes_like_projected_kv(monkeypatch, beams):
     """A folding cache (`FastDecoderCache.folding`) gives the logits of the full forward, prompt and steps, with an
     image mask and beams; the image tokens are never projected, and `keep_images` selects them once for all
     layers."""
-    ours, _ = _pair()
+    ours = _prepared()
     g = torch.Generator().manual_seed(6)
     images = torch.randn(B, N + 2, W_IMG, generator=g)
     mask = torch.ones(B, N + 2, dtype=torch.long)
@@ -156,7 +163,7 @@ def test_keep_images_keeps_the_cross_keys_layout():
     """`keep_images` on a projected cache selects the images' cross K/V in the layout they were stored in (keys
     transposed and values as projected where the few-row kernel attends), so the steps after it still attend in
     the kernel; the next step's logits are the full forward's for the images kept."""
-    ours, _ = _pair()
+    ours = _prepared()
     _, _, _, images = _inputs()
     text = torch.randint(3, V, (B, 5), generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
@@ -181,7 +188,7 @@ def test_history_cache_follows_reordered_beams_like_the_growing_cache():
     import gc
     import weakref
 
-    ours, _ = _pair()
+    ours = _prepared()
     _, _, _, images = _inputs()
     g = torch.Generator().manual_seed(9)
     prompt = torch.randint(3, V, (B, 3), generator=g)
@@ -222,7 +229,7 @@ def test_static_cache_steps_give_the_full_forwards_logits():
     """A `StaticDecoderCache` (what a GPU's captured decoding step runs over): loaded from a prefilled cache, with
     each image's row repeated for beams, its steps write K/V in place at a device-side position and give the full
     forward's logits; in-place reordering moves rows; `fits` tells which caches its buffers take."""
-    ours, _ = _pair()
+    ours = _prepared()
     g = torch.Generator().manual_seed(8)
     beams, capacity = 2, 9
     images = torch.randn(B, N, W_IMG, generator=g)

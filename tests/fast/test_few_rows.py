@@ -305,18 +305,24 @@ def test_beam_candidates_refuse_what_they_cannot_take():
 
 
 @needs_kernel
+def _fast_linear(out_features, in_features, bias=True):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(in_features, out_features, bias=bias).eval()
+    linear.__class__ = ops.FastLinear  # as fast.prepare makes it
+    return linear
+
+
 def test_ops_linear_routes_few_rows_to_the_kernel_and_more_to_onednn():
     """From a weight's second use: up to FEW_ROWS_MAX rows through the kernel's panels, more through oneDNN's
-    blocked copy, each kept; fp32 results equal F.linear's either way."""
-    torch.manual_seed(0)
-    weight, bias = torch.randn(64, 32), torch.randn(64)
+    blocked copy, each kept by the module; fp32 results equal F.linear's either way."""
+    linear = _fast_linear(64, 32)
     for rows, layout in ((ops.FEW_ROWS_MAX, ops.FEW_ROWS), (ops.FEW_ROWS_MAX + 1, torch.float32)):
         x = torch.randn(rows, 32)
         for _ in range(3):
             with torch.no_grad():
-                torch.testing.assert_close(ops.linear(x, weight, bias, packed=True), F.linear(x, weight, bias))
-        assert ops._PACKED[weight][1][layout] is not None
-    assert set(ops._PACKED[weight][1]) == {ops.FEW_ROWS, torch.float32}
+                torch.testing.assert_close(linear(x), F.linear(x, linear.weight, linear.bias))
+        assert linear._kept[layout] is not None
+    assert set(linear._kept) == {ops.FEW_ROWS, torch.float32}
 
 
 def test_turned_off_or_unbuildable_falls_back_to_onednn(monkeypatch, tmp_path):
@@ -342,12 +348,11 @@ def test_turned_off_or_unbuildable_falls_back_to_onednn(monkeypatch, tmp_path):
         assert not few_rows.build() and not few_rows.available()  # decided once per process
     assert not list(tmp_path.rglob("*.so"))  # nothing half-written left
 
-    torch.manual_seed(0)
-    weight, x = torch.randn(16, 8), torch.randn(2, 8)
+    linear, x = _fast_linear(16, 8, bias=False), torch.randn(2, 8)
     with torch.no_grad():
         for _ in range(2):
-            torch.testing.assert_close(ops.linear(x, weight, packed=True), F.linear(x, weight))
-    assert set(ops._PACKED[weight][1]) == {torch.float32}
+            torch.testing.assert_close(linear(x), F.linear(x, linear.weight))
+    assert set(linear._kept) == {torch.float32}
 
 
 def test_without_avx512_or_ninja_nothing_is_built_and_nothing_warns(monkeypatch):
@@ -393,7 +398,7 @@ def test_the_build_folder_changes_with_source_flags_compiler_and_torch(monkeypat
 
 @needs_kernel
 def test_forward_paths_never_build_and_a_later_process_loads_without_compiling():
-    """In a fresh process, products through ops.linear and available() leave the kernel unbuilt and unloaded
+    """In a fresh process, products through a FastLinear and available() leave the kernel unbuilt and unloaded
     (torch's path); `build()` then loads the library this test run built, without compiling it again."""
     libraries = list(few_rows.build_folder().glob("*.so"))
     assert len(libraries) == 1
@@ -402,10 +407,12 @@ def test_forward_paths_never_build_and_a_later_process_loads_without_compiling()
         import torch
         import torch.nn.functional as F
         from med_train.fast import few_rows, ops
-        weight, x = torch.randn(16, 8), torch.randn(2, 8)
+        linear, x = torch.nn.Linear(8, 16, bias=False).eval(), torch.randn(2, 8)
+        linear.__class__ = ops.FastLinear
+        weight = linear.weight.detach()
         with torch.no_grad():
             for _ in range(3):
-                torch.testing.assert_close(ops.linear(x, weight, packed=True), F.linear(x, weight))
+                torch.testing.assert_close(linear(x), F.linear(x, weight))
         assert not few_rows.available() and not few_rows._tried and not hasattr(torch.ops.med_few_rows, "matmul")
         assert few_rows.build() and few_rows.available()
         torch.testing.assert_close(few_rows.linear(x, few_rows.pack(weight.t()), 16), F.linear(x, weight))
@@ -471,19 +478,22 @@ def test_the_operators_pass_opcheck_and_compile_without_a_graph_break():
 
 
 def test_captioning_on_the_cpu_builds_the_kernel_before_the_first_batch(monkeypatch, tmp_path):
-    """`med caption` and `med eval` (caption_files, evaluate) build the kernel before they decode on the CPU, so
-    that no forward call meets an unbuilt kernel; on another device they leave it alone."""
+    """`med caption` and `med eval` (caption_files, evaluate) prepare the model's fast paths, which builds the kernel
+    on the CPU, before they decode, so that no forward call meets an unbuilt kernel; on another device the kernel is
+    left alone."""
     from types import SimpleNamespace
 
     from PIL import Image
 
-    from med_train import evaluate
+    from med_train import evaluate, fast
     from med_train.config import Config
 
     events = []
     monkeypatch.setattr(few_rows, "build", lambda: events.append("build") or few_rows.available())
-    model = SimpleNamespace(cfg=SimpleNamespace(vision=SimpleNamespace(image_size=16)), device=torch.device("cpu"),
-                            generate=lambda images, **_: events.append("generate") or ["a"] * len(images))
+    model = torch.nn.Linear(2, 2)
+    model.cfg, model.generate = SimpleNamespace(vision=SimpleNamespace(image_size=16)), (
+        lambda images, **_: events.append("generate") or ["a"] * len(images))
+    model.device = torch.device("cpu")
     Image.new("RGB", (20, 20), "red").save(tmp_path / "a.png")
     assert [caption for _, caption, _ in evaluate.caption_files(model, [str(tmp_path / "a.png")])] == ["a"]
     assert events == ["build", "generate"]
@@ -492,10 +502,11 @@ def test_captioning_on_the_cpu_builds_the_kernel_before_the_first_batch(monkeypa
         events.append("generate")
         raise InterruptedError
 
-    model.training, model.eval, model.generate = False, lambda: None, stop
+    model.generate = stop
+    model.__dict__.pop("fast_paths")  # prepared once per model: a new one for the second command
     batch = {"images": torch.zeros(1, 3, 16, 16, dtype=torch.uint8), "ids": ["1"], "references": [["a red one"]]}
     with pytest.raises(InterruptedError):
         evaluate.evaluate(model, Config(), loader=[batch], quiet=True)
     assert events == ["build", "generate"] * 2
-    evaluate.prepare_decoding(torch.device("cuda"))
+    fast.prepare(torch.nn.Linear(2, 2), "cuda")
     assert events == ["build", "generate"] * 2

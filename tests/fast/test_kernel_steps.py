@@ -5,6 +5,7 @@ and is only used where it applies."""
 import pytest
 import torch
 
+from med_train import fast
 from med_train.fast import few_rows
 from med_train.fast.caches import FastDecoderCache, HistoryCache, ImageTokens
 from med_train.fast.kernel_steps import KernelSteps
@@ -21,6 +22,7 @@ def _decoder(**overrides):
                   num_attention_heads=4, max_position_embeddings=40, hidden_dropout_prob=0.0,
                   attention_probs_dropout_prob=0.0, pad_token_id=0, initializer_range=0.2)
     decoder = BertLMHeadModel(med_config(**{**config, **overrides})).eval()
+    fast.prepare(decoder, "cpu", "decode", enabled_here=True)
     with torch.no_grad():  # LayerNorms that are not the identity, biases that are not zero
         for name, p in decoder.named_parameters():
             if "LayerNorm" in name or name.endswith("bias"):
