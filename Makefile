@@ -16,8 +16,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+# The model and decoding tests run a second time with every fast path off (plain PyTorch: med_train.fast unused).
 test: install
 	$(BIN)/python -m pytest -q
+	MED_FAST=0 $(BIN)/python -m pytest -q tests/test_med.py tests/test_decode.py tests/test_model.py
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow

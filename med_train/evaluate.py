@@ -133,9 +133,10 @@ def evaluate(model, cfg: Config, *, split: str | None = None, num_beams: int | N
             if progress is not None:
                 progress.update(len(captions))
     model.train(was_training)
-    from med_train.fast.graphs import release_captured_steps
+    if model.__dict__.get("fast_paths") is not None:  # a GPU's captured steps: their memory is training's
+        from med_train.fast.graphs import release_captured_steps
 
-    release_captured_steps(getattr(model, "text_decoder", model))  # a GPU's captured steps: their memory is training's
+        release_captured_steps(getattr(model, "text_decoder", model))
     if per_process is not None:
         records = records[:per_process]
     if num_processes > 1:
@@ -216,8 +217,10 @@ def prepare_decoding(model, device) -> None:
     """Before the first batch: the fast paths for decoding on `device` (`fast.prepare`; on the CPU it builds the
     few-row kernel, compiled the first time on a machine, never inside a forward call), unless the model was
     prepared already (a training run's, which `train.fast` decided) or MED_FAST=0."""
-    from med_train import fast
-
+    try:
+        from med_train import fast
+    except ImportError:  # the speed-only subpackage is optional: without it, plain PyTorch
+        return
     fast.prepare(model, device, "decode")
 
 

@@ -26,7 +26,6 @@ from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from med_train import fast
 from med_train.config import Config, save_config
 from med_train.run_folder import (
     HOLDOUT_FILE,
@@ -354,6 +353,10 @@ def _build_model(run: Run, tokenizer) -> Captioner:
     model = Captioner(cfg.model, tokenizer, load_weights=not run.resumed, max_caption_tokens=cfg.tokenizer.max_length)
     if cfg.train.freeze_vision:
         model.visual_encoder.requires_grad_(False)
+    try:
+        from med_train import fast
+    except ImportError:  # the speed-only subpackage is optional: without it, plain PyTorch
+        return model
     fast.prepare(model, run.accelerator.device, "train", enabled_here=cfg.train.fast)
     return model
 
