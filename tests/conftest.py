@@ -1,11 +1,17 @@
 """Shared fixtures: a tokenizer trained on the fly and a tiny captioner config (everything offline, on the CPU)."""
 
+import os
+
 import pytest
 import torch
 
 from med_train.config import ModelConfig, TextConfig, VisionConfig
 from med_train.fast import few_rows
 from med_train.tokenizer import train_tokenizer
+
+# Every fast path on, unmeasured, unless the run says otherwise (MED_FAST=0: `make test`'s second pass): the tests
+# see every route whatever this machine's calibration would choose; the calibration has tests of its own.
+os.environ.setdefault("MED_FAST", "1")
 
 # The CPU decoding kernel, built once per test run as `med eval` and `med caption` build it before decoding:
 # the tests that need it skip only where it cannot be built (`few_rows.missing()`).

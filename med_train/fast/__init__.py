@@ -22,6 +22,7 @@ import os
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from med_train import med
@@ -99,10 +100,63 @@ def _swap_classes(model: nn.Module, device: torch.device) -> None:
 
 
 def choose_routes(model: nn.Module, use: str) -> dict[str, bool]:
-    """The CPU routes this process takes (`ops.ROUTES`), chosen for this machine."""
-    ops.ROUTES.few_rows = few_rows.available()
-    return {"few-row kernel": ops.ROUTES.few_rows, "oneDNN prepacked": ops.ROUTES.packed,
-            "oneDNN training products": ops.ROUTES.onednn_training}
+    """The CPU routes this process takes (`ops.ROUTES`), each on where it is measured faster than the plain path on
+    this machine, with this model's shapes (`calibrate.faster`: a fraction of a second the first time, cached on
+    disk for the next processes). The routes that do less work (the padding skipped, folded projections, a cache
+    whose rows are never copied) need no measuring."""
+    from med_train.fast import calibrate
+
+    routes = ops.ROUTES
+    decoder = next((m for m in model.modules() if isinstance(m, med.BertLMHeadModel)), None)
+    vit_linear = _first_linear(getattr(model, "visual_encoder", None))
+    with torch.no_grad():
+        if use == "decode" and decoder is not None:
+            wide = decoder.bert.encoder.layer[0].intermediate.dense  # (4H, H): a step's typical product
+            step = torch.randn(8, wide.in_features)  # a greedy step's rows at batch 8
+            routes.packed_few = calibrate.faster(_product_key("oneDNN prepacked", wide, step),
+                                                 *_plain_and_packed(wide, step))
+            routes.few_rows = few_rows.available() and calibrate.faster(
+                _product_key("few-row kernel", wide, step), _best_plain(wide, step), _kernel(wide, step))
+        if use == "decode" and vit_linear is not None:
+            batch = torch.randn(2 * ops.ONEDNN_MIN_ROWS, vit_linear.in_features)  # a ViT batch's tokens
+            routes.packed_many = calibrate.faster(_product_key("oneDNN prepacked", vit_linear, batch),
+                                                  *_plain_and_packed(vit_linear, batch))
+        if use == "train" and vit_linear is not None:
+            batch = torch.randn(2 * ops.ONEDNN_MIN_ROWS, vit_linear.in_features)
+            weight, bias = vit_linear.weight.detach(), vit_linear.bias
+            routes.onednn_training = calibrate.faster(
+                _product_key("oneDNN training product", vit_linear, batch),
+                lambda: F.linear(batch, weight, bias), lambda: ops._onednn_linear(batch, weight, bias))
+    return {"oneDNN prepacked (decoding)": routes.packed_few, "oneDNN prepacked (images)": routes.packed_many,
+            "few-row kernel": routes.few_rows, "oneDNN training products": routes.onednn_training}
+
+
+def _first_linear(module: nn.Module | None) -> nn.Linear | None:
+    """The first MLP's widening linear of a ViT (the bulk of its products), or None."""
+    blocks = getattr(module, "blocks", None)
+    mlp = getattr(blocks[0], "mlp", None) if isinstance(blocks, nn.Sequential) and len(blocks) else None
+    return getattr(mlp, "fc1", None)
+
+
+def _product_key(route: str, linear: nn.Linear, x: torch.Tensor) -> str:
+    return f"{route}: {x.shape[0]} rows x {tuple(linear.weight.shape)}, {x.dtype}"
+
+
+def _plain_and_packed(linear: nn.Linear, x: torch.Tensor):
+    weight, bias = linear.weight.detach(), linear.bias
+    blocked = torch.ops.mkldnn._reorder_linear_weight(weight)
+    return (lambda: F.linear(x, weight, bias)), (lambda: ops._onednn_linear(x, blocked, bias))
+
+
+def _best_plain(linear: nn.Linear, x: torch.Tensor):
+    """What a step's product runs through without the kernel: oneDNN's prepacked product where that was chosen."""
+    plain, packed = _plain_and_packed(linear, x)
+    return packed if ops.ROUTES.packed_few else plain
+
+
+def _kernel(linear: nn.Linear, x: torch.Tensor):
+    panels = few_rows.pack(linear.weight.detach().t())
+    return lambda: few_rows.linear(x, panels, linear.out_features, linear.bias)
 
 
 def release(model: nn.Module) -> None:

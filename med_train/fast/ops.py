@@ -44,7 +44,8 @@ FEW_ROWS_MAX = 64
 class Routes:
     """Which CPU routes this process takes (`fast.prepare` sets them from measurements on this machine)."""
 
-    packed: bool = True  # inference products with weights prepacked for oneDNN
+    packed_few: bool = True  # inference products of at most FEW_ROWS_MAX rows with weights prepacked for oneDNN
+    packed_many: bool = True  # and of more rows (a ViT's batch)
     few_rows: bool = True  # a decoding step's products (at most FEW_ROWS_MAX rows) through the few-row kernel
     onednn_training: bool = True  # training's large products through oneDNN (`product`)
 
@@ -57,7 +58,7 @@ def _packed_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
     with fp32 weights: no gradient to record, not inside torch.compile (which prepacks on its own). fp32, or bf16
     under bf16 autocast, where F.linear would cast the inputs (and the weight, on every call) to bf16 too, on CPUs
     where oneDNN has bf16 products (ONEDNN_BF16)."""
-    if (not ROUTES.packed or x.device.type != "cpu" or weight.dtype != torch.float32 or weight.dim() != 2
+    if (x.device.type != "cpu" or weight.dtype != torch.float32 or weight.dim() != 2
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
             or torch.compiler.is_compiling() or not torch.backends.mkldnn.is_available()):
         return None
@@ -96,6 +97,8 @@ class FastLinear(nn.Linear):
                 and few_rows_ready()):
             panels = self.kept(FEW_ROWS, _few_row_pack)
             return F.linear(x, weight, bias) if panels is None else few_rows.linear(x, panels, weight.shape[0], bias)
+        if not (ROUTES.packed_few if rows <= FEW_ROWS_MAX else ROUTES.packed_many):
+            return F.linear(x, weight, bias)
         blocked = self.kept(dtype, lambda w: torch.ops.mkldnn._reorder_linear_weight(w.detach().to(dtype)))
         if blocked is None:
             return F.linear(x, weight, bias)
@@ -164,7 +167,8 @@ def _onednn_pays(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """A training product that `product` hands to oneDNN: fp32 on the CPU, from ONEDNN_MIN_ROWS rows, outside
     autocast and torch.compile."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return (ROUTES.onednn_training and rows >= ONEDNN_MIN_ROWS and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+    return (ROUTES.onednn_training and rows >= ONEDNN_MIN_ROWS and x.device.type == "cpu"
+            and x.dtype == weight.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
             and torch.backends.mkldnn.is_available())
 
