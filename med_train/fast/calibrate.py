@@ -68,11 +68,10 @@ def full_key(key: str) -> str:
 
 def faster(key: str, plain: Callable[[], object], fast: Callable[[], object], *, budget_s: float = BUDGET_S) -> bool:
     """Whether `fast` is measured faster than `plain` here (MED_FAST aside); the verdict is cached, see above."""
-    choice = forced()
+    name, choice = full_key(key), forced()
     if choice is not None:
-        _verdicts[full_key(key)] = Verdict(key, choice, None, None, f"MED_FAST={int(choice)}")
+        _verdicts[name] = Verdict(key, choice, None, None, f"MED_FAST={int(choice)}")
         return choice
-    name = full_key(key)
     verdict = _verdicts.get(name)
     if verdict is None or verdict.plain_s is None:
         verdict = _read(key, name) or _measure(key, plain, fast, budget_s)
