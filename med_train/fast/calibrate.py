@@ -1,13 +1,16 @@
 """A fast path taken where it is measured faster on this machine: `faster(key, plain, fast)` times the two
-callables (one warm-up call each, then pairs in alternating order, medians) and says whether `fast` wins by
-MARGIN; a tie keeps the plain path. The caller runs both on the shapes it will use and names them in `key`.
+callables (one warm-up call each, then pairs in alternating order) and says whether `fast` wins by MARGIN in
+the median and in most pairs; a tie keeps the plain path. The caller runs both on the shapes it will use and
+names them in `key`.
 
     if calibrate.faster(f"packed linear {tuple(x.shape)} {x.dtype}", lambda: plain(x), lambda: packed(x)):
         ...
 
 A verdict is measured once per machine: kept for the process and in $XDG_CACHE_HOME/med_train/fast_paths.json
 (default ~/.cache/med_train), under the CPU (model and capability), torch's version, torch's thread count and
-`key`. A cache that cannot be read or written costs a new measurement and one warning, never a failure.
+`key`, unless its timings were too noisy to stand for the machine (a busy moment: the next process measures
+again). A cache that cannot be read or written costs a new measurement and one warning, never a failure; deleting
+the file makes every path measured again.
 MED_FAST=0 turns every measured path off, MED_FAST=1 on, without measuring (routes forced for tests and figures).
 """
 
@@ -28,9 +31,11 @@ import torch
 
 from med_train.fast import cpu
 
-MARGIN = 0.03  # fast must take at most 97% of plain's time: noise alone must not switch a route
+MARGIN = 0.03  # fast must take at most 97% of plain's time (median over pairs) ...
+WINS = 0.75  # ... and be faster in this fraction of the pairs: noise alone must not switch a route
 BUDGET_S = 0.3  # timed pairs stop once this is spent (one warm-up call each comes first, a last pair may overrun)
 MIN_PAIRS, MAX_PAIRS = 2, 50  # two pairs see both orders; past fifty the median barely moves
+NOISY = 0.25  # timings spread wider than this (`_spread`) hold for this process only: not stored for later ones
 MIN_TIMING_S = 1e-3  # a timing groups calls until it lasts about this long: a single tiny call is mostly timer
 
 
@@ -40,7 +45,7 @@ class Verdict:
     fast: bool
     plain_s: float | None  # median seconds per call; None where MED_FAST chose
     fast_s: float | None
-    source: str  # "measured", "cached" (an earlier process's measurement) or "MED_FAST=0" / "MED_FAST=1"
+    source: str  # "measured", "measured, noisy" (not stored), "cached" (an earlier process's), "MED_FAST=0"/"=1"
 
 
 _verdicts: dict[str, Verdict] = {}  # this process's, by full key
@@ -105,8 +110,19 @@ def _measure(key: str, plain: Callable[[], object], fast: Callable[[], object], 
                 fn()
             times[side].append((perf_counter() - t0) / calls)
         order.reverse()  # whichever runs second in a pair may find warmer caches: both get that turn
-    plain_s, fast_s = statistics.median(times["plain"]), statistics.median(times["fast"])
-    return Verdict(key, fast_s <= (1 - MARGIN) * plain_s, plain_s, fast_s, "measured")
+    # Each pair ran close in time: its ratio cancels a load that drifts, and fast must win most pairs, not just
+    # the median, so that a burst of load during the plain calls does not switch a route.
+    ratios = [f / p for f, p in zip(times["fast"], times["plain"], strict=True)]
+    wins = sum(r < 1 for r in ratios) >= WINS * len(ratios)
+    noisy = max(_spread(times["plain"]), _spread(times["fast"])) > NOISY
+    return Verdict(key, wins and statistics.median(ratios) <= 1 - MARGIN, statistics.median(times["plain"]),
+                   statistics.median(times["fast"]), "measured, noisy" if noisy else "measured")
+
+
+def _spread(seconds: list[float]) -> float:
+    """The interquartile range over the median (2 CPUs under a load of 3, a 512-square product: 0.06 to 1.1)."""
+    low, _, high = statistics.quantiles(seconds, n=4)
+    return (high - low) / statistics.median(seconds)
 
 
 def _load() -> dict:

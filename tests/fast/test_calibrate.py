@@ -1,5 +1,6 @@
 """`fast.calibrate`: the measured choice between a plain and a fast path, its caches and MED_FAST."""
 
+import itertools
 import json
 import subprocess
 import sys
@@ -31,10 +32,13 @@ class Clock:
     def __call__(self):
         return self.now
 
-    def work(self, name, seconds):
+    def work(self, name, *seconds):
+        """A callable taking these seconds, in turn (the first for the warm-up call)."""
+        durations = itertools.cycle(seconds)
+
         def call():
             self.calls.append(name)
-            self.now += seconds
+            self.now += next(durations)
         return call
 
 
@@ -56,6 +60,25 @@ def test_fast_is_chosen_only_when_faster_by_the_margin(clock, fast_s, chosen):
     (verdict,) = calibrate.verdicts()
     assert (verdict.key, verdict.fast, verdict.source) == ("k", chosen, "measured")
     assert verdict.plain_s == pytest.approx(1e-3) and verdict.fast_s == pytest.approx(fast_s)
+
+
+@pytest.mark.parametrize("fast_ms, chosen", [((1, 1, 3), False), ((1, 1, 1, 1, 3), True)])
+def test_fast_must_win_most_pairs_not_only_the_median(clock, fast_ms, chosen):
+    """Fast wins some pairs by half and loses the others: the median ratio is 0.5 either way, but two wins in
+    three could be a burst of load during some plain calls; four in five is taken as a real difference."""
+    fast = clock.work("fast", *(ms * 1e-3 for ms in fast_ms))
+    assert calibrate.faster("k", clock.work("plain", 2e-3), fast) is chosen
+
+
+def test_noisy_timings_hold_for_this_process_only(clock):
+    assert calibrate.faster("k", clock.work("plain", 2e-3, 4e-3), clock.work("fast", 1e-3))
+    (verdict,) = calibrate.verdicts()
+    assert verdict.source == "measured, noisy" and not calibrate.cache_file().exists()
+    assert calibrate.faster("k", never, never)  # kept in memory
+    calibrate.clear()
+    clock.calls.clear()
+    assert calibrate.faster("k", clock.work("plain", 1e-3), clock.work("fast", 0.5e-3))  # quiet now: stored
+    assert clock.calls and calibrate.cache_file().exists()
 
 
 def test_real_timings_pick_the_plainly_faster_side():
