@@ -27,6 +27,8 @@ are random (no hub): the speed of a model does not depend on its values. Figures
   training consumes (`data_headroom`). Without a config the pipeline is the default one on the CPU (2 workers);
   with `--device cuda` it is BLIP's COCO recipe (configs/coco_karpathy_base.yaml: RandAugment, 8 workers, or
   fewer where the machine has fewer cores), what a GPU run of that recipe feeds the model with.
+- the CPU in words (model, vector extensions, CPUs, torch threads: `fast.cpu.describe`) and, for each fast path
+  the run chose, whether it is on and the two timings that chose it (`fast.calibrate.verdicts`).
 
 On the CPU the process keeps freed memory for reuse (`train.keep_freed_memory`, as `med train` does there), which
 speeds up both sides alike and takes page faults out of the noise.
@@ -53,7 +55,8 @@ import torch
 
 from med_train import fast
 from med_train.config import Config, load_config
-from med_train.fast import few_rows
+from med_train.fast import calibrate, few_rows
+from med_train.fast import cpu as fast_cpu
 from med_train.model import normalize_images
 from med_train.tokenizer import load_tokenizer
 
@@ -297,11 +300,7 @@ def machine_info(device: str) -> dict:
     import timm
     import transformers
 
-    cpu = platform.processor() or platform.machine()
-    if Path("/proc/cpuinfo").is_file():
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
-        cpu = names[0] if names else cpu
+    cpu = fast_cpu.model_name()
     return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "load_average": [round(x, 2) for x in os.getloadavg()], "torch": torch.__version__,
             "transformers": transformers.__version__, "timm": timm.__version__, "python": platform.python_version(),
@@ -359,6 +358,7 @@ def run_bench(settings: BenchSettings, config_path: str | Path | None = None,
     rates = [matmul_rate(device, matmul_dtype, settings.matmul_size)]
     optimizers = build_optimizers(ours, peer, cfg, device)
     results: dict = {
+        "cpu": fast_cpu.describe(),
         "settings": {**asdict(settings), "image_size": cfg.model.vision.image_size, "vision": cfg.model.vision.name,
                      "workers": cfg.data.num_workers, "randaugment": cfg.data.randaugment,
                      "vision_kwargs": cfg.model.vision.kwargs, "text": asdict(cfg.model.text),
@@ -368,7 +368,7 @@ def run_bench(settings: BenchSettings, config_path: str | Path | None = None,
                      "optimizer": {name: _adamw_kind(opt, device) for name, opt in optimizers.items()}},
         "machine": {**machine_info(device), "freed_memory_kept": kept,
                     "few_row_kernel": device == "cpu" and few_rows.available(),
-                    "fast_paths": prepared.describe()}}
+                    "fast_prepared": prepared.describe()}}
     autocast = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if settings.bf16 else nullcontext
     # ours takes the loader's uint8 images and normalises them on the device; the peer, like transformers'
     # BlipProcessor users, gets float pixels normalised beforehand (the same values), outside its timing
@@ -396,6 +396,7 @@ def run_bench(settings: BenchSettings, config_path: str | Path | None = None,
     # Time to the demo's quality bar takes two trainings on the shapes set: `med race` (race.py) measures it.
     # The key stays so that one JSON can carry both once a run joins them; never estimated here.
     results["time_to_quality_bar"] = None
+    results["fast_paths"] = [asdict(verdict) for verdict in calibrate.verdicts()]  # as chosen for this machine
     return results
 
 
@@ -525,6 +526,12 @@ def _training(ours, peer, optimizers: dict, images, pixels, text: dict, settings
 
 # ---- the table ------------------------------------------------------------------------------------------------------
 
+def _chosen_by(verdict: dict) -> str:
+    if verdict["plain_s"] is None:
+        return verdict["source"]
+    return f"{verdict['fast_s'] * 1e3:.3g} ms against plain {verdict['plain_s'] * 1e3:.3g} ms, {verdict['source']}"
+
+
 def format_table(results: dict) -> str:
     """The figures as a plain-text table (what the README shows)."""
     s, m = results["settings"], results["machine"]
@@ -532,12 +539,15 @@ def format_table(results: dict) -> str:
     lines = [f"med bench: {s['vision']} {s['image_size']} px + MED {s['text']['hidden_size']}x"
              f"{s['text']['num_hidden_layers']} (vocab {s['vocab_size']}), batch {s['batch_size']}, {precision}, "
              f"median of {s['reps']}",
+             f"cpu: {results['cpu']}",
              f"machine: {m['device_name']}, {m['cpu_count']} CPUs, {m['torch_threads']} torch threads, load "
              f"average {m['load_average'][0]}; torch {m['torch']}, transformers {m['transformers']}, timm {m['timm']}",
              f"optimizers: ours {s['optimizer']['ours']}, peer {s['optimizer']['peer']}"
              + ("; freed memory kept for reuse (both)" if m.get("freed_memory_kept") else "")
              + ("; ours decodes with the few-row kernel" if m.get("few_row_kernel") else ""),
-             f"ours: {m['fast_paths']}" if m.get("fast_paths") else "ours: fast paths not recorded",
+             f"ours: {m['fast_prepared']}" if m.get("fast_prepared") else "ours: fast paths not recorded",
+             *(f"fast path {v['key']}: {'on' if v['fast'] else 'off'} ({_chosen_by(v)})"
+               for v in results["fast_paths"]),
              "",
              f"{'figure':<34}{'ours':>10}{'peer':>10}{'ours/peer':>11}"]
 

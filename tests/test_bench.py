@@ -6,6 +6,7 @@ import platform
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from typer.testing import CliRunner
 
 from med_train.bench import bert_layout_tokenizer, format_table, interleaved, peak_increase
 from med_train.cli import app
-from med_train.fast import few_rows
+from med_train.fast import calibrate, cpu, few_rows
 
 runner = CliRunner()
 GLIBC = platform.libc_ver()[0] == "glibc"
@@ -67,6 +68,19 @@ def test_quick_bench_writes_every_figure(tmp_path):
     assert ("few-row kernel" in format_table(figures)) == few_rows.available()
     assert settings["batch_size"] == 4 and settings["vocab_size"] == 402 and settings["quick"]
     assert settings["optimizer"]["peer"] == "AdamW fused"
+
+    # the CPU in words at the top of the report, and each fast path's verdict as chosen in the run
+    assert figures["cpu"].startswith(f"{cpu.model_name()}: {cpu.capability()}, ")
+    report = result.stderr.splitlines()
+    header = next(i for i, line in enumerate(report) if line.startswith("med bench: "))
+    assert report[header + 1] == f"cpu: {figures['cpu']}"
+    assert figures["fast_paths"] == [asdict(v) for v in calibrate.verdicts()]
+    figures["fast_paths"] = [dict(key="packed linear (8, 768)", fast=True, plain_s=2e-3, fast_s=1.5e-3,
+                                  source="measured"),
+                             dict(key="few-row kernel", fast=False, plain_s=None, fast_s=None, source="MED_FAST=0")]
+    table = format_table(figures)
+    assert "fast path packed linear (8, 768): on (1.5 ms against plain 2 ms, measured)" in table
+    assert "fast path few-row kernel: off (MED_FAST=0)" in table
 
 
 def test_interleaved_alternates_the_order_and_reports_medians():

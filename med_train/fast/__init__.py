@@ -18,7 +18,6 @@ MED_FAST=0 in the environment, or `train.fast: false` in a training config) the 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -30,8 +29,10 @@ from med_train.fast import few_rows, ops
 
 
 def enabled() -> bool:
-    """False where MED_FAST=0 turns every fast path off."""
-    return os.environ.get("MED_FAST", "").strip() != "0"
+    """False where MED_FAST=0 turns every fast path off (MED_FAST=1: every one on, unmeasured; unset: measured)."""
+    from med_train.fast.calibrate import forced
+
+    return forced() is not False
 
 
 @dataclass
