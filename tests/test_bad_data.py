@@ -1,0 +1,146 @@
+"""Bad annotation data: lines `datasets` cannot read are skipped and counted, never a whole split refused; a missing
+caption column is one error naming the columns; a run that fails before its first step leaves nothing behind;
+held-out rows without `objects` are left out of the content scores; `med data check` counts cut captions.
+
+Every fixture is a few tiny files written here."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from med_train.cli import app
+from med_train.config import DataConfig
+from med_train.data import build_dataset
+from med_train.sources import BadRowStats, open_split
+
+runner = CliRunner()
+GOOD = [json.dumps({"file_name": f"g{i}.png", "id": f"g{i}", "text": f"a red dog {i}"}).encode() for i in range(5)]
+BAD_LINES = {  # reason -> the line, written as line 3 of metadata.jsonl
+    "line_not_utf8": b'{"file_name": "g9.png", "text": "caf\xe9 \xff"}',
+    "line_not_json": b"this is not json",
+    "caption_not_string": b'{"file_name": "g9.png", "text": 5}',
+}
+
+
+def png(i: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (12, 12), (i * 40 % 256, 90, 200)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def write_folder(root: Path, lines: list[bytes], metadata: str = "metadata.jsonl") -> Path:
+    (root / "train").mkdir(parents=True)
+    for i in range(10):
+        (root / "train" / f"g{i}.png").write_bytes(png(i))
+    (root / "train" / metadata).write_bytes(b"\n".join(lines) + b"\n")
+    return root
+
+
+def with_bad_line(root: Path, bad: bytes) -> Path:
+    return write_folder(root, [*GOOD[:2], bad, *GOOD[2:]])
+
+
+def check(source: Path, *sets: str):
+    args = ["data", "check", str(source), "--json", "--set", f"data.cache_dir={source / 'cache'}"]
+    for s in sets:
+        args += ["--set", s]
+    return runner.invoke(app, args)
+
+
+# ---- lines datasets cannot read -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("reason", list(BAD_LINES))
+def test_a_bad_metadata_line_is_one_counted_bad_row_naming_file_and_line(tmp_path, reason, streaming):
+    root = with_bad_line(tmp_path, BAD_LINES[reason])
+    cfg = DataConfig(source=str(root), streaming=streaming, cache_dir=str(tmp_path / "cache"))
+    stats = BadRowStats()
+    rows = list(build_dataset(cfg, "train", train=True, image_size=8, stats=stats))
+    assert sorted((e["id"], e["caption"]) for e in rows) == [(f"g{i}", f"a red dog {i}") for i in range(5)]
+    assert (stats.rows, stats.bad, dict(stats.bad_reasons)) == (6, 1, {reason: 1})
+    assert stats.examples[0]["id"] == f"{(root / 'train' / 'metadata.jsonl').resolve()}:3"
+
+
+@pytest.mark.parametrize("reason", list(BAD_LINES))
+def test_data_check_and_pack_read_past_a_bad_line(tmp_path, reason):
+    root = with_bad_line(tmp_path / "src", BAD_LINES[reason])
+    result = check(root)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert (report["rows"], report["ok"], report["bad_reasons"]) == (6, 5, {reason: 1})
+    assert f"metadata.jsonl:3: {reason}" in result.stderr and "Traceback" not in result.output
+    result = runner.invoke(app, ["data", "pack", str(root), str(tmp_path / "packed"), "--quiet", "--json",
+                                 "--set", f"data.cache_dir={tmp_path / 'cache'}"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["train"]["bad_reasons"] == {reason: 1}
+
+
+def test_captions_of_every_wrong_type_are_bad_rows_and_mixed_lists_keep_their_strings(tmp_path):
+    cells = [5, [1, 2], None, {"a": 1}, True, ["two", 3, "words"], "plain"]
+    lines = [json.dumps({"file_name": f"g{i}.png", "id": f"c{i}", "text": c}).encode() for i, c in enumerate(cells)]
+    root = write_folder(tmp_path, GOOD + lines)
+    stats = BadRowStats()
+    rows = list(build_dataset(DataConfig(source=str(root), cache_dir=str(tmp_path / "cache")), "train", train=True,
+                              image_size=8, stats=stats))
+    assert sorted((e["id"], e["caption"]) for e in rows if e["id"].startswith("c")) == [
+        ("c5", "two"), ("c5", "words"), ("c6", "plain")]
+    assert (stats.rows, dict(stats.bad_reasons)) == (12, {"caption_not_string": 5})
+
+
+def test_a_file_name_outside_the_folder_is_a_bad_row(tmp_path):
+    """As datasets refuses it; checked here when a bad line sends the file through a cleaned copy."""
+    root = write_folder(tmp_path, [*GOOD, BAD_LINES["line_not_json"], b'{"file_name": "../../secret.png", "text": "x"}'])
+    stats = BadRowStats()
+    rows = list(build_dataset(DataConfig(source=str(root), cache_dir=str(tmp_path / "cache")), "train",
+                              train=True, image_size=8, stats=stats))
+    assert len(rows) == 5 and dict(stats.bad_reasons) == {"line_not_json": 1, "image_outside_folder": 1}
+
+
+def test_a_bad_line_in_a_jsonl_annotation_list_is_skipped(tmp_path):
+    (tmp_path / "images").mkdir()
+    lines = []
+    for i in range(4):
+        (tmp_path / "images" / f"g{i}.png").write_bytes(png(i))
+        lines.append(json.dumps({"image": f"images/g{i}.png", "caption": f"a dog {i}", "image_id": f"g{i}"}))
+    lines.insert(1, "{not json")
+    (tmp_path / "ann.jsonl").write_text("\n".join(lines) + "\n")
+    stats = BadRowStats()
+    cfg = DataConfig(source=str(tmp_path / "ann.jsonl"), cache_dir=str(tmp_path / "cache"))
+    rows = list(build_dataset(cfg, "train", train=True, image_size=8, stats=stats))
+    assert sorted(e["caption"] for e in rows) == [f"a dog {i}" for i in range(4)]
+    assert stats.examples[0]["id"].endswith("ann.jsonl:2") and stats.examples[0]["reason"] == "line_not_json"
+
+
+def test_a_file_that_reads_is_read_as_it_is(tmp_path):
+    root = write_folder(tmp_path, GOOD)
+    table = open_split(DataConfig(source=str(root), cache_dir=str(tmp_path / "cache")), "train")
+    assert "image" in table.features and type(table.features["image"]).__name__ == "Image"  # imagefolder's own
+    assert not (tmp_path / "cache" / "med_train_cleaned").exists()
+
+
+# ---- the caption column ---------------------------------------------------------------------------------------------
+
+def write_csv(root: Path, column: str = "description") -> Path:
+    (root / "train").mkdir(parents=True)
+    lines = [f"file_name,{column}"]
+    for i in range(8):
+        (root / "train" / f"g{i}.png").write_bytes(png(i))
+        lines.append(f"g{i}.png,a red dog {i}")
+    (root / "train" / "metadata.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_a_missing_caption_column_is_one_error_naming_the_columns(tmp_path):
+    root = write_csv(tmp_path / "csv")
+    result = check(root, "data.caption_column=text")
+    assert result.exit_code == 1
+    [message] = [line for line in result.stderr.splitlines() if "error" in line.lower()]  # one line, no traceback
+    assert "no caption column 'text' (data.caption_column)" in message and "image, description" in message
+    result = check(write_csv(tmp_path / "close", "captoin"))
+    assert "did you mean --set data.caption_column=captoin?" in result.stderr
