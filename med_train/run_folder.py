@@ -74,6 +74,22 @@ def point_latest(run_dir: Path) -> None:
     os.replace(tmp, latest)
 
 
+def latest_target(output_dir: Path) -> str | None:
+    """What runs/latest points at now (None: no runs/latest)."""
+    latest = output_dir / "latest"
+    return os.readlink(latest) if latest.is_symlink() else None
+
+
+def discard_run(run_dir: Path, latest_before: str | None) -> None:
+    """Remove a run that failed before its first step, and point runs/latest back where it pointed before."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    latest = run_dir.parent / "latest"
+    if latest.is_symlink() and os.readlink(latest) == run_dir.name:
+        latest.unlink()
+        if latest_before is not None:
+            latest.symlink_to(latest_before)
+
+
 def resolve_run(path: str | Path | None, output_dir: str | Path = "runs") -> Path:
     """A run folder or model directory given by the user, or runs/latest when none is given."""
     if path is None:

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 import pytest
+import yaml
 from PIL import Image
+from test_e2e import TINY
 from typer.testing import CliRunner
 
 from med_train.cli import app
@@ -144,3 +147,28 @@ def test_a_missing_caption_column_is_one_error_naming_the_columns(tmp_path):
     assert "no caption column 'text' (data.caption_column)" in message and "image, description" in message
     result = check(write_csv(tmp_path / "close", "captoin"))
     assert "did you mean --set data.caption_column=captoin?" in result.stderr
+
+
+# ---- a run that fails before its first step -------------------------------------------------------------------------
+
+def train_config(tmp_path: Path, source: Path) -> Path:
+    config = {**TINY, "data": {**TINY["data"], "source": str(source), "cache_dir": str(tmp_path / "cache")},
+              "train": {**TINY["train"], "eval_every": 0}}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
+    return tmp_path / "tiny.yaml"
+
+
+@pytest.mark.parametrize("fault", ["no caption column", "mostly bad"])
+def test_a_run_failing_before_its_first_step_leaves_no_folder_and_keeps_latest(tmp_path, fault):
+    runs = tmp_path / "runs"
+    (runs / "old").mkdir(parents=True)
+    (runs / "latest").symlink_to("old")
+    if fault == "no caption column":
+        source = write_csv(tmp_path / "data")
+    else:  # captions fine (a tokenizer is trained, the run folder written), every image missing
+        source = write_folder(tmp_path / "data", GOOD)
+        for image in (source / "train").glob("*.png"):
+            image.unlink()
+    result = runner.invoke(app, ["train", str(train_config(tmp_path, source)), "--output-dir", str(runs)])
+    assert result.exit_code == 1 and fault in result.stderr, result.output
+    assert sorted(p.name for p in runs.iterdir()) == ["latest", "old"] and os.readlink(runs / "latest") == "old"
