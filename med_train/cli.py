@@ -492,6 +492,9 @@ def data_check(
         say(f"tokenizer ({report['tokenizer']}): unknown-token rate {report['unk_rate']:.2%}, "
             f"{tokens['mean']} tokens with the prompt (p95 {tokens['p95']}), "
             f"{report['truncated_fraction']:.1%} over max_length {cfg.tokenizer.max_length}")
+        say(f"{report['truncated']} of {report['captions']} captions truncated: {report['over_max_words']} over "
+            f"data.max_words ({cfg.data.max_words} words), {report['over_max_length']} over tokenizer.max_length "
+            f"({cfg.tokenizer.max_length} tokens with the prompt)")
     if tokenizer_error:
         say(tokenizer_error)
     say(f"decode + transform: {report['images_per_s']} images/s")

@@ -12,13 +12,15 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from conftest import tiny_model_config
 from PIL import Image
 from test_e2e import TINY
 from typer.testing import CliRunner
 
 from med_train.cli import app
-from med_train.config import DataConfig
+from med_train.config import DataConfig, load_config
 from med_train.data import build_dataset
 from med_train.sources import BadRowStats, open_split
 
@@ -172,3 +174,34 @@ def test_a_run_failing_before_its_first_step_leaves_no_folder_and_keeps_latest(t
     result = runner.invoke(app, ["train", str(train_config(tmp_path, source)), "--output-dir", str(runs)])
     assert result.exit_code == 1 and fault in result.stderr, result.output
     assert sorted(p.name for p in runs.iterdir()) == ["latest", "old"] and os.readlink(runs / "latest") == "old"
+
+
+# ---- held-out rows without objects; cut captions --------------------------------------------------------------------
+
+def test_held_out_rows_without_objects_are_left_out_of_the_content_scores(tmp_path, tokenizer):
+    from med_train.evaluate import evaluate
+    from med_train.model import Captioner
+
+    objects = [{"kind": "circle", "colour": "red", "size": "small", "position": "centre"}]
+    lines = [json.dumps({"file_name": f"g{i}.png", "id": f"g{i}", "captions": [f"a red dog {i}"],
+                         **({"objects": objects} if i < 2 else {})}).encode() for i in range(5)]
+    root = write_folder(tmp_path, lines)
+    (root / "train").rename(root / "test")
+    torch.manual_seed(0)
+    model = Captioner(tiny_model_config(), tokenizer)
+    cfg = load_config(None, [f"data.source={root}", f"data.cache_dir={tmp_path / 'cache'}", "generate.max_length=8",
+                             "generate.min_length=1"])
+    cfg.model = model.cfg
+    scores = evaluate(model, cfg, split="test", num_beams=1, quiet=True)
+    assert scores["images"] == 5 and scores["content_images"] == 2 and 0.0 <= scores["content_exact"] <= 1.0
+
+
+def test_data_check_counts_captions_cut_by_the_word_limit(tmp_path):
+    lines = [*GOOD[:3], json.dumps({"file_name": "g3.png", "text": "red dog " * 5000}).encode()]
+    result = check(write_folder(tmp_path, lines))
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert (report["over_max_words"], report["over_max_length"], report["truncated"]) == (1, 0, 1)
+    assert report["words"]["max"] == 30  # what training reads
+    assert "1 of 4 captions truncated: 1 over data.max_words (30 words)" in result.stderr
+
