@@ -283,11 +283,11 @@ def open_split(cfg: DataConfig, split: str):
 
 
 def _load_files(fmt: str, files: list[str], cfg: DataConfig, kwargs: dict):
-    """An image folder's files as one table; read through cleaned copies when a metadata.jsonl has lines that
-    datasets cannot read (med_train.metadata)."""
+    """An image folder's files as one table; read through cleaned copies when a metadata.jsonl or .csv has lines
+    that datasets cannot read (med_train.metadata)."""
     import datasets
 
-    metadata = [f for f in files if Path(f).name == "metadata.jsonl"] if fmt == "imagefolder" else []
+    metadata = [f for f in files if Path(f).name in ("metadata.jsonl", "metadata.csv")] if fmt == "imagefolder" else []
     if copies := readable_copies(metadata, cfg, imagefolder=True) if metadata else None:
         return datasets.load_dataset("json", data_files={"train": copies}, split="train", **kwargs)
     return datasets.load_dataset(fmt, data_files={"train": files}, split="train", **kwargs)

@@ -98,6 +98,24 @@ def test_captions_of_every_wrong_type_are_bad_rows_and_mixed_lists_keep_their_st
     assert (stats.rows, dict(stats.bad_reasons)) == (12, {"caption_not_string": 5})
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_bad_metadata_csv_records_are_counted_bad_rows_naming_their_line(tmp_path, streaming):
+    """Line numbers count a quoted caption's line breaks; as pandas reads it, an empty cell is no caption and a
+    short record is padded."""
+    lines = [b"file_name,id,text", b'g0.png,g0,"a red dog,\nin two lines"', b"g1.png,g1,caf\xe9", b"g2.png,g2,a,b",
+             b"g3.png,g3,", b"g4.png,g4", *(f"g{i}.png,g{i},a red dog {i}".encode() for i in range(5, 10))]
+    root = write_folder(tmp_path, lines, "metadata.csv")
+    stats = BadRowStats()
+    rows = list(build_dataset(DataConfig(source=str(root), streaming=streaming, cache_dir=str(tmp_path / "cache")),
+                              "train", train=True, image_size=8, stats=stats))
+    assert sorted((e["id"], e["caption"]) for e in rows) == [("g0", "a red dog, in two lines")] + [
+        (f"g{i}", f"a red dog {i}") for i in range(5, 10)]
+    where = {e["reason"]: e["id"].rsplit(":", 1)[1] for e in stats.examples if ".csv:" in e["id"]}
+    assert where == {"line_not_utf8": "4", "line_not_csv": "5"}
+    assert (stats.rows, dict(stats.bad_reasons)) == (10, {"line_not_utf8": 1, "line_not_csv": 1,
+                                                          "caption_not_string": 2})
+
+
 def test_a_file_name_outside_the_folder_is_a_bad_row(tmp_path):
     """As datasets refuses it; checked here when a bad line sends the file through a cleaned copy."""
     root = write_folder(tmp_path, [*GOOD, BAD_LINES["line_not_json"], b'{"file_name": "../../secret.png", "text": "x"}'])
