@@ -288,9 +288,14 @@ def eval_command(
     split = split or cfg.data.eval_split
     out_dir = output_dir or out or run_dir / f"eval-{split}"
     main_process = accelerator is None or accelerator.is_main_process
-    with _progress(quiet or not main_process, total=max_images) as bar:
-        scores = evaluate(captioner, cfg, split=split, max_images=max_images, batch_size=batch_size,
-                          accelerator=accelerator, out_dir=out_dir, precision=precision, progress=bar)
+    from med_train.sources import DataError
+
+    try:
+        with _progress(quiet or not main_process, total=max_images) as bar:
+            scores = evaluate(captioner, cfg, split=split, max_images=max_images, batch_size=batch_size,
+                              accelerator=accelerator, out_dir=out_dir, precision=precision, progress=bar)
+    except DataError as exc:
+        _fail(str(exc))
     if not main_process:
         return
     _print_scores(scores, err=json_output)

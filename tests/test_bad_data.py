@@ -214,6 +214,17 @@ def test_held_out_rows_without_objects_are_left_out_of_the_content_scores(tmp_pa
     assert scores["images"] == 5 and scores["content_images"] == 2 and 0.0 <= scores["content_exact"] <= 1.0
 
 
+def test_eval_of_a_split_without_captions_is_one_error(tmp_path, tokenizer):
+    from med_train.model import Captioner
+
+    Captioner(tiny_model_config(), tokenizer).save_pretrained(tmp_path / "model")
+    source = write_csv(tmp_path / "data")
+    (source / "train").rename(source / "test")
+    result = runner.invoke(app, ["eval", "--model", str(tmp_path / "model"), "--quiet", "--set",
+                                 f"data.source={source}", "--set", f"data.cache_dir={tmp_path / 'cache'}"])
+    assert result.exit_code == 1 and "[test] has no caption column 'caption'" in result.stderr, result.output
+
+
 def test_data_check_counts_captions_cut_by_the_word_limit(tmp_path):
     lines = [*GOOD[:3], json.dumps({"file_name": "g3.png", "text": "red dog " * 5000}).encode()]
     result = check(write_folder(tmp_path, lines))
