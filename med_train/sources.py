@@ -41,6 +41,7 @@ from med_train.metadata import BAD_LINE, readable_copies
 IMAGE_COLUMNS = ("image", "img", "jpg", "jpeg", "png", "webp")  # tried in order when `image_column` is absent
 CAPTION_COLUMNS = ("caption", "captions", "text", "txt", "sentences")
 ID_COLUMNS = ("id", "image_id", "__key__")
+_METADATA = ("metadata.jsonl", "metadata.csv")  # an image folder's annotations (datasets also reads .parquet)
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 _PUNCTUATION = re.compile(r"[.!?\"()\[\]{}*#:;~`_<>|\\/]")  # BLIP's pre_caption set plus brackets and slashes
 
@@ -254,7 +255,9 @@ def open_split(cfg: DataConfig, split: str):
             root = Path(cfg.source)
             if (root / split).is_dir():  # one folder per split: splits may have different columns
                 files = [str(p) for p in sorted((root / split).rglob("*")) if _belongs(p, fmt)]
-                table = _load_files(fmt, files, cfg, kwargs)
+                table = _read_cleaned(fmt, files, cfg, kwargs)
+                if table is None:
+                    table = datasets.load_dataset(fmt, data_files={"train": files}, split="train", **kwargs)
             elif root.is_file():
                 table = datasets.load_dataset(fmt, data_files={"train": [str(root)]}, split="train", **kwargs)
             else:  # split-named files (train-00000.tar), found by datasets' own patterns; this split's only,
@@ -265,10 +268,10 @@ def open_split(cfg: DataConfig, split: str):
                 if split not in patterns:
                     raise DataError(f"data source {cfg.source!r} has no split {split!r} (found: "
                                     f"{', '.join(patterns) or 'none'})")
-                if fmt == "imagefolder":
-                    files = sorted({f for p in patterns[split] for f in resolve_pattern(p, base_path=str(root))})
-                    table = _load_files(fmt, files, cfg, kwargs)
-                else:
+                files = [f for p in patterns[split] for f in resolve_pattern(p, base_path=str(root))
+                         if Path(f).name in _METADATA] if fmt == "imagefolder" else []
+                table = _read_cleaned(fmt, files, cfg, kwargs)
+                if table is None:
                     table = datasets.load_dataset(fmt, data_dir=str(root), data_files={split: patterns[split]},
                                                   split=split, **kwargs)
     except DataError:
@@ -282,15 +285,15 @@ def open_split(cfg: DataConfig, split: str):
     return table
 
 
-def _load_files(fmt: str, files: list[str], cfg: DataConfig, kwargs: dict):
-    """An image folder's files as one table; read through cleaned copies when a metadata.jsonl or .csv has lines
-    that datasets cannot read (med_train.metadata)."""
+def _read_cleaned(fmt: str, files: list[str], cfg: DataConfig, kwargs: dict):
+    """An image folder's table read through cleaned copies of its metadata files when one has lines that datasets
+    cannot read (med_train.metadata); None when datasets reads them as they are."""
     import datasets
 
-    metadata = [f for f in files if Path(f).name in ("metadata.jsonl", "metadata.csv")] if fmt == "imagefolder" else []
-    if copies := readable_copies(metadata, cfg, imagefolder=True) if metadata else None:
-        return datasets.load_dataset("json", data_files={"train": copies}, split="train", **kwargs)
-    return datasets.load_dataset(fmt, data_files={"train": files}, split="train", **kwargs)
+    metadata = [f for f in files if Path(f).name in _METADATA] if fmt == "imagefolder" else []
+    copies = readable_copies(metadata, cfg, imagefolder=True) if metadata else None
+    return None if copies is None else datasets.load_dataset("json", data_files={"train": copies}, split="train",
+                                                             **kwargs)
 
 
 def _check_caption_column(table, cfg: DataConfig, split: str) -> None:
@@ -310,7 +313,7 @@ def _check_caption_column(table, cfg: DataConfig, split: str) -> None:
 
 def _belongs(path: Path, fmt: str) -> bool:
     if fmt == "imagefolder":
-        return path.suffix.lower() in _IMAGE_SUFFIXES or path.name in ("metadata.jsonl", "metadata.csv")
+        return path.suffix.lower() in _IMAGE_SUFFIXES or path.name in _METADATA
     return path.suffix == {"webdataset": ".tar", "parquet": ".parquet"}.get(fmt, path.suffix)
 
 

@@ -72,6 +72,17 @@ def test_a_bad_metadata_line_is_one_counted_bad_row_naming_file_and_line(tmp_pat
     assert stats.examples[0]["id"] == f"{(root / 'train' / 'metadata.jsonl').resolve()}:3"
 
 
+def test_a_bad_line_in_a_folder_without_split_folders_is_skipped_too(tmp_path):
+    root = with_bad_line(tmp_path / "src", BAD_LINES["line_not_json"])
+    for path in (root / "train").iterdir():
+        path.rename(root / path.name)
+    (root / "train").rmdir()
+    stats = BadRowStats()
+    rows = list(build_dataset(DataConfig(source=str(root), cache_dir=str(tmp_path / "cache")), "train",
+                              train=True, image_size=8, stats=stats))
+    assert len(rows) == 5 and stats.examples[0]["id"].endswith("metadata.jsonl:3")
+
+
 @pytest.mark.parametrize("reason", list(BAD_LINES))
 def test_data_check_and_pack_read_past_a_bad_line(tmp_path, reason):
     root = with_bad_line(tmp_path / "src", BAD_LINES[reason])
