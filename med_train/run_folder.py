@@ -13,7 +13,8 @@ A run folder describes itself (med_train.train writes it):
                                         the run used: the config's train.mixed_precision, else the launcher's)
     runs/<name>/metrics.jsonl           one line per logging step and per evaluation
     runs/<name>/curves.png              loss and metric curves
-and runs/latest points at the newest run.
+and runs/latest points at the newest run. A new run that fails before its first step is removed, and runs/latest
+points back where it pointed before (discard_run).
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 
 Every source goes through `datasets.load_dataset`, streamed or not, so a hub dataset and a local folder take the
 same path. Image columns are read undecoded (`Image(decode=False)`) so that a broken image is a counted bad row
-here rather than an exception inside `datasets`.
+here rather than an exception inside `datasets`. Likewise an annotation file (metadata.jsonl|csv, a .jsonl list)
+with lines `datasets` cannot read is read through a cleaned copy whose bad lines are counted bad rows named
+`FILE:LINE` (med_train.metadata), and a split with no caption column is one DataError naming its columns.
 
     table = open_split(cfg, "train")                  # datasets.Dataset, or IterableDataset if cfg.streaming
     for label, raw in iter_table(table, "train"):
