@@ -288,9 +288,14 @@ def eval_command(
     split = split or cfg.data.eval_split
     out_dir = output_dir or out or run_dir / f"eval-{split}"
     main_process = accelerator is None or accelerator.is_main_process
-    with _progress(quiet or not main_process, total=max_images) as bar:
-        scores = evaluate(captioner, cfg, split=split, max_images=max_images, batch_size=batch_size,
-                          accelerator=accelerator, out_dir=out_dir, precision=precision, progress=bar)
+    from med_train.sources import DataError
+
+    try:
+        with _progress(quiet or not main_process, total=max_images) as bar:
+            scores = evaluate(captioner, cfg, split=split, max_images=max_images, batch_size=batch_size,
+                              accelerator=accelerator, out_dir=out_dir, precision=precision, progress=bar)
+    except DataError as exc:
+        _fail(str(exc))
     if not main_process:
         return
     _print_scores(scores, err=json_output)
@@ -492,6 +497,9 @@ def data_check(
         say(f"tokenizer ({report['tokenizer']}): unknown-token rate {report['unk_rate']:.2%}, "
             f"{tokens['mean']} tokens with the prompt (p95 {tokens['p95']}), "
             f"{report['truncated_fraction']:.1%} over max_length {cfg.tokenizer.max_length}")
+        say(f"{report['truncated']} of {report['captions']} captions truncated: {report['over_max_words']} over "
+            f"data.max_words ({cfg.data.max_words} words), {report['over_max_length']} over tokenizer.max_length "
+            f"({cfg.tokenizer.max_length} tokens with the prompt)")
     if tokenizer_error:
         say(tokenizer_error)
     say(f"decode + transform: {report['images_per_s']} images/s")

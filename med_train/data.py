@@ -553,12 +553,15 @@ def check(cfg: DataConfig, split: str, *, tokenizer=None, image_size: int = 224,
           max_length: int = 40, limit: int | None = None, vocab_size: int = 2000, progress=None) -> dict:
     """Read a split in stored order and report: rows, ok, bad, bad_reasons, examples, images (distinct), caption
     words, tokenizer coverage (`unk_rate`; with no tokenizer, one is trained on these captions) and the
-    decode + eval-transform speed in images/s. Source rows are counted as stored (held-out rows ungrouped).
+    decode + eval-transform speed in images/s. Captions cut short are counted: `over_max_words` (by cleaning, at
+    data.max_words), `over_max_length` (by the tokenizer, at `max_length` tokens with the prompt: what the model
+    trains on) and `truncated` (either). Source rows are counted as stored (held-out rows ungrouped).
     `progress`: a tqdm bar advanced by each row read."""
     from med_train.tokenizer import train_tokenizer
 
     transform = build_transform(train=False, image_size=image_size)
     stats, captions, keys, seconds, root = BadRowStats(), [], set(), 0.0, image_root(cfg)
+    cut = []  # per caption: whether cleaning cut it to data.max_words
     for n, (label, raw) in enumerate(iter_table(open_split(cfg, split), split)):
         if limit is not None and n >= limit:
             break
@@ -567,17 +570,18 @@ def check(cfg: DataConfig, split: str, *, tokenizer=None, image_size: int = 224,
         if progress is not None:
             progress.update()
         try:
-            texts = clean_captions(row.captions, cfg.max_words)
+            texts = clean_captions(row.captions, None)  # uncut, to count the captions that cleaning cuts
             start = time.perf_counter()
             transform(load_image(row.image, max_pixels=cfg.max_image_pixels))
             seconds += time.perf_counter() - start
         except BadRow as exc:
             stats.add_bad(row.id, exc.reason, str(exc))
             continue
-        captions += texts
+        cut += [len(t.split()) > cfg.max_words for t in texts]
+        captions += [" ".join(t.split()[: cfg.max_words]) for t in texts]
         keys.add(image_key(row))
     report = {"source": cfg.source, "split": split, "format": detect_format(cfg), **stats.to_dict(),
-              "images": len(keys), "captions": len(captions),
+              "images": len(keys), "captions": len(captions), "over_max_words": sum(cut),
               "words": _spread([len(c.split()) for c in captions]),
               "vocabulary": len({w for c in captions for w in c.split()}),
               "images_per_s": round(stats.ok / seconds, 1) if seconds else None}
@@ -588,7 +592,9 @@ def check(cfg: DataConfig, split: str, *, tokenizer=None, image_size: int = 224,
         report["unk_rate"] = round(sum(t == tokenizer.unk_token_id for t in pieces) / max(1, len(pieces)), 5)
         lengths = [len(ids) for ids in tokenizer([prompt + c for c in captions])["input_ids"]]
         report["tokens"] = _spread(lengths)
-        report["truncated_fraction"] = round(sum(n > max_length for n in lengths) / len(lengths), 5)
+        report["over_max_length"] = sum(n > max_length for n in lengths)
+        report["truncated_fraction"] = round(report["over_max_length"] / len(lengths), 5)
+        report["truncated"] = sum(w or n > max_length for w, n in zip(cut, lengths, strict=True))
     return report
 
 

@@ -148,10 +148,13 @@ def evaluate(model, cfg: Config, *, split: str | None = None, num_beams: int | N
     predictions = {r["id"]: r["caption"] for r in records}
     references = {r["id"]: r["references"] for r in records}
     scores = score_captions(predictions, references) if records else {}
-    if records and "objects" in records[0]:
+    with_objects = [r for r in records if "objects" in r]
+    if with_objects:  # rows without objects are left out of the content scores, and counted
         from med_train.shapes import score_content
 
-        scores.update(score_content([r["caption"] for r in records], [r["objects"] for r in records]))
+        scores.update(score_content([r["caption"] for r in with_objects], [r["objects"] for r in with_objects]))
+        if len(with_objects) < len(records):
+            scores["content_images"] = len(with_objects)
     scores["images"] = len(records)
     meteor_ok, meteor_reason = meteor_available()
     if not meteor_ok and not quiet:

@@ -13,7 +13,8 @@ A run folder describes itself (med_train.train writes it):
                                         the run used: the config's train.mixed_precision, else the launcher's)
     runs/<name>/metrics.jsonl           one line per logging step and per evaluation
     runs/<name>/curves.png              loss and metric curves
-and runs/latest points at the newest run.
+and runs/latest points at the newest run. A new run that fails before its first step is removed, and runs/latest
+points back where it pointed before (discard_run).
 """
 
 from __future__ import annotations
@@ -72,6 +73,22 @@ def point_latest(run_dir: Path) -> None:
     tmp.unlink(missing_ok=True)
     tmp.symlink_to(run_dir.name)
     os.replace(tmp, latest)
+
+
+def latest_target(output_dir: Path) -> str | None:
+    """What runs/latest points at now (None: no runs/latest)."""
+    latest = output_dir / "latest"
+    return os.readlink(latest) if latest.is_symlink() else None
+
+
+def discard_run(run_dir: Path, latest_before: str | None) -> None:
+    """Remove a run that failed before its first step, and point runs/latest back where it pointed before."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    latest = run_dir.parent / "latest"
+    if latest.is_symlink() and os.readlink(latest) == run_dir.name:
+        latest.unlink()
+        if latest_before is not None:
+            latest.symlink_to(latest_before)
 
 
 def resolve_run(path: str | Path | None, output_dir: str | Path = "runs") -> Path:

@@ -2,7 +2,9 @@
 
 Every source goes through `datasets.load_dataset`, streamed or not, so a hub dataset and a local folder take the
 same path. Image columns are read undecoded (`Image(decode=False)`) so that a broken image is a counted bad row
-here rather than an exception inside `datasets`.
+here rather than an exception inside `datasets`. Likewise an annotation file (metadata.jsonl|csv, a .jsonl list)
+with lines `datasets` cannot read is read through a cleaned copy whose bad lines are counted bad rows named
+`FILE:LINE` (med_train.metadata), and a split with no caption column is one DataError naming its columns.
 
     table = open_split(cfg, "train")                  # datasets.Dataset, or IterableDataset if cfg.streaming
     for label, raw in iter_table(table, "train"):
@@ -36,10 +38,12 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from med_train.config import DataConfig
+from med_train.metadata import BAD_LINE, readable_copies
 
 IMAGE_COLUMNS = ("image", "img", "jpg", "jpeg", "png", "webp")  # tried in order when `image_column` is absent
 CAPTION_COLUMNS = ("caption", "captions", "text", "txt", "sentences")
 ID_COLUMNS = ("id", "image_id", "__key__")
+_METADATA = ("metadata.jsonl", "metadata.csv")  # an image folder's annotations (datasets also reads .parquet)
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 _PUNCTUATION = re.compile(r"[.!?\"()\[\]{}*#:;~`_<>|\\/]")  # BLIP's pre_caption set plus brackets and slashes
 
@@ -119,14 +123,24 @@ class BadRowStats:
 
 # ---- captions -------------------------------------------------------------------------------------------------------
 
-def clean_caption(text: str, max_words: int) -> str:
+def clean_caption(text: str, max_words: int | None) -> str:
     """BLIP's `pre_caption`: lower-case, punctuation to spaces, whitespace collapsed, at most `max_words` words."""
     words = _PUNCTUATION.sub(" ", text.lower()).split()
     return " ".join(words[:max_words])
 
 
-def clean_captions(cell: Any, max_words: int) -> list[str]:
+@dataclass(frozen=True)
+class Unreadable:
+    """The caption cell of a row made from an annotation line that could not be read: clean_captions raises."""
+
+    reason: str
+    detail: str
+
+
+def clean_captions(cell: Any, max_words: int | None) -> list[str]:
     """The usable cleaned captions of a cell (a string or a list of strings); BadRow if there are none."""
+    if isinstance(cell, Unreadable):
+        raise BadRow(cell.reason, cell.detail)
     items = list(cell) if isinstance(cell, list | tuple) else [cell]
     texts = [clean_caption(c, max_words) for c in items if isinstance(c, str)]
     texts = [t for t in texts if t]
@@ -236,38 +250,72 @@ def open_split(cfg: DataConfig, split: str):
         if fmt == "hub":
             table = datasets.load_dataset(cfg.source, cfg.config_name, split=split, **kwargs)
         elif fmt == "blip_json":
-            table = datasets.load_dataset("json", data_files=cfg.source.replace("{split}", split), split="train",
-                                          **kwargs)
+            files = [cfg.source.replace("{split}", split)]
+            copies = readable_copies(files, cfg, imagefolder=False) if Path(files[0]).is_file() else None
+            table = datasets.load_dataset("json", data_files=copies or files, split="train", **kwargs)
         else:
             root = Path(cfg.source)
             if (root / split).is_dir():  # one folder per split: splits may have different columns
                 files = [str(p) for p in sorted((root / split).rglob("*")) if _belongs(p, fmt)]
-                table = datasets.load_dataset(fmt, data_files={"train": files}, split="train", **kwargs)
+                table = _read_cleaned(fmt, files, cfg, kwargs)
+                if table is None:
+                    table = datasets.load_dataset(fmt, data_files={"train": files}, split="train", **kwargs)
             elif root.is_file():
                 table = datasets.load_dataset(fmt, data_files={"train": [str(root)]}, split="train", **kwargs)
             else:  # split-named files (train-00000.tar), found by datasets' own patterns; this split's only,
                 # because datasets would otherwise require every split to have the same columns
-                from datasets.data_files import get_data_patterns
+                from datasets.data_files import get_data_patterns, resolve_pattern
 
                 patterns = {str(name): p for name, p in get_data_patterns(str(root)).items()}
                 if split not in patterns:
                     raise DataError(f"data source {cfg.source!r} has no split {split!r} (found: "
                                     f"{', '.join(patterns) or 'none'})")
-                table = datasets.load_dataset(fmt, data_dir=str(root), data_files={split: patterns[split]},
-                                              split=split, **kwargs)
+                files = [f for p in patterns[split] for f in resolve_pattern(p, base_path=str(root))
+                         if Path(f).name in _METADATA] if fmt == "imagefolder" else []
+                table = _read_cleaned(fmt, files, cfg, kwargs)
+                if table is None:
+                    table = datasets.load_dataset(fmt, data_dir=str(root), data_files={split: patterns[split]},
+                                                  split=split, **kwargs)
     except DataError:
         raise
     except (FileNotFoundError, ValueError, OSError) as exc:
         raise DataError(f"cannot open split {split!r} of data source {cfg.source!r} (format {fmt}): {exc}") from exc
+    _check_caption_column(table, cfg, split)
     for name, feature in (table.features or {}).items():
         if isinstance(feature, datasets.Image) and feature.decode:
             table = table.cast_column(name, datasets.Image(decode=False))
     return table
 
 
+def _read_cleaned(fmt: str, files: list[str], cfg: DataConfig, kwargs: dict):
+    """An image folder's table read through cleaned copies of its metadata files when one has lines that datasets
+    cannot read (med_train.metadata); None when datasets reads them as they are."""
+    import datasets
+
+    metadata = [f for f in files if Path(f).name in _METADATA] if fmt == "imagefolder" else []
+    copies = readable_copies(metadata, cfg, imagefolder=True) if metadata else None
+    return None if copies is None else datasets.load_dataset("json", data_files={"train": copies}, split="train",
+                                                             **kwargs)
+
+
+def _check_caption_column(table, cfg: DataConfig, split: str) -> None:
+    """A DataError naming the columns when none of them can hold the captions (columns known before reading:
+    every source but a streamed JSON file and webdataset, whose .json member may hold them)."""
+    import difflib
+
+    columns = list(table.column_names or [])
+    if not columns or "json" in columns or cfg.caption_column in columns or set(CAPTION_COLUMNS) & set(columns):
+        return
+    close = difflib.get_close_matches(cfg.caption_column, columns, n=1)
+    hint = f"; did you mean --set data.caption_column={close[0]}?" if close else \
+        " (set data.caption_column to the one that holds the captions)"
+    raise DataError(f"data source {cfg.source!r} [{split}] has no caption column {cfg.caption_column!r} "
+                    f"(data.caption_column); its columns: {', '.join(columns)}{hint}")
+
+
 def _belongs(path: Path, fmt: str) -> bool:
     if fmt == "imagefolder":
-        return path.suffix.lower() in _IMAGE_SUFFIXES or path.name in ("metadata.jsonl", "metadata.csv")
+        return path.suffix.lower() in _IMAGE_SUFFIXES or path.name in _METADATA
     return path.suffix == {"webdataset": ".tar", "parquet": ".parquet"}.get(fmt, path.suffix)
 
 
@@ -313,6 +361,9 @@ def image_root(cfg: DataConfig) -> str | None:
 def parse_row(raw: dict, cfg: DataConfig, label: str, root: str | None = None) -> Row:
     """Pick the image, caption, id and objects of a raw row whatever the source's column names; relative image
     paths are joined to `root` (see image_root)."""
+    if raw.get(BAD_LINE):  # a line of an annotation file that could not be read (med_train.metadata)
+        reason, where, detail = raw[BAD_LINE].split("\t", 2)
+        return Row(where, raw.get("image"), Unreadable(reason, detail))
     if isinstance(raw.get("json"), dict):  # webdataset: the .json member holds the caption and the rest
         raw = {**raw["json"], **{k: v for k, v in raw.items() if k != "json"}}
     image = raw.get(cfg.image_column)

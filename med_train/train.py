@@ -36,6 +36,8 @@ from med_train.run_folder import (
     TrainingError,
     append_jsonl,
     checkpoint_dirs,
+    discard_run,
+    latest_target,
     new_run_dir,
     point_latest,
     save_checkpoint,
@@ -268,16 +270,22 @@ class _Window:
 def train(cfg: Config, config_path: str | Path | None = None, resume: str | Path | None = None) -> Path:
     """Train `cfg` (or resume the run folder `resume`); returns the run folder. Every process runs every stage, in
     this order: their collective calls (barriers, broadcasts, gathers) must pair up across processes."""
+    latest_before = latest_target(Path(cfg.train.output_dir))
     run = _set_up(cfg, config_path, resume)
-    run.val_split, run.holdout = validation_source(run.cfg)
-    model = _build_model(run, _build_tokenizer(run))
-    _write_run_folder(run, model)
-    _build_data(run, model)
-    _set_length(run)
-    _prepare(run, model)
-    _start(run)
-    with _stop_signals(run):
-        _loop(run)
+    try:
+        run.val_split, run.holdout = validation_source(run.cfg)
+        model = _build_model(run, _build_tokenizer(run))
+        _write_run_folder(run, model)
+        _build_data(run, model)
+        _set_length(run)
+        _prepare(run, model)
+        _start(run)
+        with _stop_signals(run):
+            _loop(run)
+    except BaseException:
+        if run.main and not run.resumed and run.state.step == 0:  # nothing trained: nothing worth keeping
+            discard_run(run.run_dir, latest_before)
+        raise
     _checkpoint_on_stop(run)
     _finish(run)
     return run.run_dir
