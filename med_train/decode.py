@@ -206,13 +206,13 @@ def greedy_or_sample(decoder, image_embeds, prompt_ids, *, eos_token_id, pad_tok
     `cuda_graphs`: see `generate`."""
     static = _graphs_pay(decoder, image_embeds.device, cuda_graphs)
     tokens, logits, cache = _prefill(decoder, image_embeds, image_mask, prompt_ids, rows_per_image=1,
-                                     max_length=max_length, fold=not static)
+                                     max_length=max_length, fold=not static and _float_weights(decoder))
     steps = kernel = None
     if static and max_length - tokens.shape[1] > 1:
         steps = _static_steps(decoder, cache, None, max_length - 1, reorders=False)
     elif attention.history_pays(decoder, image_embeds):
         cache = HistoryCache.following(cache, torch.arange(tokens.shape[0]), max_length)
-        kernel = KernelSteps.for_decoder(decoder)
+        kernel = KernelSteps.for_decoder(decoder) if _float_weights(decoder) else None
     finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
     for cur_len in range(tokens.shape[1], max_length):
         logits = _process_logits(logits.float(), tokens, cur_len, eos_token_id=eos_token_id, min_length=min_length,
@@ -261,7 +261,7 @@ def beam_search(decoder, image_embeds, prompt_ids, *, eos_token_id, pad_token_id
         raise ValueError("cuda_graphs and drop_finished exclude each other: a captured step's shapes are fixed")
     static = not drop_finished and _graphs_pay(decoder, device, cuda_graphs)
     prompt, logits, cache = _prefill(decoder, image_embeds, image_mask, prompt_ids, rows_per_image=k,
-                                     max_length=max_length, fold=not static)
+                                     max_length=max_length, fold=not static and _float_weights(decoder))
     batch, prompt_len = prompt.shape
     rows = torch.arange(batch, device=device).repeat_interleave(k)  # image of each text row, image-major
     steps = kernel = None
@@ -269,7 +269,7 @@ def beam_search(decoder, image_embeds, prompt_ids, *, eos_token_id, pad_token_id
         steps = _static_steps(decoder, cache, rows, max_length - 1, reorders=True)
     elif attention.history_pays(decoder, image_embeds):  # each beam's self K/V stay where computed (cross: per image)
         cache = HistoryCache.following(cache, rows, max_length)
-        kernel = KernelSteps.for_decoder(decoder)
+        kernel = KernelSteps.for_decoder(decoder) if _float_weights(decoder) else None
     else:
         cache.reorder(rows)  # the prompt's self K/V, k copies per image (cross K/V stay one per image)
     logits = logits[rows]
@@ -356,6 +356,12 @@ def beam_search(decoder, image_embeds, prompt_ids, *, eos_token_id, pad_token_id
     add_to_pool(beam_scores / (tokens.shape[1] - prompt_len) ** length_penalty, running)
     best[searching] = pool_tokens[:, 0]
     return best
+
+
+def _float_weights(decoder) -> bool:
+    """Whether the decoder's projections hold float weights, which folding and `KernelSteps` read directly; a
+    quantised decoder (int8: `int8.quantize`) runs its projections as modules."""
+    return isinstance(decoder.cls.predictions.decoder, torch.nn.Linear)
 
 
 def _kernel_candidates(logits: torch.Tensor, k: int) -> bool:

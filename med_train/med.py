@@ -226,8 +226,11 @@ class BertLayer(nn.Module):
         """intermediate (dense, GELU), then output (dense, dropout, residual, LayerNorm), with the GELU folded into
         the output's dense (`gelu_linear`: the wide hidden activation is kept once for backward, not twice)."""
         out = self.output
-        wide = gelu_linear(self.intermediate.dense(hidden_states), out.dense.weight, out.dense.bias,
-                           packed=not self.training)
+        hidden = self.intermediate.dense(hidden_states)
+        if isinstance(out.dense, nn.Linear):
+            wide = gelu_linear(hidden, out.dense.weight, out.dense.bias, packed=not self.training)
+        else:  # a projection without a float weight to fold GELU into (int8: `int8.quantize`)
+            wide = out.dense(F.gelu(hidden))
         return out.LayerNorm(out.dropout(wide) + hidden_states)
 
 
@@ -373,6 +376,8 @@ class BertLMPredictionHead(nn.Module):
 
     def forward(self, hidden_states, weight: torch.Tensor | None = None):
         """`weight`: the projection to use instead of `decoder.weight` (its alias from `TiedTable`)."""
+        if weight is None and not isinstance(self.decoder, nn.Linear):  # no float weight (int8: `int8.quantize`)
+            return self.decoder(self.transform(hidden_states)) + self.bias
         weight = self.decoder.weight if weight is None else weight
         return linear(self.transform(hidden_states), weight, self.bias, packed=not self.training)
 
