@@ -11,6 +11,12 @@ best 1.5x (a ViT-B batch's fc2, 4616 x 3072 -> 768: fp32 292 ms, torchao 292, to
 beam-3 step, 24 x 768 -> 30524: 40, 59 and 7.3 ms). Embeddings, LayerNorms, attention and the patch projection
 stay in fp32.
 
+Captioning the bench's batch (8 images, ViT-B/16 at 224 px + BERT-base, max length 20), one thread, CPU seconds
+(medians of 5, alternating): greedy fp32 4.42, int8 2.28 (1.9x); beam 3: 4.71 and 2.16 (2.2x). The ViT gains most
+(3x); decoding about breaks even, the fast paths' fp32 decoding being as quick as int8 through the modules. On the
+demo's model (shapes, 200 test images, greedy) 22 captions of 200 changed, CIDEr 4.525 -> 4.508, content_exact
+0.45 both.
+
 The quantised modules have no float weight: the model runs its modules as written (timm's own ViT blocks, the
 decoder's modules), never the speed-only paths that read `.weight` (prepacked products, the few-row kernel).
 """
