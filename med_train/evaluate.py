@@ -64,8 +64,14 @@ def precision_autocast(device, precision: str | None):
 
 def precision_problem(device, precision: str) -> str | None:
     """Why `device` cannot caption under `precision`, or None where it can. On the CPU both run in torch (bf16
-    without oneDNN's bf16 products takes F.linear's path, see ops.ONEDNN_BF16); fp16 has no fast path there."""
+    without oneDNN's bf16 products takes F.linear's path, see ops.ONEDNN_BF16); fp16 has no fast path there. int8
+    runs on the CPU only (`int8.quantize`)."""
     import torch
+
+    if precision == "int8":
+        from med_train.int8 import int8_problem
+
+        return int8_problem(device)
 
     if device.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
         return f"{torch.cuda.get_device_name(device)} has no bf16 arithmetic (compute capability 8.0 or newer has): " \
@@ -93,7 +99,8 @@ def evaluate(model, cfg: Config, *, split: str | None = None, num_beams: int | N
              out_dir: str | Path | None = None, gallery_size: int = 50, quiet: bool = False,
              precision: str | None = None, loader=None, progress=None) -> dict:
     """Caption the held-out split (each image once, across processes when launched so) and score it. Precision:
-    "no", "bf16" or "fp16" (autocast); None: the accelerator's mixed precision (what training runs with).
+    "no", "bf16" or "fp16" (autocast), "int8" (no autocast: a model `int8.quantize` made); None: the accelerator's
+    mixed precision (what training runs with).
     `loader`: a `heldout_loader` built once by a caller that evaluates many times (training), instead of `split`.
     `progress`: a tqdm bar to advance by each batch's images. `quiet`: no note on stderr when METEOR is skipped."""
     import torch

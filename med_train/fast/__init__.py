@@ -63,7 +63,7 @@ def prepare(model: nn.Module, device: torch.device | str | None = None, use: str
     done = model.__dict__.get("fast_paths")
     if done is not None and done.device == device.type and use in done.uses:
         return done  # decided once per model and device
-    if not (enabled() if enabled_here is None else enabled_here):
+    if not (enabled() if enabled_here is None else enabled_here) or _quantized(model):
         report = model.__dict__["fast_paths"] = Prepared(device.type, uses={"decode", "train"})
         return report
     report = model.__dict__["fast_paths"] = Prepared(device.type, uses={use} | (done.uses if done else set()))
@@ -81,6 +81,11 @@ def prepare(model: nn.Module, device: torch.device | str | None = None, use: str
         report.routes = choose_routes(model, use)
     report.pieces.append("CUDA-graph decoding steps" if device.type == "cuda" else "fast decoding caches")
     return report
+
+
+def _quantized(model: nn.Module) -> bool:
+    """An int8 model (`med_train.int8`): its projections have no float weights for the fast paths to read."""
+    return any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in model.modules())
 
 
 def _swap_classes(model: nn.Module, device: torch.device) -> None:
