@@ -1,17 +1,21 @@
-"""Decoding: greedy, beam search (against exhaustive search) and sampling, on tiny random decoders."""
+"""Decoding: greedy, beam search (against exhaustive search) and sampling, on tiny random decoders.
+
+The decoders are prepared for the CPU as `med caption` prepares one (`fast.prepare`): with MED_FAST=0 the same
+tests run on the plain decoding. tests/fast/test_decoding.py compares each fast route with the plain decoder."""
 
 import itertools
 
 import pytest
 import torch
 
+from med_train import decode, fast
 from med_train.decode import beam_search, generate, greedy_or_sample
 from med_train.med import BertLMHeadModel, med_config
 
 PAD, BOS, EOS = 0, 1, 2
 
 
-def _decoder(vocab=5, seed=0):
+def _plain_decoder(vocab=5, seed=0):
     torch.manual_seed(seed)
     model = BertLMHeadModel(med_config(vocab_size=vocab, hidden_size=16, encoder_width=8, intermediate_size=32,
                                        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=32,
@@ -20,14 +24,66 @@ def _decoder(vocab=5, seed=0):
     return model
 
 
-def _ending_decoder_and_padded_images(seed=6):
-    """A decoder whose captions end at different steps, and 5 images of 4 tokens padded with 2 masked ones."""
-    decoder = _decoder(vocab=30, seed=5)
+def _decoder(vocab=5, seed=0):
+    decoder = _plain_decoder(vocab, seed)
+    fast.prepare(decoder, "cpu", "decode")
+    return decoder
+
+
+def _plain_ending_decoder():
+    """A decoder whose captions end at different steps."""
+    decoder = _plain_decoder(vocab=30, seed=5)
     with torch.no_grad():
         decoder.cls.predictions.bias[EOS] = 3.0
+    return decoder
+
+
+def _padded_images(seed=6):
+    """5 images of 4 tokens padded with 2 masked ones, and their mask."""
     g = torch.Generator().manual_seed(seed)
     images = torch.cat([torch.randn(5, 4, 8, generator=g), 5 * torch.randn(5, 2, 8, generator=g)], 1)
-    return decoder, images, torch.tensor([[1] * 4 + [0] * 2] * 5)
+    return images, torch.tensor([[1] * 4 + [0] * 2] * 5)
+
+
+def _ending_decoder_and_padded_images(seed=6):
+    decoder = _plain_ending_decoder()
+    fast.prepare(decoder, "cpu", "decode")
+    return (decoder, *_padded_images(seed))
+
+
+class _WatchedSteps:
+    """A decode's steps that call `seen(steps, tokens)` before each step."""
+
+    def __init__(self, steps, seen):
+        self.steps, self.seen = steps, seen
+
+    def step(self, tokens, src=None):
+        self.seen(self.steps, tokens)
+        return self.steps.step(tokens, src)
+
+    def keep_images(self, images, rows):
+        self.steps.keep_images(images, rows)
+
+
+class _WatchedDecoding(decode.Decoding):
+    def __init__(self, plan, seen):
+        self.plan, self.seen = plan, seen
+
+    def prefill_cache(self, *args):
+        return self.plan.prefill_cache(*args)
+
+    def steps(self, *args, **kwargs):
+        return _WatchedSteps(self.plan.steps(*args, **kwargs), self.seen)
+
+    def beam_candidates(self, *args):
+        return self.plan.beam_candidates(*args)
+
+
+def watch_steps(monkeypatch, seen) -> None:
+    """Call `seen(steps, tokens)` before every decoding step, whichever steps the decoder's decoding runs (the
+    plain loop's, or a fast route's, which may never call the decoder's forward)."""
+    real = decode.decoding_of
+    monkeypatch.setattr(decode, "decoding_of", lambda decoder: _WatchedDecoding(real(decoder), seen))
 
 
 @torch.no_grad()
@@ -69,35 +125,6 @@ def test_beam_search_equals_exhaustive_search_when_the_beam_covers_the_space(len
         got = out[i, len(prompt):].tolist()
         assert got[: len(want)] == want
         assert all(t == PAD for t in got[len(want):])
-
-
-@pytest.mark.parametrize("kwargs", [dict(num_beams=3), dict(num_beams=5, length_penalty=0.5, min_length=6),
-                                    dict(num_beams=3, repetition_penalty=1.5, early_stopping="never")])
-def test_beam_candidates_from_the_kernel_give_the_same_captions(monkeypatch, kwargs):
-    """On the CPU a beam step's candidates come from one kernel pass over the logits (`few_rows.beam_candidates`:
-    each row's ending score and k best, then each image's k best of its rows'): the captions are those of
-    log_softmax and a top-k over each image's k x V running sums."""
-    from med_train import decode
-    from med_train.fast import few_rows
-
-    if not few_rows.available():
-        pytest.skip("the few-row kernel is not built here")
-    calls = []
-    real = few_rows.beam_candidates
-    monkeypatch.setattr(few_rows, "beam_candidates", lambda *a: calls.append(1) or real(*a))
-    decoder, images, mask = _ending_decoder_and_padded_images()
-
-    def run(kernel: bool):
-        monkeypatch.setattr(decode, "_kernel_candidates", lambda logits, k: kernel)
-        calls.clear()
-        ids = generate(decoder, images, torch.tensor([BOS, 7]), eos_token_id=EOS, pad_token_id=PAD, max_length=12,
-                       image_mask=mask, **kwargs)
-        return ids, len(calls)
-
-    (kernel, kernel_calls), (torch_path, torch_calls) = run(True), run(False)
-    assert kernel_calls > 0 and torch_calls == 0
-    assert torch.equal(kernel, torch_path)
-    assert len({int((row != PAD).sum()) for row in kernel}) > 1  # captions of different lengths
 
 
 def test_greedy_equals_beam_of_one_and_uncached_greedy():
@@ -147,12 +174,8 @@ def test_batched_decoding_equals_one_image_at_a_time():
 def test_beam_search_without_finished_images_gives_the_same_captions(monkeypatch, early_stopping):
     """Images whose search is over leave the batch (the CPU default): the steps after run on fewer rows, and every
     caption is the one the search with every image kept to the end finds."""
-    from med_train import decode
-
     rows = []
-    real_step = decode._step
-    monkeypatch.setattr(decode, "_step", lambda decoder, tokens, cache, *kernel: rows.append(len(tokens))
-                        or real_step(decoder, tokens, cache, *kernel))
+    watch_steps(monkeypatch, lambda steps, tokens: rows.append(len(tokens)))
     fewest = []
     for seed in range(4):
         decoder = _decoder(vocab=30, seed=seed)
@@ -199,122 +222,13 @@ def test_masked_image_padding_is_ignored_at_every_step():
 
 
 @pytest.mark.parametrize("kwargs", [dict(num_beams=1), dict(num_beams=3), dict(do_sample=True, top_p=0.9)])
-@pytest.mark.parametrize("history", [True, False])
-def test_a_length_limit_within_the_prompt_returns_the_prompt(monkeypatch, kwargs, history):
+def test_a_length_limit_within_the_prompt_returns_the_prompt(kwargs):
     """`max_length` counts the prompt: at or under its length, every mode returns the prompt for each image."""
-    from med_train.fast import attention
-
-    monkeypatch.setattr(attention, "history_pays", lambda *a: history)
     decoder, images, _ = _ending_decoder_and_padded_images()
     prompt = torch.tensor([BOS, 7, 8])
     for max_length in (1, 3):
         ids = generate(decoder, images, prompt, eos_token_id=EOS, pad_token_id=PAD, max_length=max_length, **kwargs)
         assert torch.equal(ids, prompt.expand(len(images), -1))
-
-
-@pytest.mark.parametrize("kwargs", [dict(num_beams=1), dict(num_beams=3), dict(num_beams=3, drop_finished=False),
-                                    dict(do_sample=True, top_p=0.9)])
-def test_history_cache_gives_the_same_captions(monkeypatch, kwargs):
-    """Where a CPU decode keeps its self-attention history in place (`HistoryCache`, fp32 with the few-row
-    kernel), the captions are those of the growing cache, whether its steps run through the decoder's modules or
-    straight through the kernel (`KernelSteps`, what decoding uses there): greedy, beam search (images leaving the
-    batch or not) and sampling, with a masked image padding."""
-    from med_train import decode
-    from med_train.fast import attention, few_rows
-    from med_train.fast.caches import FastDecoderCache, HistoryCache
-
-    if not few_rows.available():
-        pytest.skip("the few-row kernel is not built here")
-    calls = []
-    real_step, real_steps = decode._step, decode.KernelSteps.for_decoder
-
-    def step(decoder, tokens, cache, kernel=None):
-        calls.append((type(cache), type(kernel)))
-        return real_step(decoder, tokens, cache, kernel)
-
-    monkeypatch.setattr(decode, "_step", step)
-    decoder, images, mask = _ending_decoder_and_padded_images()
-
-    def run(history: bool, kernel: bool):
-        monkeypatch.setattr(attention, "history_pays", lambda *a: history)
-        monkeypatch.setattr(decode.KernelSteps, "for_decoder", real_steps if kernel else lambda decoder: None)
-        calls.clear()
-        generator = torch.Generator().manual_seed(7) if kwargs.get("do_sample") else None
-        ids = generate(decoder, images, torch.tensor([BOS, 7]), eos_token_id=EOS, pad_token_id=PAD, max_length=12,
-                       min_length=3, image_mask=mask, generator=generator, **kwargs)
-        return ids, set(calls)
-
-    growing, growing_calls = run(False, False)
-    kept, kept_calls = run(True, False)
-    kernel, kernel_calls = run(True, True)
-    assert growing_calls == {(FastDecoderCache, type(None))} and kept_calls == {(HistoryCache, type(None))}
-    assert kernel_calls == {(HistoryCache, decode.KernelSteps)}
-    assert torch.equal(kept, growing) and torch.equal(kernel, growing)
-    assert len({int((row != PAD).sum()) for row in kept}) > 1  # captions of different lengths
-    monkeypatch.undo()
-    with torch.no_grad():  # decoding's own conditions: no gradient, eval mode (no attention dropout), fp32
-        assert attention.history_pays(decoder, images) and not attention.history_pays(decoder, images.double())
-        assert not attention.history_pays(decoder.train(), images)
-    assert not attention.history_pays(decoder.eval(), images)  # gradients recorded
-
-
-@pytest.mark.parametrize("kwargs", [dict(num_beams=1), dict(num_beams=3), dict(num_beams=3, drop_finished=False),
-                                    dict(do_sample=True, top_p=0.9)])
-def test_folded_image_projections_give_the_same_captions(monkeypatch, kwargs):
-    """Where a CPU decode folds the cross-attention's image projections into the queries (`attention.folding_pays`),
-    the captions are those of the projected image K/V: greedy, beam search (images leaving the batch or not) and
-    sampling, with a masked image padding."""
-    from med_train import decode
-    from med_train.fast import attention
-    from med_train.fast.caches import ImageTokens
-
-    entries = []
-    real_step = decode._step
-    monkeypatch.setattr(decode, "_step", lambda decoder, tokens, cache, *kernel:
-                        entries.append(type(cache.cross_kv[0])) or real_step(decoder, tokens, cache, *kernel))
-    decoder, images, mask = _ending_decoder_and_padded_images()
-
-    def run(fold_below):
-        monkeypatch.setattr(attention, "FOLD_BELOW", fold_below)
-        entries.clear()
-        generator = torch.Generator().manual_seed(7) if kwargs.get("do_sample") else None
-        ids = generate(decoder, images, torch.tensor([BOS, 7]), eos_token_id=EOS, pad_token_id=PAD, max_length=12,
-                       min_length=3, image_mask=mask, generator=generator, **kwargs)
-        return ids, set(entries)
-
-    projected, projected_entries = run(0.0)  # never pays
-    folded, folded_entries = run(1e9)  # always pays
-    assert projected_entries == {tuple} and folded_entries == {ImageTokens}
-    assert torch.equal(folded, projected)
-    assert len({int((row != PAD).sum()) for row in folded}) > 1  # captions of different lengths
-
-
-@pytest.mark.parametrize("kwargs", [dict(num_beams=1), dict(num_beams=3, drop_finished=False),
-                                    dict(num_beams=3, drop_finished=False, early_stopping="never"),
-                                    dict(do_sample=True, top_p=0.9)])
-def test_steps_over_a_static_cache_give_the_same_captions(monkeypatch, kwargs):
-    """The steps a GPU captures in a CUDA graph (`StaticSteps`: preallocated self-attention slots written at a
-    device-side position, beams reordered in place, masked image padding) give the captions of the growing cache:
-    here run eagerly on the CPU; `test_cuda_graph_steps_give_the_same_captions` replays the graph on a GPU."""
-    from med_train import decode
-
-    calls = []
-    real_step = decode.StaticSteps.step
-    monkeypatch.setattr(decode.StaticSteps, "step", lambda self, *a: calls.append(1) or real_step(self, *a))
-    decoder, images, mask = _ending_decoder_and_padded_images()
-
-    def run():
-        generator = torch.Generator().manual_seed(7) if kwargs.get("do_sample") else None
-        return generate(decoder, images, torch.tensor([BOS, 7]), eos_token_id=EOS, pad_token_id=PAD, max_length=12,
-                        min_length=3, image_mask=mask, generator=generator, **kwargs)
-
-    growing = run()
-    assert not calls
-    monkeypatch.setattr(decode, "_graphs_pay", lambda decoder, device, cuda_graphs: True)
-    static = run()
-    assert calls  # the static steps ran
-    assert torch.equal(static, growing)
-    assert len({int((row != PAD).sum()) for row in static}) > 1  # captions of different lengths
 
 
 def test_cuda_graphs_are_a_gpu_option_the_config_can_turn_off():
@@ -337,143 +251,6 @@ def test_cuda_graphs_are_a_gpu_option_the_config_can_turn_off():
     assert generate_kwargs(load_config(None))["cuda_graphs"] is None
     assert generate(decoder, images, torch.tensor([BOS]), eos_token_id=EOS, pad_token_id=PAD, max_length=6,
                     cuda_graphs=None).shape[0] == 2
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_cuda_graph_steps_give_the_same_captions():
-    """On a GPU the steps replay one captured CUDA graph: the captions of eager steps in fp32; the graph is kept
-    and replayed for the next decode of the same shapes (new images), also under bf16 autocast after the autocast
-    that captured it has ended (the graph reads no autocast cache); at most KEEP_CAPTURED graphs are kept."""
-    from med_train import decode
-
-    decoder, first, mask = _ending_decoder_and_padded_images()
-    batches = [first.cuda(), _ending_decoder_and_padded_images(seed=7)[1].cuda()]
-    decoder, mask = decoder.cuda(), mask.cuda()
-
-    def run(images, graphs, **kwargs):
-        generator = torch.Generator("cuda").manual_seed(7) if kwargs.get("do_sample") else None
-        return generate(decoder, images, torch.tensor([BOS, 7]), eos_token_id=EOS, pad_token_id=PAD, max_length=12,
-                        min_length=3, image_mask=mask[: len(images)], generator=generator, cuda_graphs=graphs,
-                        **kwargs)
-
-    for kwargs in (dict(num_beams=1), dict(num_beams=3), dict(do_sample=True, top_p=0.9)):
-        decode.release_captured_steps(decoder)
-        for images in batches:  # the first captures, the second replays the kept graph
-            assert torch.equal(run(images, True, **kwargs), run(images, False, **kwargs)), kwargs
-        assert len(decode.captured_steps(decoder)) == 1
-    agree = []
-    for images in batches:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            graphed = run(images, None, num_beams=3)  # the default on a GPU
-            eager = run(images, False, num_beams=3)
-        torch.randn(1 << 24, device="cuda")  # reuse freed memory
-        agree += (graphed == eager).all(1).tolist()
-    assert sum(agree) >= 0.8 * len(agree)  # bf16: attention kernels that differ may break a near-tie differently
-    run(batches[0][:3], None, num_beams=2)
-    run(batches[0][:2], None, num_beams=2)  # a third shape: the oldest graph goes
-    assert len(decode.captured_steps(decoder)) == decode.KEEP_CAPTURED
-    decode.release_captured_steps(decoder)
-    assert not decode.captured_steps(decoder)
-
-
-def test_static_steps_are_kept_for_the_next_decode_of_their_shapes(monkeypatch):
-    """A decode reuses the kept steps (and cache buffers) of the last decode of the same shapes and precision,
-    loading the new prefill into them; a new shape adds steps, the least recently used go beyond KEEP_CAPTURED;
-    `release_captured_steps` drops them. (On a GPU the kept steps hold a captured graph; here they run eagerly.)"""
-    from med_train import decode
-
-    monkeypatch.setattr(decode, "_graphs_pay", lambda decoder, device, cuda_graphs: cuda_graphs is not False)
-    decoder, first, mask = _ending_decoder_and_padded_images()
-    second = _ending_decoder_and_padded_images(seed=7)[1]
-
-    def run(images, beams=3, graphs=None):
-        return generate(decoder, images, torch.tensor([BOS, 7]), eos_token_id=EOS, pad_token_id=PAD, max_length=12,
-                        min_length=3, image_mask=mask[: len(images)], num_beams=beams, drop_finished=False,
-                        cuda_graphs=graphs)
-
-    decode.release_captured_steps(decoder)
-    assert torch.equal(run(first), run(first, graphs=False))
-    kept = list(decode.captured_steps(decoder).values())
-    assert len(kept) == 1
-    assert torch.equal(run(second), run(second, graphs=False))  # the same buffers, the second batch's prefill
-    assert list(decode.captured_steps(decoder).values()) == kept
-    run(first[:3])
-    run(first)  # used again: now the most recent
-    run(first[:2])  # a third shape: the least recently used (3 images) goes
-    assert len(decode.captured_steps(decoder)) == decode.KEEP_CAPTURED
-    assert kept[0] in decode.captured_steps(decoder).values()
-    assert {s.cache.self_kv[0].key.shape[0] for s in decode.captured_steps(decoder).values()} == {15, 6}
-    decode.release_captured_steps(decoder)
-    assert not decode.captured_steps(decoder)
-
-
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="CUDA graphs need a GPU"))])
-def test_threads_decoding_with_one_decoder_get_their_own_captions(monkeypatch, device):
-    """Two threads captioning with one decoder at once, same shapes: each thread keeps its own steps and cache
-    buffers (on a GPU, its own captured graph), so neither reads the other's (shared ones would mix their images'
-    captions). On the CPU the static steps are forced, eager."""
-    import threading
-
-    from med_train import decode
-
-    if device == "cpu":
-        monkeypatch.setattr(decode, "_graphs_pay", lambda decoder, device, cuda_graphs: cuda_graphs is not False)
-    decoder, _, mask = _ending_decoder_and_padded_images()
-    decoder, mask = decoder.to(device), mask.to(device)
-    batches = [_ending_decoder_and_padded_images(seed=seed)[1].to(device) for seed in (6, 7)]
-
-    def run(images, graphs):
-        return generate(decoder, images, torch.tensor([BOS, 7]), eos_token_id=EOS, pad_token_id=PAD, max_length=12,
-                        min_length=3, image_mask=mask, num_beams=3, drop_finished=False, cuda_graphs=graphs)
-
-    want = [run(images, False) for images in batches]
-    assert not torch.equal(want[0], want[1])
-    start, got, kept = threading.Barrier(2), [[], []], [None, None]
-
-    def work(i):
-        start.wait()
-        got[i] += [run(batches[i], None) for _ in range(20)]
-        kept[i] = list(decode.captured_steps(decoder).values())
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    for mine, expected in zip(got, want, strict=True):
-        assert len(mine) == 20 and all(torch.equal(ids, expected) for ids in mine)
-    assert len(kept[0]) == len(kept[1]) == 1 and kept[0][0] is not kept[1][0]  # one each
-    assert not decode.captured_steps(decoder)  # this thread decoded nothing through them
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_a_step_that_cannot_be_captured_runs_eagerly_with_a_warning(monkeypatch):
-    """A step that a CUDA graph cannot hold (here: one that reads a value back to the host mid-step) is run
-    eagerly over the static cache, with a warning, and gives the same captions; the GPU stays usable."""
-    from med_train import decode
-
-    decoder = _decoder(vocab=30, seed=5).cuda()
-    images = torch.randn(4, 6, 8, generator=torch.Generator().manual_seed(6)).cuda()
-
-    def run(graphs):
-        return generate(decoder, images, torch.tensor([BOS, 7]), eos_token_id=EOS, pad_token_id=PAD, max_length=10,
-                        num_beams=3, cuda_graphs=graphs)
-
-    want = run(False)
-    monkeypatch.setattr(decoder, "forward", _syncing(decoder.forward, decoder))
-    decode.release_captured_steps(decoder)
-    with pytest.warns(UserWarning, match="run eagerly"):
-        got = run(None)
-    assert torch.equal(got, want)
-    assert torch.equal(run(None), want)  # kept: no second capture, no second warning needed
-
-
-def _syncing(forward, decoder):
-    def call(*args, **kwargs):
-        decoder.cls.predictions.bias.sum().item()  # a host read-back: not allowed while a graph is captured
-        return forward(*args, **kwargs)
-    return call
 
 
 def test_min_and_max_length():

@@ -24,6 +24,7 @@ class LeanMlp(nn.Module):
         super().__init__()
         self.fc1, self.act, self.drop1, self.norm, self.fc2, self.drop2 = (
             mlp.fc1, mlp.act, mlp.drop1, mlp.norm, mlp.fc2, mlp.drop2)
+        self.training = mlp.training  # a model prepared in eval mode stays there (a new module starts training)
 
     @staticmethod
     def fits(mlp) -> bool:
@@ -53,6 +54,7 @@ class LeanBlock(nn.Module):
         super().__init__()
         for name in self.PARTS:
             setattr(self, name, getattr(block, name))
+        self.training = block.training  # as LeanMlp's
 
     @staticmethod
     def fits(block) -> bool:
