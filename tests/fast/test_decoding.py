@@ -47,7 +47,8 @@ class Route:
 
     def take(self, monkeypatch):
         monkeypatch.setattr(ops.ROUTES, "few_rows", self.few_rows)
-        monkeypatch.setattr(ops.ROUTES, "packed", self.packed)
+        monkeypatch.setattr(ops.ROUTES, "packed_few", self.packed)
+        monkeypatch.setattr(ops.ROUTES, "packed_many", self.packed)
         if self.history is not None:
             monkeypatch.setattr(attention, "history_pays", lambda *a: self.history)
         if not self.kernel_steps:
