@@ -56,8 +56,8 @@ class BadFileError(ValueError):
         self.path = Path(path)
 
 
-class UntrustedFileError(BadFileError):
-    """A pickle that would run code when loaded: refused, never run."""
+class UntrustedFileError(BadFileError, pickle.UnpicklingError):
+    """A pickle that would run code when loaded: refused, never run (an UnpicklingError too, as torch's is)."""
 
 
 def first_line(err: BaseException) -> str:

@@ -437,7 +437,7 @@ def _start(run: Run) -> None:
     t = run.cfg.train
     run.state = TrainerState(mixed_precision=run.accelerator.mixed_precision)
     if run.resumed:
-        run.state = _resume(run)
+        run.state = _resume(run.accelerator, run.run_dir, run.loader, run.notice, run.raw_model)
         if run.main:  # one writer: the file is shared by every process
             truncate_metrics(run.metrics_path, run.state.step)
         run.say(f"resuming {run.run_dir} from step {run.state.step}")
@@ -446,10 +446,11 @@ def _start(run: Run) -> None:
                                       init_kwargs=tracker_run_names(run.run_dir.name))
 
 
-def _resume(run: Run) -> TrainerState:
+def _resume(accelerator, run_dir: Path, loader, notice, model=None) -> TrainerState:
     """Load the last complete checkpoint into the prepared objects and the loader; say what differs from the run
-    that wrote it (precision; processes or workers, whose data the loader shares out anew or refuses)."""
-    accelerator, loader, checkpoint, notice = run.accelerator, run.loader, run.checkpoint, run.notice
+    that wrote it (precision; processes or workers, whose data the loader shares out anew or refuses). `model`
+    (unwrapped) is what a weights file that cannot be loaded is checked against, to name what does not fit."""
+    checkpoint = last_checkpoint(run_dir)
     state = read_trainer_state(checkpoint)
     now, then = accelerator.mixed_precision, state.mixed_precision
     if accelerator.scaler is not None and not (checkpoint / "scaler.pt").is_file():  # load_state would stop on it
@@ -459,7 +460,7 @@ def _resume(run: Run) -> TrainerState:
         notice(f"resuming with mixed precision {now}; {checkpoint} was trained with {then}")
     loader.load_state_dict(state.data)  # before the weights: a refused data layout stops at once
     # every process warns of its own random state
-    restore_checkpoint(accelerator, run.raw_model, checkpoint, warn=lambda line: print(line, file=sys.stderr))
+    restore_checkpoint(accelerator, model, checkpoint, warn=lambda line: print(line, file=sys.stderr))
     if loader.resharded_from is not None:
         from med_train.data import layout_text
 
