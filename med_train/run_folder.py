@@ -8,12 +8,13 @@ A run folder describes itself (med_train.train writes it):
     runs/<name>/med_config.json, tokenizer files, model.safetensors      the last model (Captioner.from_pretrained)
     runs/<name>/best/                   the model with the best validation CIDEr (data.val_split, not the
                                         reported data.eval_split)
-    runs/<name>/checkpoints/step_N/     model, optimizer, scheduler, scaler, RNG, data position, trainer state
+    runs/<name>/checkpoints/step_N/     model (weights, med_config.json, tokenizer: a model directory too),
+                                        optimizer, scheduler, scaler, RNG, data position, trainer state
                                         (trainer_state.json: step, epoch, best metric and the mixed precision
                                         the run used: the config's train.mixed_precision, else the launcher's)
     runs/<name>/metrics.jsonl           one line per logging step and per evaluation
     runs/<name>/curves.png              loss and metric curves
-and runs/latest points at the newest run.
+and runs/latest points at the newest run (the last to write its folder).
 
 Every file is written whole or not at all (`atomic_path`: a temporary file beside it, flushed to disk, then renamed
 over it), and metrics.jsonl is appended a whole line at a time, so a run killed at any moment leaves files that
