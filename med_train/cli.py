@@ -236,12 +236,13 @@ def train_command(
     cfg.train.quiet = cfg.train.quiet or quiet
     _check_model_name(cfg, str(config or run_dir / "config.yaml"))
 
+    from med_train.run_folder import BadFileError
     from med_train.sources import DataError
     from med_train.train import TrainingError, train
 
     try:
         run_dir = train(cfg, config_path=config, resume=run_dir)
-    except (TrainingError, DataError) as err:
+    except (TrainingError, DataError, BadFileError) as err:  # BadFileError: a damaged checkpoint or weights file
         _fail(str(err))
     except ConfigError as err:  # model.init that cannot be read or does not fit
         _fail(f"{config or run_dir / 'config.yaml'}: {err}", 2)
@@ -316,15 +317,18 @@ def eval_command(
 
 
 def _load_run_or_exit(model: str | None, sets: list[str] | None):
-    """(run folder, (captioner, config)) for `--model` with `--set` overrides, or a one-line error (exit 2)."""
+    """(run folder, (captioner, config)) for `--model` with `--set` overrides, or a one-line error: exit 2 for a
+    missing folder or a bad override, 1 for a file in it that cannot be used."""
     from med_train.evaluate import load_run
-    from med_train.run_folder import resolve_run
+    from med_train.run_folder import BadFileError, resolve_run
 
     try:
         run_dir = resolve_run(model)
         return run_dir, load_run(run_dir, overrides=sets or ())
     except (FileNotFoundError, ConfigError) as err:
         _fail(str(err), 2)
+    except BadFileError as err:
+        _fail(str(err))
 
 
 def _print_scores(scores: dict, err: bool = False) -> None:

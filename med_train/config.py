@@ -228,10 +228,12 @@ def config_to_yaml(cfg: Config) -> str:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config to `path` (parents created), as `load_config` reads it."""
+    """Write the resolved config to `path` (parents created, the file replaced whole), as `load_config` reads it."""
+    from med_train.run_folder import atomic_write
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(config_to_yaml(cfg), encoding="utf-8")
+    atomic_write(path, config_to_yaml(cfg))
 
 
 # The two ways of saying how long to train; setting one replaces the other's value from an earlier layer.

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from med_train.config import ConfigError, ModelConfig, TextConfig, VisionConfig
-from med_train.model import CONFIG_NAME, WEIGHTS_NAME, Captioner
+from med_train.model import CONFIG_NAME, WEIGHTS_NAME, Captioner, key_list, read_weights
+from med_train.run_folder import BadFileError, first_line, load_pickled
 from med_train.tokenizer import load_tokenizer
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]  # BLIP normalises with CLIP's statistics
@@ -57,14 +58,6 @@ def timm_vision_key(key: str) -> str:
     return _rename(key, [(new, old) for old, new in _VIT_TO_HF])
 
 
-def _first_line(err: BaseException) -> str:
-    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
-
-
-def _few(items: list[str], n: int = 3) -> str:
-    return ", ".join(items[:n]) + (f" (and {len(items) - n} more)" if len(items) > n else "")
-
-
 # ---- loading a state dict into the configured model -----------------------------------------------------------
 
 def load_state(model: Captioner, state: dict, source: str) -> None:
@@ -86,7 +79,7 @@ def load_state(model: Captioner, state: dict, source: str) -> None:
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own and k.startswith(("visual_encoder.", "text_decoder."))]
     if mismatched or missing or unexpected:
-        problems = [f"{name}: {_few(keys)}" for name, keys in (("shape mismatches", mismatched),
+        problems = [f"{name}: {key_list(keys)}" for name, keys in (("shape mismatches", mismatched),
                                                                 ("missing", missing), ("unexpected", unexpected))
                     if keys]
         raise ValueError(f"{source}: does not fit the configured model; {'; '.join(problems)}")
@@ -98,12 +91,12 @@ def load_state(model: Captioner, state: dict, source: str) -> None:
 
 def read_blip_state(path: str | Path) -> dict:
     """The weights of a released BLIP checkpoint (a pickle with them under 'model'), read without running any
-    pickled code (`weights_only=True`)."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    pickled code (`weights_only=True`); a `BadFileError` for a file that is not one."""
+    checkpoint = load_pickled(path, map_location="cpu")
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not any(k.startswith("text_decoder.") for k in state):
-        raise ValueError(f"{path}: not a BLIP caption checkpoint (expected the weights under 'model', with "
-                         f"text_decoder.* keys)")
+        raise BadFileError(path, "not a BLIP caption checkpoint (expected the weights under 'model', with "
+                                 "text_decoder.* keys)")
     # the output bias is stored twice (decoder.bias is cls.predictions.bias); position_ids are an old buffer
     return {k: v for k, v in state.items()
             if k != "text_decoder.cls.predictions.decoder.bias" and not k.endswith("position_ids")}
@@ -171,7 +164,7 @@ def read_hf_captioner(source: str, prompt: str = "") -> HfCaptioner:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as err:
         tried = "" if Path(source).exists() else "not a local file or folder; as a hub id: "
-        raise ValueError(f"{source}: {tried}cannot read a transformers model config ({_first_line(err)})") from None
+        raise ValueError(f"{source}: {tried}cannot read a transformers model config ({first_line(err)})") from None
     architectures = getattr(config, "architectures", None) or []
     if config.model_type != "blip" or (architectures and "BlipForConditionalGeneration" not in architectures):
         raise ValueError(f"{source}: not a transformers BLIP captioner (model_type {config.model_type!r}, "
@@ -281,19 +274,17 @@ def read_init(source: str) -> InitWeights:
     """The weights `model.init` names, in our names. Errors are `ConfigError`s naming model.init."""
     import json
 
-    from safetensors.torch import load_file
-
     kind, where = init_kind(source)
     try:
         if kind == "blip":
             return InitWeights(read_blip_state(where), CLIP_MEAN, CLIP_STD)
         if kind == "med":
             vision = json.loads((Path(where) / CONFIG_NAME).read_text())["model"]["vision"]
-            return InitWeights(load_file(str(Path(where) / WEIGHTS_NAME)), vision.get("mean"), vision.get("std"))
+            return InitWeights(read_weights(Path(where) / WEIGHTS_NAME), vision.get("mean"), vision.get("std"))
         hf = read_hf_captioner(where)
         return InitWeights(hf.state, hf.config.vision.mean, hf.config.vision.std)
     except (OSError, ValueError, KeyError) as err:
-        raise ConfigError(f"model.init: {_first_line(err)}", key="model.init") from None
+        raise ConfigError(f"model.init: {first_line(err)}", key="model.init") from None
 
 
 def load_init(model: Captioner, weights: InitWeights, source: str) -> None:
@@ -317,5 +308,5 @@ def init_tokenizer(model_cfg: ModelConfig, tokenizer_name: str):
     try:
         return load_tokenizer(where)
     except (OSError, ValueError) as err:
-        raise ConfigError(f"model.init: {where}: cannot load its tokenizer ({_first_line(err)})",
+        raise ConfigError(f"model.init: {where}: cannot load its tokenizer ({first_line(err)})",
                           key="model.init") from None

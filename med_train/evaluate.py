@@ -187,9 +187,11 @@ def _image_id(key):
 
 
 def _write_outputs(out: Path, scores: dict, records: list, per_image: dict, gallery_size: int) -> None:
+    from med_train.run_folder import atomic_write
+
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(scores, indent=2))
-    (out / "predictions.json").write_text(json.dumps(
+    atomic_write(out / "metrics.json", json.dumps(scores, indent=2))
+    atomic_write(out / "predictions.json", json.dumps(
         [{"image_id": _image_id(r["id"]), "caption": r["caption"]} for r in records], indent=1))
     worst = sorted(records, key=lambda r: per_image.get(r["id"], 0.0))[:gallery_size]
     rows = []
@@ -199,10 +201,10 @@ def _write_outputs(out: Path, scores: dict, records: list, per_image: dict, gall
                     f"<td><b>{html.escape(r['caption'])}</b><br><small>{html.escape(str(r['id']))} &middot; "
                     f"CIDEr {per_image.get(r['id'], 0.0):.3f}</small><ul>{refs}</ul></td></tr>")
     summary = " &middot; ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float))
-    (out / "gallery.html").write_text(
+    atomic_write(out / "gallery.html", (
         "<!doctype html><meta charset='utf-8'><title>med_train gallery</title>"
         "<style>body{font-family:sans-serif}td{vertical-align:top;padding:6px}</style>"
-        f"<h1>Predictions, worst CIDEr first</h1><p>{summary}</p><table>{''.join(rows)}</table>")
+        f"<h1>Predictions, worst CIDEr first</h1><p>{summary}</p><table>{''.join(rows)}</table>"))
 
 
 # ---- med caption -------------------------------------------------------------------------------------------------

@@ -13,16 +13,24 @@ transformers live in `convert.py` and `export.py`.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from med_train import decode
 from med_train.config import ModelConfig, TextConfig, VisionConfig
 from med_train.med import BertLMHeadModel, med_config
+from med_train.run_folder import (
+    BadFileError,
+    atomic_path,
+    atomic_write,
+    first_line,
+    read_json,
+    save_tokenizer,
+)
 from med_train.tokenizer import encode_captions, load_tokenizer, prompt_length
 
 WEIGHTS_NAME = "model.safetensors"
@@ -215,58 +223,103 @@ class Captioner(nn.Module):
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
 
-    def save_pretrained(self, out_dir: str | Path) -> None:
-        """`model.safetensors` + `med_config.json` + tokenizer files: everything `from_pretrained` needs."""
+    def save_pretrained(self, out_dir: str | Path, weights: bool = True) -> None:
+        """`model.safetensors` + `med_config.json` + tokenizer files: everything `from_pretrained` needs. Each file
+        is replaced whole, so a run killed mid-save keeps loadable files. `weights=False`: the config and tokenizer
+        only (a training checkpoint, whose weights accelerate writes)."""
         from safetensors.torch import save_model
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         meta = {"format": FORMAT, "model": asdict(self.cfg), "max_caption_tokens": self.max_caption_tokens}
-        (out / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
-        self.tokenizer.save_pretrained(out)
-        # a temporary file, then a rename: a run killed mid-write keeps the previous weights
-        tmp = out / f".{WEIGHTS_NAME}.tmp"
-        save_model(self, str(tmp))  # handles the tied embedding/output weights
-        os.replace(tmp, out / WEIGHTS_NAME)
+        atomic_write(out / CONFIG_NAME, json.dumps(meta, indent=2))
+        save_tokenizer(self.tokenizer, out)
+        if weights:
+            with atomic_path(out / WEIGHTS_NAME) as tmp:
+                save_model(self, str(tmp))  # handles the tied embedding/output weights
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, map_location: str = "cpu") -> Captioner:
+        """The model a folder holds; a `BadFileError` (one line naming the file) for a file that cannot be used."""
         from safetensors.torch import load_model
 
-        from med_train.config import config_from_dict
-
         model_dir = Path(model_dir)
-        meta_path = model_dir / CONFIG_NAME
-        if not meta_path.is_file():
-            raise FileNotFoundError(f"{model_dir}: no {CONFIG_NAME}; not a med_train model directory")
-        meta = json.loads(meta_path.read_text())
-        cfg = config_from_dict({"model": meta["model"]}, source=str(meta_path)).model
-        model = cls(cfg, load_tokenizer(str(model_dir)), load_weights=False,
-                    max_caption_tokens=meta.get("max_caption_tokens", 40))
+        cfg, max_caption_tokens = read_model_config(model_dir)
+        model = cls(cfg, read_tokenizer(model_dir), load_weights=False, max_caption_tokens=max_caption_tokens)
         weights = model_dir / WEIGHTS_NAME
-        _check_shapes(model, weights)
-        load_model(model, str(weights), strict=True, device=map_location)
+        check_weights(model, weights)
+        try:
+            load_model(model, str(weights), strict=True, device=map_location)
+        except SafetensorError as err:
+            raise BadFileError(weights, f"unreadable ({first_line(err)})") from None
         return model
 
 
-def _check_shapes(model: nn.Module, weights: Path) -> None:
-    """A weights file that does not fit its config is an error listing the keys (never a partial load)."""
+def read_model_config(model_dir: Path) -> tuple[ModelConfig, int]:
+    """(the model config, max_caption_tokens) of a model directory's med_config.json."""
+    from med_train.config import config_from_dict
+
+    meta_path = Path(model_dir) / CONFIG_NAME
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{model_dir}: no {CONFIG_NAME}; not a med_train model directory")
+    meta = read_json(meta_path, "a med_train model config")
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+        raise BadFileError(meta_path, "not a med_train model config (no 'model' section)")
+    cfg = config_from_dict({"model": meta["model"]}, source=str(meta_path)).model
+    return cfg, meta.get("max_caption_tokens", 40)
+
+
+def read_tokenizer(model_dir: Path):
+    """A model directory's tokenizer; a `BadFileError` naming the first tokenizer file that is not valid JSON."""
+    try:
+        return load_tokenizer(str(model_dir))
+    except Exception as err:  # noqa: BLE001 - transformers and tokenizers raise many kinds for a damaged file
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (Path(model_dir) / name).is_file():
+                read_json(Path(model_dir) / name, "a tokenizer file")  # raises for the damaged one
+        raise BadFileError(model_dir, f"cannot load its tokenizer ({first_line(err)})") from None
+
+
+def read_weights(weights: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a `BadFileError` for a file that is not one (a pickle, cut short)."""
+    from safetensors.torch import load_file
+
+    if not Path(weights).is_file():
+        raise BadFileError(weights, "no such weights file")
+    try:
+        return load_file(str(weights))
+    except SafetensorError as err:
+        raise BadFileError(weights, f"not a whole safetensors file ({first_line(err)})") from None
+
+
+def key_list(items: list[str], n: int = 3) -> str:
+    return ", ".join(items[:n]) + (f" (and {len(items) - n} more)" if len(items) > n else "")
+
+
+def check_weights(model: nn.Module, weights: Path) -> None:
+    """A weights file that cannot be read, or does not fit the model, is a one-line `BadFileError` naming the first
+    keys with their shapes (never a partial load)."""
     from safetensors import safe_open
 
     if not weights.is_file():
-        raise FileNotFoundError(f"{weights}: no such weights file")
+        raise BadFileError(weights, "no such weights file")
     own = model.state_dict()
-    with safe_open(str(weights), framework="pt") as f:
-        stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    mismatched = [f"{k}: {stored[k]} vs {tuple(own[k].shape)}" for k in own if k in stored
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except SafetensorError as err:
+        raise BadFileError(weights, f"not a whole safetensors file ({first_line(err)})") from None
+    mismatched = [f"{k} {stored[k]} vs {tuple(own[k].shape)}" for k in own if k in stored
                   and stored[k] != tuple(own[k].shape)]
     # the tied output weight is stored once, under either name
     missing = [k for k in own if k not in stored and k != "text_decoder.cls.predictions.decoder.weight"]
     unexpected = [k for k in stored if k not in own]
-    if mismatched or missing or unexpected:
-        raise ValueError(f"{weights}: does not match its config ({weights.parent / CONFIG_NAME});\n"
-                         f"  shape mismatches: {mismatched[:20]}\n  missing: {missing[:20]}\n"
-                         f"  unexpected: {unexpected[:20]}")
+    problems = [f"{name}: {key_list(keys)}" for name, keys in (
+        ("shape mismatches (stored vs configured)", mismatched), ("missing", missing), ("unexpected", unexpected))
+        if keys]
+    if problems:
+        raise BadFileError(weights, f"does not match its config ({weights.parent / CONFIG_NAME}); "
+                                    + "; ".join(problems))
 
 
 # ---- initialisation from other checkpoints ---------------------------------------------------------------------

@@ -8,13 +8,19 @@ A run folder describes itself (med_train.train writes it):
     runs/<name>/med_config.json, tokenizer files, model.safetensors      the last model (Captioner.from_pretrained)
     runs/<name>/best/                   the model with the best validation CIDEr (data.val_split, not the
                                         reported data.eval_split)
-    runs/<name>/checkpoints/step_N/     model, optimizer, scheduler, scaler, RNG, data position, trainer state
+    runs/<name>/checkpoints/step_N/     model (weights, med_config.json, tokenizer: a model directory too),
+                                        optimizer, scheduler, scaler, RNG, data position, trainer state
                                         (trainer_state.json: step, epoch, best metric and the mixed precision
                                         the run used: the config's train.mixed_precision, else the launcher's)
     runs/<name>/metrics.jsonl           one line per logging step and per evaluation
     runs/<name>/curves.png              loss and metric curves
-and runs/latest points at the newest run. A new run that fails before its first step is removed, and runs/latest
-points back where it pointed before (discard_run).
+and runs/latest points at the newest run (the last to write its folder). A new run that fails before its first step
+is removed, and runs/latest points back where it pointed before (discard_run).
+
+Every file is written whole or not at all (`atomic_path`: a temporary file beside it, flushed to disk, then renamed
+over it), and metrics.jsonl is appended a whole line at a time, so a run killed at any moment leaves files that
+load. A checkpoint holds everything a resume reads (its med_config.json and tokenizer files too). A file that
+cannot be used is a `BadFileError`: one line that starts with the file's name.
 """
 
 from __future__ import annotations
@@ -22,8 +28,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +47,116 @@ METRICS_FILE = "metrics.jsonl"
 
 class TrainingError(RuntimeError):
     """Training cannot go on (the message says why and how to resume)."""
+
+
+class BadFileError(ValueError):
+    """A file that cannot be used: empty, truncated, corrupt, of another model, or holding pickled code. The message
+    is one line that starts with the file's name."""
+
+    def __init__(self, path: str | Path, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path = Path(path)
+
+
+class UntrustedFileError(BadFileError, pickle.UnpicklingError):
+    """A pickle that would run code when loaded: refused, never run (an UnpicklingError too, as torch's is)."""
+
+
+def first_line(err: BaseException) -> str:
+    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+
+
+def load_pickled(path: str | Path, load=None, **kwargs):
+    """`torch.load(path, weights_only=True)` (or accelerate's `load`, which also takes numpy's RNG state, still
+    weights only), with a `BadFileError` for a missing, truncated or corrupt file and an `UntrustedFileError` for
+    one that holds code: weights_only refuses every global it does not know, so the code never runs."""
+    import torch
+
+    if load is None:
+        load, kwargs = torch.load, {"weights_only": True, **kwargs}
+    if not Path(path).is_file():
+        raise BadFileError(path, "no such file")
+    try:
+        return load(path, **kwargs)
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" not in str(err):
+            raise BadFileError(path, f"corrupt ({first_line(err)})") from None
+        refused = next((line.split("Unsupported global:", 1)[1].split(" was not", 1)[0].strip()
+                        for line in str(err).splitlines() if "Unsupported global:" in line), "unknown content")
+        raise UntrustedFileError(path, f"refused: it holds pickled code ({refused}), which loading would run; "
+                                       "only tensors and plain data are read") from None
+    except EOFError:
+        raise BadFileError(path, "empty or cut short") from None
+    except (RuntimeError, ValueError, OSError) as err:  # torch's zip reader: truncated or not a torch file
+        raise BadFileError(path, f"unreadable ({first_line(err)})") from None
+
+
+def read_json(path: str | Path, what: str):
+    """The JSON document in `path`; a `BadFileError` when it is missing, empty or not JSON."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise BadFileError(path, f"no such file; {what} expected") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise BadFileError(path, f"unreadable ({first_line(err)})") from None
+    if not text.strip():
+        raise BadFileError(path, f"empty (a write cut short?); {what} expected")
+    try:
+        return json.loads(text)
+    except ValueError as err:
+        raise BadFileError(path, f"not valid JSON ({err}); {what} expected") from None
+
+
+# ---- writing files whole ---------------------------------------------------------------------------------------
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside `path` for the caller to write; when the block ends, that file is flushed to disk
+    and renamed over `path`, so every reader (and every later run, after a kill or a power cut) sees the old file
+    or the new one, never a part. On an error the temporary file is removed and `path` is left as it was."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        yield tmp
+        _fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync(path.parent)
+
+
+def atomic_write(path: str | Path, data: bytes | str) -> None:
+    """Replace `path` by `data` (text as UTF-8) whole (`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+
+
+def save_tokenizer(tokenizer, folder: str | Path) -> None:
+    """`tokenizer.save_pretrained(folder)`, each file replaced whole: they are written into a temporary folder
+    first, then each is renamed into `folder`."""
+    folder = Path(folder)
+    staging = folder / ".tokenizer.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        tokenizer.save_pretrained(str(staging))
+        for part in sorted(staging.iterdir()):
+            _fsync(part)
+            os.replace(part, folder / part.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    _fsync(folder)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file, or a folder's entries (its renames), to disk. Folders cannot be opened for that on Windows."""
+    if path.is_dir() and os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -56,14 +175,21 @@ class TrainerState:
 # ---- its name and runs/latest ----------------------------------------------------------------------------------
 
 def new_run_dir(cfg: Config, config_path: str | Path | None) -> Path:
+    """A new, empty run folder, claimed: train.run_name, else CONFIG-DATE-TIME, with -2, -3, ... when that name is
+    taken. The folder is made with an exclusive mkdir, so two runs started at once (in the same second, or with the
+    same train.run_name) never share one, even on one another's heels."""
+    root = Path(cfg.train.output_dir)
     stem = Path(config_path).stem if config_path else "run"
     name = cfg.train.run_name or f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(cfg.train.output_dir) / name
-    suffix = 1
-    while run_dir.exists():  # two runs started in the same second
-        suffix += 1
-        run_dir = Path(cfg.train.output_dir) / f"{name}-{suffix}"
-    return run_dir
+    root.mkdir(parents=True, exist_ok=True)
+    run_dir, suffix = root / name, 1
+    while True:
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            suffix += 1
+            run_dir = root / f"{name}-{suffix}"
 
 
 def point_latest(run_dir: Path) -> None:
@@ -161,8 +287,10 @@ def save_checkpoint(accelerator, model, run_dir: Path, state: TrainerState, load
     def publish() -> None:  # once every process's files are in
         if main:
             (tmp / STATE_FILE).write_text(json.dumps(state.__dict__))
+            model.save_pretrained(tmp, weights=False)  # the model's config and tokenizer: a resume reads them here
             _fsync_tree(tmp)
             os.replace(tmp, final)
+            _fsync(root)
             for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
                 shutil.rmtree(old, ignore_errors=True)
             model.save_pretrained(run_dir)  # the last weights, loadable alone
@@ -191,18 +319,87 @@ def _no_process_failed(accelerator, error: BaseException | None) -> bool:
 def _fsync_tree(folder: Path) -> None:
     for path in folder.rglob("*"):
         if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
+            _fsync(path)
 
 
 def append_jsonl(path: Path, record: dict) -> None:
+    """One line, on disk before this returns. A run killed mid-append leaves at most a torn last line, which
+    `read_jsonl` leaves out."""
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: Path) -> list[tuple[str, dict]]:
+    """(line, record) for each whole record of the metrics log; a torn line (a kill mid-append) is left out."""
+    if not path.exists():
+        return []
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            kept.append((line, record))
+    return kept
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """After a resume, drop the lines logged after the checkpoint so no step appears twice."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    """After a resume, drop the lines logged after the checkpoint (and a torn last line), so that every step
+    appears once: the resumed run logs them again."""
+    if path.exists():
+        atomic_write(path, "".join(line + "\n" for line, record in read_jsonl(path) if record["step"] <= step))
+
+
+# ---- resuming --------------------------------------------------------------------------------------------------
+
+def last_checkpoint(run_dir: Path) -> Path:
+    done = checkpoint_dirs(run_dir)
+    if not done:
+        raise TrainingError(f"{run_dir}: no complete checkpoint to resume from")
+    return done[-1]
+
+
+def read_trainer_state(checkpoint: Path) -> TrainerState:
+    path = checkpoint / STATE_FILE
+    fields = read_json(path, "the trainer state")
+    try:
+        return TrainerState(**fields)
+    except TypeError as err:
+        raise BadFileError(path, f"not a trainer state ({err})") from None
+
+
+def restore_checkpoint(accelerator, model, checkpoint: Path, warn) -> None:
+    """`accelerator.load_state(checkpoint)`, with the part that cannot be restored named. A bad model, optimizer,
+    scheduler or scaler file stops the resume (`BadFileError`); so does a random state that holds pickled code.
+    A random state that is missing or unreadable, which accelerate skips in silence, is said in a warning: the run
+    goes on with other random numbers (augmentations, dropout), its data order unchanged."""
+    from accelerate.utils import load
+
+    rng = checkpoint / f"random_states_{accelerator.process_index}.pkl"
+    try:
+        load_pickled(rng, load)
+    except UntrustedFileError:
+        raise
+    except BadFileError as err:
+        warn(f"warning: {err}: the random state is not restored; the run goes on with other random numbers")
+    try:
+        accelerator.load_state(str(checkpoint))
+    except Exception as err:  # noqa: BLE001 - whatever accelerate raised, name the file at fault
+        _blame_a_file(checkpoint, model, err)
+
+
+def _blame_a_file(checkpoint: Path, model, err: Exception):
+    """Raise a `BadFileError` for the first part of `checkpoint` that cannot be read or does not fit `model`; a
+    `TrainingError` with accelerate's first line when every file reads."""
+    from accelerate.utils import load
+
+    from med_train.model import WEIGHTS_NAME, check_weights
+
+    check_weights(model, checkpoint / WEIGHTS_NAME)
+    for name in ("optimizer.bin", "scheduler.bin", "scaler.pt"):
+        if name != "scaler.pt" or (checkpoint / name).exists():
+            load_pickled(checkpoint / name, load, map_location="cpu")
+    raise TrainingError(f"{checkpoint}: cannot restore this checkpoint ({first_line(err)})") from err

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager
@@ -31,16 +32,22 @@ from med_train.run_folder import (
     HOLDOUT_FILE,
     METRICS_FILE,
     RUN_FILE,
-    STATE_FILE,
     TrainerState,
     TrainingError,
     append_jsonl,
-    checkpoint_dirs,
+    atomic_path,
+    atomic_write,
     discard_run,
+    last_checkpoint,
     latest_target,
     new_run_dir,
     point_latest,
+    read_json,
+    read_jsonl,
+    read_trainer_state,
+    restore_checkpoint,
     save_checkpoint,
+    save_tokenizer,
     truncate_metrics,
 )
 
@@ -158,7 +165,7 @@ def _announce_validation(cfg: Config, split: str, holdout, val_loader, run_dir: 
         raise TrainingError(f"data.val_holdout {holdout.fraction} holds out no image of {split!r} ({why}): "
                             f"raise it, or set data.val_split to a split the source has")
     if record:
-        (run_dir / HOLDOUT_FILE).write_text(json.dumps(
+        atomic_write(run_dir / HOLDOUT_FILE, json.dumps(
             {"split": split, "fraction": holdout.fraction, "seed": holdout.seed, "rule": holdout.RULE,
              "base": holdout.base, "images": len(keys), "keys": keys}, indent=1) + "\n")
     say(f"validation: {len(keys)} images of {split!r} held out from training ({why}; data.val_holdout "
@@ -178,7 +185,11 @@ def _steps_for_epochs(cfg: Config, loader, accelerator, run_dir: Path, resume, s
 
     t = cfg.train
     if resume and (run_dir / RUN_FILE).is_file():
-        return json.loads((run_dir / RUN_FILE).read_text())["max_steps"]
+        recorded = read_json(run_dir / RUN_FILE, "the run's length")
+        if not isinstance(recorded, dict) or not isinstance(recorded.get("max_steps"), int):
+            raise TrainingError(f"{run_dir / RUN_FILE}: no max_steps in it; give the run's length with "
+                                f"--set train.max_steps=N")
+        return recorded["max_steps"]
     counted = [loader.stream.epoch_size() if accelerator.is_main_process else None]
     if accelerator.num_processes > 1:
         broadcast_object_list(counted)
@@ -233,6 +244,7 @@ class Run:
     resumed: bool
     say: Callable[[str], None]  # progress notes, silent with train.quiet
     notice: Callable[[str], None]  # what a user must see even with train.quiet
+    checkpoint: Path | None = None  # the checkpoint a resumed run starts from: its model, state and position
     val_split: str | None = None
     holdout: Holdout | None = None  # the training images validation reads, when the source has no data.val_split
     model: Any = None  # what the training forward calls: prepared by accelerate, compiled with train.compile
@@ -316,7 +328,8 @@ def _set_up(cfg: Config, config_path: str | Path | None, resume: str | Path | No
         keep_freed_memory()
     set_seed(t.seed, device_specific=True)
     run = Run(cfg, run_dir, accelerator, resumed=bool(resume), notice=accelerator.print,
-              say=accelerator.print if not t.quiet else (lambda *a, **k: None))
+              say=accelerator.print if not t.quiet else (lambda *a, **k: None),
+              checkpoint=last_checkpoint(run_dir) if resume else None)
     if precision_note:
         run.notice(precision_note)
     return run
@@ -329,11 +342,12 @@ def _build_tokenizer(run: Run):
     tokenizer.name's."""
     from med_train import data as data_lib
     from med_train.convert import init_tokenizer
+    from med_train.model import read_tokenizer
     from med_train.tokenizer import build_tokenizer, load_tokenizer
 
     cfg, accelerator = run.cfg, run.accelerator
     if run.resumed:
-        return load_tokenizer(str(run.run_dir))
+        return read_tokenizer(_model_source(run))
     if (tokenizer := init_tokenizer(cfg.model, cfg.tokenizer.name)) is not None:  # the init weights' vocabulary
         run.say(f"tokenizer: model.init's ({cfg.model.init})")
         return tokenizer
@@ -345,7 +359,7 @@ def _build_tokenizer(run: Run):
         captions = data_lib.iter_captions(cfg.data, cfg.data.train_split, holdout=run.holdout)
         tokenizer = build_tokenizer(cfg.tokenizer, (cfg.model.prompt + c for c in captions))
         run.run_dir.mkdir(parents=True, exist_ok=True)
-        tokenizer.save_pretrained(str(run.run_dir))
+        save_tokenizer(tokenizer, run.run_dir)
     accelerator.wait_for_everyone()
     if not run.main:
         tokenizer = load_tokenizer(str(run.run_dir))
@@ -355,8 +369,10 @@ def _build_tokenizer(run: Run):
 
 def _build_model(run: Run, tokenizer) -> Captioner:
     """The captioner: a new run's with model.init's weights, a resumed run's bare (_start loads its checkpoint)."""
-    from med_train.model import Captioner
+    from med_train.model import Captioner, read_model_config
 
+    if run.resumed:  # the checkpoint's own model config: the one its weights were saved with
+        run.cfg = replace(run.cfg, model=read_model_config(_model_source(run))[0])
     cfg = run.cfg
     model = Captioner(cfg.model, tokenizer, load_weights=not run.resumed, max_caption_tokens=cfg.tokenizer.max_length)
     if cfg.train.freeze_vision:
@@ -367,6 +383,14 @@ def _build_model(run: Run, tokenizer) -> Captioner:
         return model
     fast.prepare(model, run.accelerator.device, "train", enabled_here=cfg.train.fast)
     return model
+
+
+def _model_source(run: Run) -> Path:
+    """Where a resumed run reads its model's config and tokenizer: the checkpoint (the run folder for checkpoints
+    written before they held them)."""
+    from med_train.model import CONFIG_NAME
+
+    return run.checkpoint if (run.checkpoint / CONFIG_NAME).is_file() else run.run_dir
 
 
 def _write_run_folder(run: Run, model: Captioner) -> None:
@@ -404,8 +428,8 @@ def _set_length(run: Run) -> None:
         steps = _steps_for_epochs(run.cfg, run.loader, run.accelerator, run.run_dir, run.resumed, run.say)
         run.cfg = replace(run.cfg, train=replace(t, max_steps=steps))
     if run.main:
-        (run.run_dir / RUN_FILE).write_text(json.dumps({"max_steps": run.cfg.train.max_steps, "epochs": t.epochs})
-                                            + "\n")
+        atomic_write(run.run_dir / RUN_FILE, json.dumps({"max_steps": run.cfg.train.max_steps, "epochs": t.epochs})
+                     + "\n")
 
 
 def _prepare(run: Run, model: Captioner) -> None:
@@ -426,7 +450,7 @@ def _start(run: Run) -> None:
     t = run.cfg.train
     run.state = TrainerState(mixed_precision=run.accelerator.mixed_precision)
     if run.resumed:
-        run.state = _resume(run.accelerator, run.run_dir, run.loader, run.notice)
+        run.state = _resume(run.accelerator, run.run_dir, run.loader, run.notice, run.raw_model)
         if run.main:  # one writer: the file is shared by every process
             truncate_metrics(run.metrics_path, run.state.step)
         run.say(f"resuming {run.run_dir} from step {run.state.step}")
@@ -435,21 +459,21 @@ def _start(run: Run) -> None:
                                       init_kwargs=tracker_run_names(run.run_dir.name))
 
 
-def _resume(accelerator, run_dir: Path, loader, notice) -> TrainerState:
+def _resume(accelerator, run_dir: Path, loader, notice, model=None) -> TrainerState:
     """Load the last complete checkpoint into the prepared objects and the loader; say what differs from the run
-    that wrote it (precision; processes or workers, whose data the loader shares out anew or refuses)."""
-    done = checkpoint_dirs(run_dir)
-    if not done:
-        raise TrainingError(f"{run_dir}: no complete checkpoint to resume from")
-    state = TrainerState(**json.loads((done[-1] / STATE_FILE).read_text()))
+    that wrote it (precision; processes or workers, whose data the loader shares out anew or refuses). `model`
+    (unwrapped) is what a weights file that cannot be loaded is checked against, to name what does not fit."""
+    checkpoint = last_checkpoint(run_dir)
+    state = read_trainer_state(checkpoint)
     now, then = accelerator.mixed_precision, state.mixed_precision
-    if accelerator.scaler is not None and not (done[-1] / "scaler.pt").is_file():  # load_state would stop on it
-        raise TrainingError(f"{done[-1]} holds no fp16 loss scaler (trained with {then or 'another precision'}): "
+    if accelerator.scaler is not None and not (checkpoint / "scaler.pt").is_file():  # load_state would stop on it
+        raise TrainingError(f"{checkpoint} holds no fp16 loss scaler (trained with {then or 'another precision'}): "
                             f"resume with --set train.mixed_precision={then or 'no'}")
     if then is not None and then != now:
-        notice(f"resuming with mixed precision {now}; {done[-1]} was trained with {then}")
+        notice(f"resuming with mixed precision {now}; {checkpoint} was trained with {then}")
     loader.load_state_dict(state.data)  # before the weights: a refused data layout stops at once
-    accelerator.load_state(str(done[-1]))
+    # every process warns of its own random state
+    restore_checkpoint(accelerator, model, checkpoint, warn=lambda line: print(line, file=sys.stderr))
     if loader.resharded_from is not None:
         from med_train.data import layout_text
 
@@ -647,7 +671,7 @@ def _plot_curves(metrics_path: Path, out: Path) -> None:
 
     if not metrics_path.exists():
         return
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    records = [record for _, record in read_jsonl(metrics_path)]
     train_rows = [r for r in records if "loss" in r]
     eval_rows = [r for r in records if "eval" in r]
     names = sorted({k for r in eval_rows for k, v in r["eval"].items() if isinstance(v, float)})
@@ -666,5 +690,6 @@ def _plot_curves(metrics_path: Path, out: Path) -> None:
         ax.set(title="content accuracy" if group[0].startswith("content_") else "validation", xlabel="step")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)

@@ -209,6 +209,7 @@ class _Accelerator:
 
     def __init__(self, mixed_precision: str, scaler=None) -> None:
         self.mixed_precision, self.scaler, self.num_processes, self.loaded = mixed_precision, scaler, 1, []
+        self.process_index = 0
 
     def load_state(self, folder: str) -> None:
         self.loaded.append(folder)
