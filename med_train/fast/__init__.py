@@ -115,20 +115,23 @@ def choose_routes(model: nn.Module, use: str) -> dict[str, bool]:
     routes = ops.ROUTES
     decoder = next((m for m in model.modules() if isinstance(m, med.BertLMHeadModel)), None)
     vit_linear = _first_linear(getattr(model, "visual_encoder", None))
+    # the measurements' inputs come from a generator of their own: preparing must leave a seeded run's draws alone
+    rows = torch.Generator().manual_seed(0)
     with torch.no_grad():
         if use == "decode" and decoder is not None:
             wide = decoder.bert.encoder.layer[0].intermediate.dense  # (4H, H): a step's typical product
-            step = torch.randn(8, wide.in_features)  # a greedy step's rows at batch 8
+            step = torch.randn(8, wide.in_features, generator=rows)  # a greedy step's rows at batch 8
             routes.packed_few = calibrate.faster(_product_key("oneDNN prepacked", wide, step),
                                                  *_plain_and_packed(wide, step))
             routes.few_rows = few_rows.available() and calibrate.faster(
                 _product_key("few-row kernel", wide, step), _best_plain(wide, step), _kernel(wide, step))
         if use == "decode" and vit_linear is not None:
-            batch = torch.randn(2 * ops.ONEDNN_MIN_ROWS, vit_linear.in_features)  # a ViT batch's tokens
+            # a ViT batch's tokens
+            batch = torch.randn(2 * ops.ONEDNN_MIN_ROWS, vit_linear.in_features, generator=rows)
             routes.packed_many = calibrate.faster(_product_key("oneDNN prepacked", vit_linear, batch),
                                                   *_plain_and_packed(vit_linear, batch))
         if use == "train" and vit_linear is not None:
-            batch = torch.randn(2 * ops.ONEDNN_MIN_ROWS, vit_linear.in_features)
+            batch = torch.randn(2 * ops.ONEDNN_MIN_ROWS, vit_linear.in_features, generator=rows)
             weight, bias = vit_linear.weight.detach(), vit_linear.bias
             routes.onednn_training = calibrate.faster(
                 _product_key("oneDNN training product", vit_linear, batch),

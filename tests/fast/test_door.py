@@ -96,3 +96,23 @@ def test_a_prepared_model_keeps_its_parameters_and_state_dict(tokenizer):
     after = model.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
     assert [id(p) for p in model.parameters()] == params
+
+
+def test_measuring_the_routes_leaves_a_seeded_runs_random_draws_alone(tokenizer, monkeypatch, tmp_path):
+    """The calibration at a first `prepare` (nothing cached yet) draws its inputs from a generator of its own: a
+    seeded run draws the same numbers whether this machine had measured before or not."""
+    from med_train.fast import calibrate, ops
+
+    for route in ("packed_few", "packed_many", "few_rows", "onednn_training"):  # as the other tests take them
+        monkeypatch.setattr(ops.ROUTES, route, getattr(ops.ROUTES, route))
+    monkeypatch.delenv("MED_FAST")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    calibrate.clear()
+    model = Captioner(tiny_model_config(), tokenizer)
+    torch.manual_seed(7)
+    state = torch.get_rng_state()
+    fast.prepare(model, "cpu", "train")
+    fast.prepare(model, "cpu", "decode")
+    assert len(calibrate.verdicts()) == 4 and all(v.source.startswith("measured") for v in calibrate.verdicts())
+    assert torch.equal(torch.get_rng_state(), state)
+    calibrate.clear()
