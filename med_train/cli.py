@@ -43,6 +43,14 @@ def _print_version(value: bool) -> None:
 def main(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
                                                help="Print the version and exit.")] = False) -> None:
     """Train, evaluate and run BLIP-style image captioners."""
+    try:
+        from med_train.fast.calibrate import forced
+    except ImportError:  # the speed-only subpackage is optional
+        return
+    try:
+        forced()  # a MED_FAST that is neither 0, 1 nor unset stops here, in one line
+    except ValueError as err:
+        _fail(str(err), 2)
 
 
 # ---- med train / eval / caption -----------------------------------------------------------------------------------

@@ -116,3 +116,15 @@ def test_measuring_the_routes_leaves_a_seeded_runs_random_draws_alone(tokenizer,
     assert len(calibrate.verdicts()) == 4 and all(v.source.startswith("measured") for v in calibrate.verdicts())
     assert torch.equal(torch.get_rng_state(), state)
     calibrate.clear()
+
+
+def test_a_med_fast_value_that_means_nothing_is_one_line(monkeypatch):
+    from typer.testing import CliRunner
+
+    from med_train.cli import app
+
+    monkeypatch.setenv("MED_FAST", "yes")
+    result = CliRunner().invoke(app, ["config", "show"])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: MED_FAST must be 0 (fast paths off), 1 (on) or unset (measured), not 'yes'"]
