@@ -39,6 +39,7 @@ from __future__ import annotations
 import base64
 import itertools
 import logging
+import signal
 import time
 from collections.abc import Callable, Iterator
 
@@ -352,6 +353,14 @@ class _MetaCollate:
         return batch
 
 
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """In each loader worker: SIGTERM and SIGINT sent to the whole process group (Ctrl-C, `timeout`, Slurm,
+    Kubernetes) are for the training process, which finishes its step and saves a checkpoint with the workers'
+    help; a worker they killed would stop the run at once. The workers end when the training process closes them."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 class CaptionLoader:
     """Batches of a CaptionStream from a torch DataLoader, keeping each worker's position for exact resume.
 
@@ -384,7 +393,7 @@ class CaptionLoader:
         loader = torch.utils.data.DataLoader(
             _MetaStream(self.stream), batch_size=self.batch_size, num_workers=self.num_workers,
             collate_fn=_MetaCollate(self.collate), generator=torch.Generator().manual_seed(self.seed + self.batches),
-            pin_memory=self.pin_memory)
+            pin_memory=self.pin_memory, worker_init_fn=_ignore_stop_signals)
         tally = _Tally(self.stream.cfg, self.stream.split, self.stats, self.shared_stats)
         for batch in loader:
             meta = batch.pop("_meta")

@@ -259,7 +259,8 @@ logging.getLogger("accelerate.utils.other").addFilter(_TiedHeadNotice())
 
 def save_checkpoint(accelerator, model, run_dir: Path, state: TrainerState, loader, keep: int) -> None:
     """Write into a temporary folder, then rename: a checkpoint exists whole or not at all. A failed write (full
-    disk, unwritable folder), in any process, stops every process with a clear error and leaves the previous
+    disk, unwritable folder; whatever the writer raises: OSError, torch.save's RuntimeError, safetensors'
+    SafetensorError), in any process, stops every process with a one-line TrainingError and leaves the previous
     checkpoints intact: after each phase the processes agree on whether all of them succeeded, so none is left
     waiting for one that gave up."""
     root = run_dir / CHECKPOINTS
@@ -269,13 +270,13 @@ def save_checkpoint(accelerator, model, run_dir: Path, state: TrainerState, load
         return
     state.data = loader.state_dict()  # on every process: it gathers the positions of all of them
     main = accelerator.is_main_process
-    error: OSError | None = None
+    error: Exception | None = None
 
     def phase(work) -> bool:  # every process calls it, in the same order: True when no process has failed
         nonlocal error
         try:
             work()
-        except OSError as err:
+        except Exception as err:  # noqa: BLE001 - any writer's error: every process must hear of it, then stop
             error = err
         return _no_process_failed(accelerator, error)
 
@@ -300,12 +301,32 @@ def save_checkpoint(accelerator, model, run_dir: Path, state: TrainerState, load
     if main:
         shutil.rmtree(tmp, ignore_errors=True)
     previous = checkpoint_dirs(run_dir)
-    cause = (f"{error.strerror or error}" if error is not None
+    cause = (_write_failure(error) + _space_note(root, previous) if error is not None
              else "another process could not write its part; its error names the cause")
     raise TrainingError(
         f"could not write checkpoint {final} ({cause}); "
-        + (f"the previous checkpoint {previous[-1]} is intact: free space or fix the folder, then "
+        + (f"the last complete checkpoint {previous[-1]} is intact: free space or fix the folder, then "
            f"`med train --resume {run_dir}`" if previous else "no earlier checkpoint exists")) from error
+
+
+def _write_failure(err: Exception) -> str:
+    """What stopped a write, in words: an OSError's reason (and file), any other writer's type and first line."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror + (f": {err.filename}" if err.filename else "")
+    return f"{type(err).__name__}: {first_line(err)}"
+
+
+def _space_note(root: Path, previous: list[Path]) -> str:
+    """A hint when the disk is the likely cause, which some writers do not say (torch.save: "file write failed"):
+    less space free than the last checkpoint took."""
+    try:
+        free = shutil.disk_usage(root if root.exists() else root.parent).free
+        needed = sum(f.stat().st_size for f in previous[-1].rglob("*") if f.is_file()) if previous else 0
+    except OSError:
+        return ""
+    if free >= needed:
+        return ""
+    return f"; {free / 2**20:.1f} MB free there, the last checkpoint took {needed / 2**20:.1f} MB"
 
 
 def _no_process_failed(accelerator, error: BaseException | None) -> bool:

@@ -5,6 +5,10 @@ the end), every process the same ones in the same order.
     accelerate launch -m med_train.cli train configs/x.yaml     # several GPUs / machines (or torchrun)
     med train --resume [RUN]                                    # continue a stopped run (default: runs/latest)
 
+Stopping: SIGTERM or SIGINT (`timeout`, Slurm, Kubernetes, Ctrl-C), to one process or the whole process group,
+any number of processes: every process finishes the same step, a checkpoint is written, and the run exits 0 with
+the command that resumes it. A checkpoint that cannot be written stops every process in one line (run_folder).
+
 Mixed precision: train.mixed_precision when the config sets it, else the launcher's (`accelerate launch
 --mixed_precision bf16`, or `accelerate config`), else none.
 
@@ -256,7 +260,8 @@ class Run:
     scheduler: Any = None
     state: TrainerState = field(default_factory=TrainerState)
     nonfinite_in_a_row: int = 0
-    stop_signal: int | None = None  # SIGTERM/SIGINT: finish the step in flight, save a checkpoint, exit cleanly
+    signal_received: int | None = None  # SIGTERM/SIGINT, as this process got it (_stop_signals)
+    stop_signal: int | None = None  # the one every process has agreed to stop on: finish the step, save, exit
 
     @property
     def main(self) -> bool:
@@ -292,14 +297,14 @@ def train(cfg: Config, config_path: str | Path | None = None, resume: str | Path
         _set_length(run)
         _prepare(run, model)
         _start(run)
-        with _stop_signals(run):
+        with _stop_signals(run):  # to the end: a second signal must not cut the last checkpoint short
             _loop(run)
+            _checkpoint_on_stop(run)
+            _finish(run)
     except BaseException:
         if run.main and not run.resumed and run.state.step == 0:  # nothing trained: nothing worth keeping
             discard_run(run.run_dir, latest_before)
         raise
-    _checkpoint_on_stop(run)
-    _finish(run)
     return run.run_dir
 
 
@@ -488,9 +493,11 @@ def _resume(accelerator, run_dir: Path, loader, notice, model=None) -> TrainerSt
 
 @contextmanager
 def _stop_signals(run: Run):
-    """SIGTERM and SIGINT set run.stop_signal instead of stopping the process mid-step."""
+    """SIGTERM and SIGINT set run.signal_received instead of stopping the process mid-step; the processes agree
+    on it at the next step's sync (_step_loss), so that all of them stop after the same step. (The loader workers
+    ignore both: data._ignore_stop_signals.)"""
     def request_stop(signum, _frame):
-        run.stop_signal = signum
+        run.signal_received = signum
 
     old_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -543,7 +550,8 @@ def _step(run: Run, batches, window: _Window) -> bool:
         window.images += images.shape[0] * accelerator.num_processes
     # clipped in place; a tensor, read only when logged
     grad_norm = accelerator.clip_grad_norm_(run.model.parameters(), t.clip_grad_norm) if t.clip_grad_norm else None
-    step_loss, skipped = _step_loss(accelerator, micro_losses, grad_norm)  # the step's one host-device sync
+    # the step's one host-device sync, and the processes' one exchange: skip the update? stop after this step?
+    step_loss, skipped, run.stop_signal = _step_loss(accelerator, micro_losses, grad_norm, run.signal_received)
     if skipped:
         _skip_update(run)
         return False
@@ -573,20 +581,24 @@ def _skip_update(run: Run) -> None:
             f"check the data, then resume from the last good checkpoint with --resume {run.run_dir}")
 
 
-def _step_loss(accelerator, micro_losses: list, grad_norm) -> tuple[float, bool]:
+def _step_loss(accelerator, micro_losses: list, grad_norm, signal_received: int | None
+               ) -> tuple[float, bool, int | None]:
     """(the step's mean loss on this process, whether any process saw a non-finite micro-batch loss or gradient
-    norm). The skip decision is shared: gradients are all-reduced, so a NaN in one process's backward reaches every
-    process's gradients, and all of them must drop the update. One device-to-host read for both numbers."""
+    norm, the stop signal any process has received). Both decisions are shared: gradients are all-reduced, so a
+    NaN in one process's backward reaches every process's gradients, and all of them must drop the update; and a
+    process that stopped alone would leave the others waiting in the next collective. One reduction, one
+    device-to-host read for all three numbers."""
     import torch
 
     losses = torch.stack(micro_losses)
     bad = (~torch.isfinite(losses)).sum().float()
     if grad_norm is not None:
         bad = bad + (~torch.isfinite(grad_norm)).float()
+    shared = torch.stack([bad, torch.full_like(bad, float(signal_received or 0))])  # no host-to-device copy
     if accelerator.num_processes > 1:
-        bad = accelerator.reduce(bad, reduction="sum")
-    mean, bad = torch.stack([losses.mean(), bad]).tolist()
-    return mean, bad > 0
+        shared = accelerator.reduce(shared, reduction="max")
+    mean, bad, signum = torch.cat([losses.mean().reshape(1), shared]).tolist()
+    return mean, bad > 0, int(signum) or None
 
 
 def _log(run: Run, window: _Window, progress) -> None:

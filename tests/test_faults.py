@@ -5,10 +5,12 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -39,11 +41,17 @@ def _steps(run: Path) -> list[int]:
             if "loss" in json.loads(line)]
 
 
-def _start(config_file, out, *sets):
+def _train_args(config_file, out, *sets) -> list[str]:
     args = [sys.executable, "-m", "med_train.cli", "train", str(config_file), "--output-dir", str(out)]
     for s in sets:
         args += ["--set", s]
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return args
+
+
+def _start(config_file, out, *sets, prefix=(), **popen):
+    """`med train` in a process of its own (`prefix`: a launcher before it, e.g. `timeout`)."""
+    return subprocess.Popen([*prefix, *_train_args(config_file, out, *sets)],
+                            **{"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **popen})
 
 
 def _wait_for_steps(run_root: Path, n: int, proc, timeout=120):
@@ -57,34 +65,191 @@ def _wait_for_steps(run_root: Path, n: int, proc, timeout=120):
     raise AssertionError("training did not get going")
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_saves_a_checkpoint_and_exits_cleanly(config_file, tmp_path, signum):
-    proc = _start(config_file, tmp_path / "runs", "train.max_steps=400", "train.save_every=1000")
-    run = _wait_for_steps(tmp_path / "runs", 3, proc)
-    proc.send_signal(signum)
-    out, err = proc.communicate(timeout=120)
+@pytest.mark.parametrize("signum,to", [(signal.SIGTERM, "the process"), (signal.SIGTERM, "timeout"),
+                                       (signal.SIGINT, "the group")])
+def test_a_signal_saves_a_checkpoint_and_exits_cleanly(config_file, tmp_path, signum, to):
+    """To the training process alone, or to its whole process group as `timeout`, Slurm, Kubernetes and Ctrl-C send
+    it: the loader workers (data.num_workers=2) ignore it; the training process finishes its step, saves a
+    checkpoint, says how to resume and exits 0."""
+    if to == "timeout" and shutil.which("timeout") is None:
+        pytest.skip("no `timeout` command here (GNU coreutils)")
+    prefix = ("timeout", "-s", "TERM", "600") if to == "timeout" else ()
+    proc = _start(config_file, tmp_path / "runs", "train.max_steps=400", "train.save_every=1000",
+                  "data.num_workers=2", prefix=prefix, start_new_session=True)
+    try:
+        run = _wait_for_steps(tmp_path / "runs", 3, proc)
+        if to == "the group":
+            os.killpg(proc.pid, signum)
+        else:  # `timeout` passes a signal it gets on to its whole group, as it does when its time is up
+            proc.send_signal(signum)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        _kill_group(proc)
     assert proc.returncode == 0, err[-2000:]
-    assert "stopped by signal" in out + err
+    assert f"stopped by signal {signum.value} at step" in out + err
+    assert f"`med train --resume {run}`" in out + err
     saved = checkpoint_dirs(run)
     assert saved and int(saved[-1].name.removeprefix("step_")) == _steps(run)[-1]
 
 
 @pytest.mark.slow
+def test_a_signal_to_the_group_of_two_processes_stops_both_after_the_same_step(config_file, tmp_path):
+    """torchrun with 2 CPU processes, each with a loader worker; SIGTERM to the whole group (torchrun passes it on
+    again): both processes stop after the same step, without torchrun having to kill them, into one checkpoint
+    that holds both; it resumes."""
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29537",
+            "-m", "med_train.cli", "train", str(config_file), "--output-dir", str(tmp_path / "runs")]
+    for setting in ("train.max_steps=400", "train.save_every=1000", "data.num_workers=1"):
+        args += ["--set", setting]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    try:
+        run = _wait_for_steps(tmp_path / "runs", 3, proc, timeout=300)
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        _kill_group(proc)
+    stopped = _steps(run)[-1]
+    assert f"stopped by signal 15 at step {stopped}" in out + err, err[-3000:]
+    assert "forcefully" not in err  # torchrun did not have to SIGKILL a process that would not stop
+    assert sorted(p.name for p in (run / "checkpoints" / f"step_{stopped}").glob("random_states_*")) == [
+        "random_states_0.pkl", "random_states_1.pkl"]
+    assert [p.name for p in checkpoint_dirs(run)] == [f"step_{stopped}"]
+    result = runner.invoke(app, ["train", "--resume", str(run), "--set", f"train.max_steps={stopped + 2}"])
+    assert result.exit_code == 0, result.output
+    assert _steps(run) == list(range(1, stopped + 3))
+
+
+def _kill_group(proc) -> None:
+    """kill -9 whatever is left of a process group started with `start_new_session` (its loader workers too)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+KILL_MOMENTS = ("any time", "writing a checkpoint", "publishing it, before the rename", "publishing it, after the rename")
+
+
+def _newest(run: Path) -> int:
+    done = checkpoint_dirs(run)
+    return int(done[-1].name.removeprefix("step_")) if done else 0
+
+
+def _moment_came(moment: str, run: Path, after: int, since: float) -> bool:
+    """Whether the run is at `moment` of a checkpoint later than step `after`: its temporary folder exists (accelerate
+    writing into it), holds trainer_state.json (publish: the model's config and tokenizer, the rename to come), or
+    it has just been renamed whole (publish: old checkpoints pruned, the last weights written). Temporary files left
+    by an earlier kill (older than `since`) are not this life's."""
+    if moment == "publishing it, after the rename":
+        return _newest(run) > after
+    for folder in (run / "checkpoints").glob(".tmp_step_*"):
+        path = folder if moment == "writing a checkpoint" else folder / "trainer_state.json"
+        try:
+            if int(folder.name.removeprefix(".tmp_step_")) > after and path.stat().st_mtime > since:
+                return True
+        except FileNotFoundError:  # renamed or removed meanwhile
+            continue
+    return False
+
+
+def _kill_at(moment: str, proc, run: Path, rng: random.Random, start_up: float) -> bool:
+    """kill -9 the run's process group at `moment` of a checkpoint 1-3 steps on, or at "any time" within a life's
+    `start_up` seconds (loading, resuming, training, checkpointing: whatever it is doing then; at the latest as the
+    third new checkpoint appears). A life makes 0-3 steps of progress. False when the run ended first."""
+    after, since, deadline = _newest(run), time.time(), time.time() + 300
+    if moment == "any time":
+        moment, after, deadline = "publishing it, after the rename", after + 2, since + rng.uniform(0.0, start_up)
+    else:
+        after += rng.randint(0, 2)
+    while not _moment_came(moment, run, after, since) and time.time() < deadline:
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.001)
+    assert time.time() < since + 300, f"no checkpoint after step {after} came"
+    if proc.poll() is not None:
+        return False
+    _kill_group(proc)
+    return True
+
+
+def _kill_and_resume(config_file, runs: Path, name: str, sets, env, kills_wanted: int, seed: int) -> dict[str, int]:
+    """Start run `name`, kill -9 it `kills_wanted` times, at each of KILL_MOMENTS in turn, resuming it after each;
+    let the last life finish. Returns the kills made at each moment, and how many left a half-written checkpoint."""
+    rng, run, log = random.Random(seed), runs / name, runs.parent / f"{name}.log"
+    kills = dict.fromkeys((*KILL_MOMENTS, "left a half-written checkpoint"), 0)
+    with open(log, "w") as out:
+        def start(args):
+            return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+        born = time.time()
+        life = start(_train_args(config_file, runs, *sets, f"train.run_name={name}"))
+        try:
+            while not _newest(run):  # the first life writes a checkpoint to resume from
+                assert life.poll() is None, log.read_text()[-2000:]
+                time.sleep(0.01)
+            start_up = time.time() - born
+            for n in range(kills_wanted):
+                moment = KILL_MOMENTS[n % len(KILL_MOMENTS)]
+                assert _kill_at(moment, life, run, rng, start_up), f"{name} ended before kill {n + 1}: more steps"
+                kills[moment] += 1
+                kills["left a half-written checkpoint"] += any(
+                    p.stat().st_mtime >= born for p in (run / "checkpoints").glob(".tmp_step_*"))
+                assert checkpoint_dirs(run), f"{name}: no whole checkpoint after kill {n + 1}"
+                born = time.time()
+                life = start([sys.executable, "-m", "med_train.cli", "train", "--resume", str(run)])
+            assert life.wait(timeout=600) == 0, log.read_text()[-3000:]
+        finally:
+            _kill_group(life)
+    return kills
+
+
+def _shared_tokenizer(config_file, folder: Path) -> Path:
+    """One vocabulary for runs that are compared weight for weight (each training its own could break ties
+    differently)."""
+    from med_train.data import iter_captions
+    from med_train.tokenizer import train_tokenizer
+
+    cfg = load_config(config_file)
+    captions = (cfg.model.prompt + c for c in iter_captions(cfg.data, cfg.data.train_split))
+    train_tokenizer(captions, cfg.tokenizer.vocab_size).save_pretrained(str(folder))
+    return folder
+
+
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_loses_and_repeats_nothing(config_file, tmp_path):
-    rng = random.Random(0)
-    proc = _start(config_file, tmp_path / "runs", "train.max_steps=40", "train.save_every=3")
-    run = _wait_for_steps(tmp_path / "runs", 4, proc)  # a first checkpoint exists
-    resume = [sys.executable, "-m", "med_train.cli", "train", "--resume", str(run)]
-    for _ in range(3):  # kill at a random moment (sometimes inside a checkpoint write), resume, again
-        time.sleep(rng.uniform(0.0, 1.5))
-        proc.kill()
-        proc.wait()
-        assert checkpoint_dirs(run)
-        proc = subprocess.Popen(resume, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(3.0)  # let it load before the next kill
-    out, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err[-2000:]
-    assert _steps(run) == list(range(1, 41))  # every step once, in order
+    """50 kill -9s of runs that save a checkpoint every step, at random moments: while one starts, trains, writes a
+    checkpoint or publishes it; each followed by a resume. Two runs are killed side by side, 25 times each, while an
+    uninterrupted one trains. Every resume goes on from the last whole checkpoint; in the end every step is logged
+    once, in order, and the weights are bit for bit the uninterrupted run's."""
+    import torch
+    from safetensors.torch import load_file
+
+    steps, chains, kills_each = 100, 2, 25  # no life makes more than 3 steps: the last one still has 24 to go
+    runs, env = tmp_path / "runs", {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread: the same sums in every run
+    sets = (f"train.max_steps={steps}", "train.save_every=1", "train.keep_checkpoints=2",
+            f"tokenizer.name={_shared_tokenizer(config_file, tmp_path / 'vocabulary')}")
+    whole = _start(config_file, runs, *sets, "train.run_name=whole", env=env, start_new_session=True)
+    try:
+        with ThreadPoolExecutor(chains) as pool:
+            chained = [pool.submit(_kill_and_resume, config_file, runs, f"killed-{i}", sets, env, kills_each, seed=i)
+                       for i in range(chains)]
+            kills = [future.result() for future in chained]
+        _, err = whole.communicate(timeout=600)
+    finally:
+        _kill_group(whole)
+    assert whole.returncode == 0, err[-2000:]
+    survived = {what: sum(k[what] for k in kills) for what in kills[0]}
+    print(f"kill -9s survived: {survived}")  # the figures the README gives
+    assert sum(survived[moment] for moment in KILL_MOMENTS) == chains * kills_each
+    want = load_file(runs / "whole" / "model.safetensors")
+    for i in range(chains):
+        run = runs / f"killed-{i}"
+        assert _steps(run) == list(range(1, steps + 1)), run  # every step once, in order
+        got = load_file(run / "model.safetensors")
+        assert want.keys() == got.keys()
+        assert all(torch.equal(want[k], got[k]) for k in want), f"{run}: not the uninterrupted run's weights"
 
 
 def test_a_half_written_checkpoint_is_never_chosen(config_file, tmp_path):
@@ -175,8 +340,34 @@ def test_a_finite_loss_with_non_finite_gradients_is_skipped_too(config_file, tmp
     assert len(norms) == 3 and all(isinstance(n, float) and math.isfinite(n) and n > 0 for n in norms)
 
 
-def test_a_failed_checkpoint_write_is_a_clear_error_and_keeps_the_previous(config_file, tmp_path, monkeypatch):
+def _fail_writes_into(folder_name: str, error: Exception, write):
+    """`write(obj, path, ...)` that raises `error` for a path inside a folder named `folder_name` (leaving a part of
+    the file, as a write cut short does) and writes anything else."""
+    def failing(obj, path, *args, **kwargs):
+        if folder_name in Path(path).parts:
+            Path(path).write_bytes(b"part of a file")
+            raise error
+        return write(obj, path, *args, **kwargs)
+
+    return failing
+
+
+@pytest.mark.parametrize("writer,error,says", [
+    ("save_state", OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), "No space left on device"),
+    ("torch.save", RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file "
+                                "data/0: file write failed\n(a C++ stack)"),
+     "RuntimeError: [enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file data/0"),
+    ("safetensors", "Error while serializing: I/O error: No space left on device (os error 28)",
+     "SafetensorError: Error while serializing: I/O error: No space left on device (os error 28)"),
+])
+def test_a_failed_checkpoint_write_is_a_clear_error_and_keeps_the_previous(config_file, tmp_path, monkeypatch,
+                                                                           writer, error, says):
+    """Whatever the writer raises (accelerate's OSError, torch.save's RuntimeError, safetensors' SafetensorError):
+    one line naming the checkpoint and the cause; the temporary folder removed; the previous checkpoint resumes."""
+    import accelerate.utils.other
+    import torch
     from accelerate import Accelerator
+    from safetensors import SafetensorError
 
     real_save = Accelerator.save_state
     saves = {"n": 0}
@@ -186,18 +377,73 @@ def test_a_failed_checkpoint_write_is_a_clear_error_and_keeps_the_previous(confi
         if saves["n"] == 2:
             Path(output_dir).mkdir(parents=True, exist_ok=True)
             (Path(output_dir) / "partial.bin").write_bytes(b"x")
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            raise error
         return real_save(self, output_dir, **kwargs)
 
-    monkeypatch.setattr(Accelerator, "save_state", full_disk)
+    if writer == "save_state":
+        monkeypatch.setattr(Accelerator, "save_state", full_disk)
+    elif writer == "torch.save":  # the optimizer's, scheduler's and random states' files
+        monkeypatch.setattr(torch, "save", _fail_writes_into(".tmp_step_4", error, torch.save))
+    else:  # the model's weights
+        monkeypatch.setattr(accelerate.utils.other, "safe_save_file", _fail_writes_into(
+            ".tmp_step_4", SafetensorError(error), accelerate.utils.other.safe_save_file))
     cfg = load_config(config_file, ["train.max_steps=6", "train.save_every=2", f"train.output_dir={tmp_path}"])
-    with pytest.raises(TrainingError, match="No space left on device") as err:
+    with pytest.raises(TrainingError) as err:
         train(cfg, config_file)
     run = next(p for p in tmp_path.iterdir() if p.is_dir() and not p.is_symlink())
-    assert "step_2 is intact" in str(err.value)
+    assert f"could not write checkpoint {run / 'checkpoints' / 'step_4'} ({says}" in str(err.value)
+    assert "step_2 is intact" in str(err.value) and "\n" not in str(err.value)
     assert [p.name for p in checkpoint_dirs(run)] == ["step_2"]
     assert not list((run / "checkpoints").glob(".tmp*"))
-    monkeypatch.setattr(Accelerator, "save_state", real_save)
+    if writer != "save_state":  # the run folder is as that case leaves it, and its resume is tested there
+        return
+    monkeypatch.undo()
+    result = runner.invoke(app, ["train", "--resume", str(run)])
+    assert result.exit_code == 0, result.output
+    assert _steps(run) == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 20 MB filesystem of its own (tmpfs), where this user may mount one (root); skipped elsewhere."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(disk)],
+                                                   capture_output=True).returncode == 0
+    if not mounted:
+        pytest.skip("mounting a small filesystem (tmpfs) needs root")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+@pytest.mark.slow
+def test_a_full_disk_stops_the_run_in_one_line_and_the_last_checkpoint_resumes(config_file, small_disk,
+                                                                                monkeypatch):
+    """A real full disk: after the step-2 checkpoint the disk is filled (room left for the metrics lines, not for a
+    checkpoint), so the step-4 checkpoint cannot be written."""
+    from med_train import train as train_module
+
+    real_checkpoint, filler = train_module._checkpoint, small_disk / "filler"
+
+    def then_fill_the_disk(run):
+        real_checkpoint(run)
+        if not filler.exists():
+            filler.write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - 64 * 1024))
+
+    monkeypatch.setattr(train_module, "_checkpoint", then_fill_the_disk)
+    result = runner.invoke(app, ["train", str(config_file), "--output-dir", str(small_disk), "--set",
+                                 "train.max_steps=6", "--set", "train.save_every=2"])
+    assert result.exit_code == 1, result.output
+    run = next(p for p in small_disk.iterdir() if p.is_dir() and not p.is_symlink())
+    message = result.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in result.stderr
+    assert message.startswith(f"error: could not write checkpoint {run / 'checkpoints' / 'step_4'} (")
+    assert "No space left on device" in message and "MB free there" in message, message  # the writer's, ours
+    assert f"step_2 is intact: free space or fix the folder, then `med train --resume {run}`" in message
+    assert [p.name for p in checkpoint_dirs(run)] == ["step_2"]
+    assert not list((run / "checkpoints").glob(".tmp*"))
+    filler.unlink()
+    monkeypatch.undo()
     result = runner.invoke(app, ["train", "--resume", str(run)])
     assert result.exit_code == 0, result.output
     assert _steps(run) == [1, 2, 3, 4, 5, 6]
