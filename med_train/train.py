@@ -41,7 +41,9 @@ from med_train.run_folder import (
     append_jsonl,
     atomic_path,
     atomic_write,
+    checkpoint_dirs,
     discard_run,
+    first_line,
     last_checkpoint,
     latest_target,
     new_run_dir,
@@ -628,7 +630,7 @@ def _validate(run: Run) -> None:
         metric = scores.get("CIDEr")
         if metric is not None and (state.best_metric is None or metric > state.best_metric):
             state.best_metric, state.best_step = metric, state.step
-            run.raw_model.save_pretrained(run.run_dir / "best")
+            _write(run, run.run_dir / "best", run.raw_model.save_pretrained)
         run.say(f"step {state.step}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if isinstance(v, float)))
     run.accelerator.log({f"eval/{k}": v for k, v in scores.items() if isinstance(v, float)}, step=state.step)
 
@@ -659,13 +661,31 @@ def _finish(run: Run) -> None:
         if run.main:
             for other in everyone[1:]:
                 run.stats.merge(other)
+    written = True
     if run.main:
-        run.raw_model.save_pretrained(run.run_dir)
-        _plot_curves(run.metrics_path, run.run_dir / "curves.png")
+        written = _write(run, run.run_dir / "model.safetensors", lambda _: run.raw_model.save_pretrained(run.run_dir))
+        _write(run, run.run_dir / "curves.png", lambda path: _plot_curves(run.metrics_path, path))
         run.notice(f"data: {run.stats.summary()}")
     if run.cfg.train.trackers:
         accelerator.end_training()
     accelerator.wait_for_everyone()
+    if not written:  # after the barrier: the other processes are done, none waits for this one
+        checkpoints = checkpoint_dirs(run.run_dir)
+        raise TrainingError(f"the last weights could not be written to {run.run_dir} (said above); "
+                            + (f"the last complete checkpoint {checkpoints[-1]} holds step {run.state.step}"
+                               if checkpoints else "no checkpoint was kept"))
+
+
+def _write(run: Run, path: Path, write: Callable[[Path], object]) -> bool:
+    """`write(path)`, a file only the main process writes outside a checkpoint (best/, the last weights, the
+    curves): a failure (a full disk, whatever the writer raises) is one line naming the path and the cause, and
+    the run goes on to its next checkpoint, which stops it in one line if the disk stays full."""
+    try:
+        write(path)
+    except Exception as err:  # noqa: BLE001 - any writer's error: said, never a traceback
+        run.notice(f"warning: could not write {path} ({type(err).__name__}: {first_line(err)})")
+        return False
+    return True
 
 
 def _progress(total: int, initial: int, disabled: bool):

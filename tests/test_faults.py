@@ -447,3 +447,33 @@ def test_a_full_disk_stops_the_run_in_one_line_and_the_last_checkpoint_resumes(c
     result = runner.invoke(app, ["train", "--resume", str(run)])
     assert result.exit_code == 0, result.output
     assert _steps(run) == [1, 2, 3, 4, 5, 6]
+
+
+def test_best_and_last_weights_that_cannot_be_written_are_one_line_each(config_file, tmp_path, monkeypatch):
+    """best/ (written by the main process outside a checkpoint) that cannot be written is a warning naming it and
+    the cause, and training goes on; the last weights that cannot be written stop the run in one line once every
+    process has finished, naming the checkpoint that holds them."""
+    from med_train.model import Captioner
+
+    real_save = Captioner.save_pretrained
+    run_weights = []
+
+    def full_disk(self, out_dir, **kwargs):
+        if (Path(out_dir) / "checkpoints").is_dir() and kwargs.get("weights", True):
+            run_weights.append(out_dir)  # the last checkpoint's copy of the last weights, then the end's
+        if Path(out_dir).name == "best" or len(run_weights) == 2:
+            raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed\n(a C++ stack)")
+        return real_save(self, out_dir, **kwargs)
+
+    monkeypatch.setattr(Captioner, "save_pretrained", full_disk)
+    result = runner.invoke(app, ["train", str(config_file), "--output-dir", str(tmp_path), "--set",
+                                 "train.max_steps=2", "--set", "train.save_every=2", "--set", "train.eval_every=2"])
+    assert result.exit_code == 1, result.output
+    run = next(p for p in tmp_path.iterdir() if p.is_dir() and not p.is_symlink())
+    cause = "(RuntimeError: PytorchStreamWriter failed writing file data/0: file write failed)"
+    assert sorted(line for line in result.output.splitlines() if "could not" in line) == sorted([
+        f"warning: could not write {run / 'best'} {cause}",
+        f"warning: could not write {run / 'model.safetensors'} {cause}",
+        f"error: the last weights could not be written to {run} (said above); the last complete checkpoint "
+        f"{run / 'checkpoints' / 'step_2'} holds step 2"])
+    assert "Traceback" not in result.output and _steps(run) == [1, 2]
