@@ -290,10 +290,13 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 @pytest.mark.parametrize("output_logits", [True, False])
 def test_gradients_match_transformers_and_stay_dense(output_logits):
-    """The training loss's gradients equal transformers' for every weight, the tied word embeddings included
-    (their lookup's gradient is sparse and folds into the LM head's dense one), over two accumulated backward
-    passes; every .grad is a dense tensor, as fused AdamW and DDP need."""
-    ours, ref = _pair()
+    """The training loss's gradients equal transformers' for every weight, the tied word embeddings included, over
+    two accumulated backward passes; every .grad is a dense tensor, as fused AdamW and DDP need (tests/fast runs it
+    again prepared, where the lookup's gradient is sparse and folds into the LM head's dense one)."""
+    assert_gradients_match_transformers(*_pair(), output_logits)
+
+
+def assert_gradients_match_transformers(ours, ref, output_logits):
     ids, mask, labels, images = _inputs()
     ours.train()
     ref.train()

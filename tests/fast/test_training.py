@@ -3,7 +3,7 @@ sparse gradient, fused feed-forward, oneDNN products: the plain decoder's and tr
 
 import pytest
 import torch
-from test_med import LAYERS, W_IMG, B, H, T, V, _inputs, _pair
+from test_med import LAYERS, W_IMG, B, H, T, V, _inputs, _pair, assert_gradients_match_transformers
 
 from med_train import fast
 from med_train.fast.decoder import TiedTable
@@ -21,16 +21,7 @@ def test_gradients_match_transformers_and_stay_dense(output_logits):
     every .grad is a dense tensor, as fused AdamW and DDP need."""
     ours, ref = _pair()
     fast.prepare(ours, "cpu", "train", enabled_here=True)
-    ids, mask, labels, images = _inputs()
-    ours.train()
-    ref.train()
-    for _ in range(2):
-        ref(input_ids=ids, attention_mask=mask, encoder_hidden_states=images, labels=labels).loss.backward()
-        ours(ids, mask, encoder_hidden_states=images, labels=labels, output_logits=output_logits).loss.backward()
-    ref_grads = dict(ref.named_parameters())
-    for name, param in ours.named_parameters():
-        assert param.grad is not None and param.grad.layout == torch.strided, name
-        torch.testing.assert_close(param.grad, ref_grads[name].grad, atol=1e-5, rtol=1e-4, msg=name)
+    assert_gradients_match_transformers(ours, ref, output_logits)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
