@@ -74,9 +74,9 @@ def prepare(model: nn.Module, device: torch.device | str | None = None, use: str
         lean_blocks(vit)
         report.pieces.append("lean ViT blocks")
     _swap_classes(model, device)
-    report.pieces += ["fused decoder feed-forward", "prepacked products"]
+    report.pieces.append("fused decoder feed-forward")
     if device.type == "cpu":
-        report.pieces.append("padding skipped and sparse embedding gradient in training")
+        report.pieces += ["prepacked products", "padding skipped and sparse embedding gradient in training"]
         few_rows.build()  # compiled once per machine, loaded after; never inside a forward call
         report.routes = choose_routes(model, use)
     report.pieces.append("CUDA-graph decoding steps" if device.type == "cuda" else "fast decoding caches")
