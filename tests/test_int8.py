@@ -74,13 +74,12 @@ def test_int8_logits_and_captions_stay_close_to_fp32(models):
 def test_int8_runs_the_modules_not_the_float_weight_paths(models, monkeypatch):
     """`fast.prepare` leaves a quantised model as it is (its decoding plain), and refuses to be quantised after."""
     from med_train import fast
-    from med_train.fast import attention
-    from med_train.fast.kernel_steps import KernelSteps
+    from med_train.fast import attention, decoder
 
     def refuse(*args, **kwargs):
         raise AssertionError("a fast path that reads float weights")
 
-    monkeypatch.setattr(KernelSteps, "for_decoder", refuse)
+    monkeypatch.setattr(decoder, "add_norm", refuse)
     monkeypatch.setattr(attention, "folded_cross_attention", refuse)
     assert fast.prepare(models[1], "cpu", "decode", enabled_here=True).describe() == "fast paths: off"
     assert not hasattr(models[1].text_decoder, "decoding")

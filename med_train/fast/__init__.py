@@ -6,7 +6,8 @@
 `prepare` changes a model in place, keeping its parameters, state-dict keys and results (to float rounding):
 its linears become `ops.FastLinear`s (oneDNN products with prepacked weights in CPU inference, owned by each module
 and freed when it trains again), the ViT's blocks `vit.LeanBlock`s and the decoder's layers `decoder.LeanLayer`s
-(fused training ops that keep one activation where autograd keeps two), the decoder a `decoder.SparseTiedDecoder`
+(fused training ops that keep one activation where autograd keeps two; fused element-wise passes in a CPU
+decoding step), the decoder a `decoder.SparseTiedDecoder`
 on the CPU (the padding skipped, a sparse embedding gradient), and the decoder's decoding a
 `decoding.FastDecoding` (the few-row C++ kernel, folded cross-attention and a history cache on the CPU, CUDA
 graphs on a GPU). The routes that are only faster on some CPUs are chosen by measuring them on this one
@@ -89,16 +90,18 @@ def _quantized(model: nn.Module) -> bool:
 
 
 def _swap_classes(model: nn.Module, device: torch.device) -> None:
-    from med_train.fast.decoder import LeanLayer, PackedHead, SparseTiedDecoder
+    from med_train.fast.decoder import LeanLayer, LeanSelfOutput, PackedHead, SparseTiedDecoder
     from med_train.fast.decoding import FastDecoding
 
     for module in model.modules():
         if type(module) is nn.Linear:
             module.__class__ = ops.FastLinear
-        elif type(module) is med.BertLMPredictionHead:
+        elif PackedHead.fits(module):
             module.__class__ = PackedHead
         elif LeanLayer.fits(module):
             module.__class__ = LeanLayer
+        elif type(module) is med.BertSelfOutput:
+            module.__class__ = LeanSelfOutput
         elif isinstance(module, med.BertLMHeadModel):
             if device.type == "cpu" and type(module) is med.BertLMHeadModel:
                 module.__class__ = SparseTiedDecoder

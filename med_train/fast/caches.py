@@ -204,6 +204,7 @@ class Lineage:
 
     source: torch.Tensor
     length: int
+    checked: tuple | None = None  # (length, stored rows, source): what `History.step_sources` last found in bounds
 
     def reorder(self, index: torch.Tensor) -> None:
         """Text row i continues text row index[i]'s history (beam reordering; fewer rows: images dropped)."""
@@ -228,10 +229,16 @@ class History(NamedTuple):
         if position >= self.key.shape[0] or rows > self.key.shape[1]:
             raise ValueError(f"the HistoryCache holds {self.key.shape[0]} positions of {self.key.shape[1]} rows; "
                              f"position {position} of {rows} rows asked")
-        source = self.lineage.source[:, : position + 1]
-        if source.shape[0] != rows or int(source.min()) < 0 or int(source.max()) >= self.key.shape[1]:
-            raise ValueError(f"the HistoryCache's lineage ({source.shape[0]} rows) does not fit {rows} tokens and "
-                             f"{self.key.shape[1]} stored rows")
+        lineage, stored = self.lineage, self.key.shape[1]
+        source = lineage.source[:, : position + 1]
+        if source.shape[0] != rows:
+            raise ValueError(f"the HistoryCache's lineage ({source.shape[0]} rows) does not fit {rows} tokens")
+        checked = lineage.checked
+        if checked is None or checked[0] != position or checked[1] != stored or checked[2] is not lineage.source:
+            # once per step, not per layer: the layers share the lineage and its store's shape
+            if int(source.min()) < 0 or int(source.max()) >= stored:
+                raise ValueError(f"the HistoryCache's lineage points outside its {stored} stored rows")
+            lineage.checked = (position, stored, lineage.source)
         return position, source
 
     def attend(self, query, key, value, attention_mask) -> torch.Tensor:

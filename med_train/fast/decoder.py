@@ -2,8 +2,15 @@
 change; parameters, state-dict keys and values do not): the same results for less memory or time.
 
 - `LeanLayer`: in training the feed-forward's GELU is folded into the output's dense (`ops.gelu_linear`): the wide
-  hidden activation is kept once for backward, not twice.
-- `PackedHead`: the LM head's product with its weight prepacked in eval mode on the CPU (`FastLinear.packed`).
+  hidden activation is kept once for backward, not twice. In a CPU decoding step the GELU is applied as the
+  widening product stores its outputs, and the residual add and LayerNorm are one pass (`ops.add_norm`).
+- `LeanSelfOutput`: an attention's output projection with its residual add and LayerNorm in one pass, as above.
+- `PackedHead`: the LM head's product with its weight prepacked in eval mode on the CPU (`FastLinear.packed`), its
+  transform's GELU and LayerNorm fused as above.
+
+Why the fusions: a decoding step's rows are few (8 for greedy at batch 8, 24 for beam 3), so each element-wise pass
+over them costs about what its call does; the bench's greedy decode (BERT-base, one thread) spent about 10% of its
+time in GELU, residual adds and LayerNorms as passes of their own.
 - `SparseTiedDecoder`: on the CPU, with labels, the tied word embeddings' lookup has a sparse gradient that the LM
   head's dense one absorbs in place (`TiedTable`): no zero-filled vocabulary-sized gradient is made per step, nor a
   copy of the head's.
@@ -16,7 +23,7 @@ import torch.nn.functional as F
 from transformers.activations import GELUActivation
 
 from med_train import med
-from med_train.fast.ops import FastLinear, gelu_linear
+from med_train.fast.ops import FastLinear, add_norm, gelu_linear
 
 
 class LeanLayer(med.BertLayer):
@@ -24,22 +31,43 @@ class LeanLayer(med.BertLayer):
     def fits(layer) -> bool:
         if type(layer) is not med.BertLayer:
             return False
-        act = layer.intermediate.intermediate_act_fn
-        return isinstance(act, GELUActivation) and act.act is F.gelu
+        return _exact_gelu(layer.intermediate.intermediate_act_fn)
 
     def feed_forward_chunk(self, attention_output):
+        out, widen = self.output, self.intermediate.dense
         if not self.training:
-            return super().feed_forward_chunk(attention_output)
-        out = self.output
-        wide = gelu_linear(self.intermediate.dense(attention_output), out.dense.weight, out.dense.bias)
+            wide = (widen.packed(attention_output, gelu=True) if isinstance(widen, FastLinear)
+                    else self.intermediate(attention_output))
+            return add_norm(out.LayerNorm, out.dense(wide), attention_output)
+        wide = gelu_linear(widen(attention_output), out.dense.weight, out.dense.bias)
         return out.LayerNorm(out.dropout(wide) + attention_output)
 
 
+class LeanSelfOutput(med.BertSelfOutput):
+    def forward(self, hidden_states, input_tensor):
+        if self.training:
+            return super().forward(hidden_states, input_tensor)
+        return add_norm(self.LayerNorm, self.dense(hidden_states), input_tensor)
+
+
 class PackedHead(med.BertLMPredictionHead):
+    @staticmethod
+    def fits(head) -> bool:
+        return type(head) is med.BertLMPredictionHead and _exact_gelu(head.transform.transform_act_fn)
+
     def forward(self, hidden_states):
-        if self.training or not isinstance(self.decoder, FastLinear):
+        transform, dense = self.transform, self.transform.dense
+        if self.training or not (isinstance(self.decoder, FastLinear) and isinstance(dense, FastLinear)):
             return super().forward(hidden_states)
-        return self.decoder.packed(self.transform(hidden_states), bias=self.bias)
+        hidden_states = add_norm(transform.LayerNorm, dense.packed(hidden_states, gelu=True))
+        return self.decoder.packed(hidden_states, bias=self.bias)
+
+
+def _exact_gelu(act) -> bool:
+    """BERT's erf GELU, which the kernel applies (nn.GELU without approximation, or transformers' GELUActivation)."""
+    if isinstance(act, torch.nn.GELU):
+        return act.approximate == "none"
+    return isinstance(act, GELUActivation) and act.act is F.gelu
 
 
 class TiedTable(torch.autograd.Function):

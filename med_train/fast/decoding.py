@@ -4,8 +4,8 @@
   cross-attention's image projections into the queries instead of projecting every image token for every layer
   (`caches.FastDecoderCache.folding`); otherwise it keeps the image K/V laid out as its attention reads them.
 - On the CPU in fp32 the steps continue the prompt in a `caches.HistoryCache` (self K/V never copied: beams reorder
-  a table), straight through the few-row kernel (`kernel_steps.KernelSteps`), and a beam step's candidates come
-  from one pass of the kernel over the logits (`few_rows.beam_candidates`).
+  a table), through the decoder's own modules (whose products, attention and norms take the few-row kernel there),
+  and a beam step's candidates come from one pass of the kernel over the logits (`few_rows.beam_candidates`).
 - On a GPU each step is a replay of one captured CUDA graph over a preallocated cache (`graphs.StaticSteps`).
 """
 
@@ -17,23 +17,7 @@ from med_train.decode import Decoding, Steps
 from med_train.fast import attention, few_rows
 from med_train.fast.caches import FastDecoderCache, HistoryCache
 from med_train.fast.graphs import graphs_pay, static_steps
-from med_train.fast.kernel_steps import KernelSteps
 from med_train.fast.ops import few_rows_ready
-
-
-class HistorySteps(Steps):
-    """Steps over a `HistoryCache`, through `KernelSteps` where it applies, else through the decoder's modules."""
-
-    def __init__(self, decoder, cache: HistoryCache):
-        super().__init__(decoder, cache)
-        self.kernel = KernelSteps.for_decoder(decoder)
-
-    def step(self, tokens: torch.Tensor, src: torch.Tensor | None = None) -> torch.Tensor:
-        if self.kernel is None:
-            return super().step(tokens, src)
-        if src is not None:
-            self.cache.reorder(src)
-        return self.kernel.step(tokens, self.cache)
 
 
 class FastDecoding(Decoding):
@@ -49,7 +33,7 @@ class FastDecoding(Decoding):
             return static_steps(decoder, cache, rows, max_length - 1, reorders=rows is not None)
         if attention.history_pays(decoder, key):  # each beam's self K/V stay where computed (cross: per image)
             images = torch.arange(key.shape[0]) if rows is None else rows
-            return HistorySteps(decoder, HistoryCache.following(cache, images, max_length))
+            return Steps(decoder, HistoryCache.following(cache, images, max_length))
         return super().steps(decoder, cache, rows, max_length, cuda_graphs=False)
 
     def beam_candidates(self, logits, beam_scores, eos_token_id, k):

@@ -226,6 +226,15 @@ def linear(x: torch.Tensor, panels: torch.Tensor, outputs: int, bias: torch.Tens
     return Product(panels, outputs, bias)(x.reshape(-1, k).contiguous(), gelu=gelu).view(*x.shape[:-1], outputs)
 
 
+def _linear(x: torch.Tensor, panels: torch.Tensor, outputs: int, bias: torch.Tensor | None, gelu: bool
+            ) -> torch.Tensor:
+    """`linear`'s operator alone, for a decoding step's calls with panels known to be `pack`'s of the weight (a
+    `FastLinear`'s own): the operator checks shapes, dtypes and devices itself (a RuntimeError, as F.linear's)."""
+    width = x.shape[-1]
+    return _ops.matmul(x.reshape(-1, width).contiguous(), panels, outputs, None if bias is None else bias.detach(),
+                       gelu).view(*x.shape[:-1], outputs)
+
+
 def matmul(x: torch.Tensor, panels: torch.Tensor, outputs: int) -> torch.Tensor:
     """x[i] @ b[i] for `panels = pack(b)`, b (B, K, N) with N = `outputs`: x (B, M, K) fp32 on the CPU; returns
     (B, M, N). As torch.bmm(x, b) to float rounding. Needs `available()`."""
@@ -373,6 +382,13 @@ class Norm:
         if residual is not None and residual.shape != x.shape:
             raise ValueError(f"Norm: residual {tuple(residual.shape)} is not shaped as x {tuple(x.shape)}")
         return _ops.add_norm(x, residual, self.weight, self.bias, self.eps)
+
+
+def add_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor,
+             eps: float) -> torch.Tensor:
+    """`Norm`'s operator for a decoding step's calls on arguments known to fit (contiguous fp32 CPU rows (R, W),
+    the residual shaped as x or None, weight and bias (W,)): checked by the operator only."""
+    return _ops.add_norm(x, residual, weight.detach(), bias.detach(), float(eps))
 
 
 def _require_fp32_cpu(function: str, **tensors: torch.Tensor | None) -> None:

@@ -73,6 +73,32 @@ def few_rows_ready() -> bool:
     return ROUTES.few_rows and few_rows.available()
 
 
+def few_rows_fit(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether `x` with these parameters is a decoding step's few rows that the kernel takes: fp32 on the CPU, at
+    most FEW_ROWS_MAX rows, outside autocast, no gradient recorded, not inside torch.compile, the kernel built and
+    chosen. (Called for each of a step's products: the cheap tests come first.)"""
+    if x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu" or not x.dim():
+        return False
+    width = x.shape[-1]
+    return (width > 0 and 0 < x.numel() // width <= FEW_ROWS_MAX and (bias is None or bias.dtype == torch.float32)
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                                  or (bias is not None and bias.requires_grad)))
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling() and few_rows_ready())
+
+
+def add_norm(norm: nn.LayerNorm, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """norm(x + residual) (residual None: norm(x)), in one pass of the few-row kernel for a decoding step's rows
+    (`few_rows_fit`), else by torch's ops."""
+    weight, bias = norm.weight, norm.bias
+    if (weight is not None and bias is not None and few_rows_fit(x, weight, bias)
+            and (residual is None or residual.shape == x.shape) and norm.normalized_shape == (x.shape[-1],)):
+        width = x.shape[-1]
+        rows = x.reshape(-1, width).contiguous()
+        kept = None if residual is None else residual.reshape(-1, width).contiguous()
+        return few_rows.add_norm(rows, kept, weight, bias, norm.eps).view(x.shape)
+    return norm(x if residual is None else x + residual)
+
+
 class FastLinear(nn.Linear):
     """`nn.Linear` (same parameters, state-dict keys and values: `fast.prepare` turns a model's linears into these
     in place) whose forward in eval mode uses prepacked weights for CPU inference (`packed`); in training
@@ -83,21 +109,24 @@ class FastLinear(nn.Linear):
             return training_linear(x, self.weight, self.bias)
         return self.packed(x)
 
-    def packed(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x W^T + b (`bias` instead of the module's own where given: the LM head's lives beside it). In inference
-        on the CPU (see `_packed_dtype`) with the weight prepacked from its second use: through `few_rows` for at
-        most FEW_ROWS_MAX rows in fp32 where that kernel is chosen, else oneDNN. In fp32 equal to F.linear's to
-        float rounding (about 1e-6; the sums run in another order), under bf16 autocast in bf16 as autocast's."""
+    def packed(self, x: torch.Tensor, bias: torch.Tensor | None = None, *, gelu: bool = False) -> torch.Tensor:
+        """x W^T + b (`bias` instead of the module's own where given: the LM head's lives beside it), and F.gelu of
+        that with `gelu=True`. In inference on the CPU (see `_packed_dtype`) with the weight prepacked from its
+        second use: through `few_rows` for at most FEW_ROWS_MAX rows in fp32 where that kernel is chosen (the GELU
+        applied as each output is stored), else oneDNN. In fp32 equal to F.linear's to float rounding (about 1e-6;
+        the sums run in another order), under bf16 autocast in bf16 as autocast's."""
         weight, bias = self.weight, self.bias if bias is None else bias
-        dtype = _packed_dtype(x, weight)
-        if dtype is None:
-            return F.linear(x, weight, bias)
-        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        if (dtype == torch.float32 and 0 < rows <= FEW_ROWS_MAX and (bias is None or bias.dtype == torch.float32)
-                and few_rows_ready()):
+        if few_rows_fit(x, weight, bias):
             panels = self.kept(FEW_ROWS, _few_row_pack)
-            return F.linear(x, weight, bias) if panels is None else few_rows.linear(x, panels, weight.shape[0], bias)
-        if not (ROUTES.packed_few if rows <= FEW_ROWS_MAX else ROUTES.packed_many):
+            if panels is not None:
+                return few_rows._linear(x, panels, weight.shape[0], bias, gelu)
+        y = self._product(x, _packed_dtype(x, weight), bias)
+        return F.gelu(y) if gelu else y
+
+    def _product(self, x: torch.Tensor, dtype: torch.dtype | None, bias: torch.Tensor | None) -> torch.Tensor:
+        weight = self.weight
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        if dtype is None or not (ROUTES.packed_few if rows <= FEW_ROWS_MAX else ROUTES.packed_many):
             return F.linear(x, weight, bias)
         blocked = self.kept(dtype, lambda w: torch.ops.mkldnn._reorder_linear_weight(w.detach().to(dtype)))
         if blocked is None:

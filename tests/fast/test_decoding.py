@@ -1,6 +1,6 @@
 """The fast decoding routes (`fast.decoding.FastDecoding`) give the plain decoder's captions: each route the fast
-package can choose, forced in turn (the few-row kernel on or off, prepacked products, the history cache with its
-steps through the kernel or the modules, folded image projections, static steps), against an unprepared twin; and
+package can choose, forced in turn (the few-row kernel on or off, prepacked products, the history cache, folded
+image projections, static steps), against an unprepared twin; and
 what each route keeps (static steps per shape and thread, CUDA graphs on a GPU)."""
 
 import copy
@@ -15,7 +15,6 @@ from med_train.decode import Decoding, Steps, generate
 from med_train.fast import attention, decoding, few_rows, graphs, ops
 from med_train.fast.caches import FastDecoderCache, HistoryCache, ImageTokens
 from med_train.fast.decoding import FastDecoding
-from med_train.fast.kernel_steps import KernelSteps
 
 HEADS = 2  # test_decode's decoders'
 
@@ -41,7 +40,6 @@ class Route:
     few_rows: bool = True
     packed: bool = True
     history: bool | None = None
-    kernel_steps: bool = True
     folding: bool = False
     static: bool = False
 
@@ -51,21 +49,19 @@ class Route:
         monkeypatch.setattr(ops.ROUTES, "packed_many", self.packed)
         if self.history is not None:
             monkeypatch.setattr(attention, "history_pays", lambda *a: self.history)
-        if not self.kernel_steps:
-            monkeypatch.setattr(KernelSteps, "for_decoder", lambda decoder: None)
         monkeypatch.setattr(attention, "FOLD_BELOW", 1e9 if self.folding else 0.0)  # always or never pays
         if self.static:
             _force_static_steps(monkeypatch)
 
     def seen(self, eager: bool) -> tuple:
-        """What each step shows: the steps' class, its cache's, its first cross-attention entry's, its kernel's.
+        """What each step shows: the steps' class, its cache's, its first cross-attention entry's.
         `eager`: a decode that asks for eager steps (no static ones)."""
         if self.static and not eager:
-            return graphs.StaticSteps, graphs.StaticDecoderCache, tuple, type(None)
+            return graphs.StaticSteps, graphs.StaticDecoderCache, tuple
         entry = ImageTokens if self.folding else tuple
         if self.few_rows and self.history is not False:
-            return decoding.HistorySteps, HistoryCache, entry, KernelSteps if self.kernel_steps else type(None)
-        return Steps, FastDecoderCache, entry, type(None)
+            return Steps, HistoryCache, entry
+        return Steps, FastDecoderCache, entry
 
     def kept(self) -> set:
         """The weight layouts a decode's linears keep: the few-row kernel's panels (those of the folded products
@@ -76,10 +72,8 @@ class Route:
 
 
 CPU_ROUTES = {
-    "kernel steps": Route(history=True),
-    "kernel steps, folded": Route(history=True, folding=True),
-    "history through the modules": Route(history=True, kernel_steps=False),
-    "history through the modules, folded": Route(history=True, kernel_steps=False, folding=True),
+    "history cache": Route(history=True),
+    "history cache, folded": Route(history=True, folding=True),
     "growing cache": Route(history=False),
     "growing cache, folded": Route(history=False, folding=True),
     "no kernel": Route(few_rows=False),
@@ -122,7 +116,7 @@ def test_every_route_gives_the_plain_decoders_captions(monkeypatch, route, kwarg
     route.take(monkeypatch)
     seen, candidates = [], []
     watch_steps(monkeypatch, lambda steps, tokens: seen.append(
-        (type(steps), type(steps.cache), type(steps.cache.cross_kv[0]), type(getattr(steps, "kernel", None)))))
+        (type(steps), type(steps.cache), type(steps.cache.cross_kv[0]))))
     real_candidates = few_rows.beam_candidates
     monkeypatch.setattr(few_rows, "beam_candidates", lambda *a: candidates.append(1) or real_candidates(*a))
     got = _caption(prepared, images, mask, **kwargs)

@@ -1,5 +1,5 @@
 """The captioner's fast paths (`fast.prepare`): timm's ViT blocks with fused training ops (`fast.vit`), the decoder's
-fused feed-forward (`fast.decoder.LeanLayer`), products with prepacked weights kept by each linear
+fused feed-forward (`fast.decoder.LeanLayer`) and a decoding step's fused element-wise passes, products with prepacked weights kept by each linear
 (`ops.FastLinear`), bf16 on CPUs without oneDNN's bf16 products: the plain model's values, gradients and captions;
 and what a prepared model keeps, and when it lets it go."""
 
@@ -250,6 +250,59 @@ def test_eval_mode_products_use_prepacked_weights_with_the_same_results(tokenize
         torch.testing.assert_close(packed[1], plain[1], **tolerance)
         for a, b in zip(packed[2], plain[2], strict=True):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_a_decoding_steps_element_wise_passes_are_fused_with_the_same_logits(tokenizer, monkeypatch, kernel):
+    """In a CPU decoding step (fp32, few rows, no gradient) a prepared decoder applies each GELU as its product
+    stores it, and each residual add with its LayerNorm in one pass (`ops.add_norm`), where the few-row kernel is
+    chosen: the plain decoder's logits to float rounding, with every layer's and the head's passes fused. Without
+    the kernel, or with rows to train on, the same modules run torch's own ops."""
+    from med_train.fast import few_rows
+
+    if kernel and not few_rows.available():
+        pytest.skip("the few-row kernel is not built here")
+    torch.manual_seed(0)
+    plain_model = Captioner(tiny_model_config(), tokenizer).eval()
+    model = copy.deepcopy(plain_model)
+    fast.prepare(model, "cpu", "decode", enabled_here=True)
+    monkeypatch.setattr(ops.ROUTES, "few_rows", kernel)  # after `prepare`, which chooses the routes
+    calls = {"gelu": 0, "norm": 0}
+    real_linear, real_norm = few_rows._linear, few_rows.add_norm
+
+    def linear(x, panels, outputs, bias, gelu):
+        calls["gelu"] += gelu
+        return real_linear(x, panels, outputs, bias, gelu)
+
+    def add_norm(*args):
+        calls["norm"] += 1
+        return real_norm(*args)
+
+    monkeypatch.setattr(few_rows, "_linear", linear)
+    monkeypatch.setattr(few_rows, "add_norm", add_norm)
+    batch = encode_captions(tokenizer, CAPTIONS, model.cfg.prompt, 40)
+    ids, mask = batch["input_ids"][:, :3], batch["attention_mask"][:, :3]  # 2 captions x 3 tokens: few rows
+    images = _images()
+
+    def logits(model):
+        with torch.no_grad():
+            tokens = model.encode_images(images)
+            return model.text_decoder(ids, mask, encoder_hidden_states=tokens).logits
+
+    first = logits(model)  # the kernel's panels are made at a weight's second use
+    calls.update(gelu=0, norm=0)
+    fused = logits(model)
+    layers = model.text_decoder.config.num_hidden_layers
+    if kernel:
+        assert calls == {"gelu": layers + 1, "norm": 3 * layers + 1}  # each layer's GELU and 3 norms, the head's
+    else:
+        assert calls == {"gelu": 0, "norm": 0}
+    want = logits(plain_model)
+    torch.testing.assert_close(first, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused, want, atol=1e-5, rtol=1e-5)
+    trained = logits(model.train())
+    assert calls["norm"] == (3 * layers + 1 if kernel else 0)  # training mode: torch's own ops
+    torch.testing.assert_close(trained, logits(plain_model.train()), atol=1e-5, rtol=1e-5)
 
 
 def test_bf16_on_a_cpu_without_onednn_bf16_takes_f_linears_path(tokenizer, monkeypatch):
