@@ -217,8 +217,11 @@ def train_command(
         "--resume", help="Continue a stopped run from its last checkpoint: `--resume [RUN]`, in any order.")] = False,
     output_dir: Annotated[Path | None, typer.Option(help="Where run folders go (train.output_dir).")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar; log lines only.")] = False,
+    processes: Annotated[int | None, typer.Option(
+        min=1, help="Train in N processes on this machine (torchrun's launcher; a signal stops them as one).")] = None,
 ) -> None:
     """Train a captioner; writes a self-describing run folder and points runs/latest at it."""
+    from med_train import launch
     from med_train.run_folder import resolve_run
 
     config = run_dir = None
@@ -243,6 +246,13 @@ def train_command(
         cfg.train.output_dir = str(output_dir)
     cfg.train.quiet = cfg.train.quiet or quiet
     _check_model_name(cfg, str(config or run_dir / "config.yaml"))
+    if processes is not None and processes > 1:  # the config is known good: each process reads it again
+        if launch.inside_launcher():
+            _fail("--processes starts the processes itself: drop it under torchrun or accelerate launch", 2)
+        args = [str(run_dir if resume else target), *(["--resume"] if resume else []),
+                *[arg for setting in sets or [] for arg in ("--set", setting)],
+                *(["--output-dir", str(output_dir)] if output_dir is not None else []), *(["--quiet"] if quiet else [])]
+        raise typer.Exit(launch.run(processes, args))
 
     from med_train.run_folder import BadFileError
     from med_train.sources import DataError

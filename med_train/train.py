@@ -2,6 +2,7 @@
 the end), every process the same ones in the same order.
 
     med train configs/shapes.yaml --set train.lr=3e-4          # one process, CPU or GPU
+    med train configs/x.yaml --processes 8                      # several on this machine (launch.py)
     accelerate launch -m med_train.cli train configs/x.yaml     # several GPUs / machines (or torchrun)
     med train --resume [RUN]                                    # continue a stopped run (default: runs/latest)
 

@@ -120,6 +120,104 @@ def test_a_signal_to_the_group_of_two_processes_stops_both_after_the_same_step(c
     assert _steps(run) == list(range(1, stopped + 3))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["the group", "timeout"])
+def test_med_train_processes_stops_on_a_signal_and_exits_0(config_file, tmp_path, how):
+    """`med train --processes 2` (torchrun's launcher in a session of its own): SIGTERM to the command's whole
+    group, or through `timeout -s TERM`, reaches the training processes only; they stop after the same step into
+    one checkpoint, and the command exits 0 with the resume line and no traceback (bare torchrun, reached by the
+    signal itself, reports it as its own failure); the run resumes."""
+    if how == "timeout" and shutil.which("timeout") is None:
+        pytest.skip("no `timeout` command here (GNU coreutils)")
+    prefix = ["timeout", "-s", "TERM", "600"] if how == "timeout" else []
+    args = [*prefix, *_train_args(config_file, tmp_path / "runs", "train.max_steps=400", "train.save_every=1000",
+                                  "data.num_workers=1"), "--processes", "2"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        run = _wait_for_steps(tmp_path / "runs", 3, proc, timeout=300)
+        if how == "the group":
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:  # `timeout` passes it on to its group: the command; the launcher's session is its own
+            proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        _kill_group(proc)
+    assert proc.returncode == 0, err[-3000:]
+    stopped = _steps(run)[-1]
+    assert f"stopped by signal 15 at step {stopped}" in out + err
+    assert f"`med train --resume {run}`" in out + err
+    assert "Traceback" not in out + err, err[-3000:]
+    assert sorted(p.name for p in (run / "checkpoints" / f"step_{stopped}").glob("random_states_*")) == [
+        "random_states_0.pkl", "random_states_1.pkl"]
+    result = runner.invoke(app, ["train", "--resume", str(run), "--set", f"train.max_steps={stopped + 1}"])
+    assert result.exit_code == 0, result.output
+    assert _steps(run) == list(range(1, stopped + 2))
+
+
+STAND_IN = """
+import signal, subprocess, sys
+signal.signal(signal.SIGTERM, lambda *a: sys.exit(1))  # as torchrun: a signal that reaches it is a failure
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1]], start_new_session=True)  # as torchrun's workers
+sys.exit(child.wait())
+"""
+CHILD = """
+import signal, sys, time
+signal.signal(signal.SIGTERM, lambda *a: (print("child stopped cleanly", flush=True), sys.exit(0)))
+open({ready!r}, "w").close()
+time.sleep(60)
+sys.exit(3)
+"""
+
+
+def test_processes_pass_a_signal_to_the_training_processes_only(tmp_path):
+    """The launcher's forwarding (`launch._wait`), with a stand-in for torchrun that fails if a signal reaches it
+    and whose child lives in a session of its own (as torchrun's training processes do): SIGTERM to the whole
+    group of the command reaches the child only, which exits 0; so does the stand-in, and the command."""
+    ready = tmp_path / "ready"
+    command = (f"import subprocess, sys; from med_train import launch\n"
+               f"stand_in = subprocess.Popen([sys.executable, '-c', {STAND_IN!r}, {CHILD.format(ready=str(ready))!r}],"
+               f" start_new_session=True)\n"
+               f"sys.exit(launch._wait(stand_in))\n")
+    proc = subprocess.Popen([sys.executable, "-c", command], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while not ready.exists():
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        _kill_group(proc)
+    assert proc.returncode == 0, err
+    assert "child stopped cleanly" in out
+
+
+def test_a_failed_process_under_processes_is_one_line(tmp_path):
+    """A training process that fails under the launcher (`python -m med_train.launch`, torchrun's own launch) says
+    why in its line; the launcher adds one naming it and its exit code, not torchrun's report with a traceback."""
+    script = tmp_path / "fails.py"
+    script.write_text("import os, sys\n"
+                      "if os.environ['RANK'] == '1':\n"
+                      "    print('error: data/x.jsonl line 3: not JSON', file=sys.stderr)\n"
+                      "    sys.exit(3)\n")
+    proc = subprocess.run([sys.executable, "-m", "med_train.launch", "--standalone", "--nproc_per_node", "2",
+                           str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3
+    assert "error: data/x.jsonl line 3: not JSON" in proc.stderr
+    assert "error: training process 1 failed with exit code 3" in proc.stderr
+    assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr, proc.stderr
+
+
+def test_processes_under_another_launcher_is_refused_in_one_line(config_file, tmp_path, monkeypatch):
+    """`--processes` starts the processes itself: under torchrun or accelerate launch (WORLD_SIZE set) it is a
+    usage error naming the option, before anything is written."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = runner.invoke(app, ["train", str(config_file), "--output-dir", str(tmp_path / "runs"), "--processes", "2"])
+    assert result.exit_code == 2 and "--processes starts the processes itself" in result.output
+    assert not (tmp_path / "runs").exists()
+
+
 def _kill_group(proc) -> None:
     """kill -9 whatever is left of a process group started with `start_new_session` (its loader workers too)."""
     try:
