@@ -244,7 +244,7 @@ def test_model_init_never_runs_a_planted_pickle(config_file, tmp_path):  # noqa:
     _plant_code(tmp_path / "blip.pth", tmp_path / "marker")
     result = runner.invoke(app, ["train", str(config_file), "--output-dir", str(tmp_path / "runs"),
                                  "--set", f"model.init={tmp_path / 'blip.pth'}"])
-    _one_line_error(result, "model.init", "blip.pth", "refused", code=2)  # a config error, as model.init's are
+    _one_line_error(result, "blip.pth", "refused", code=1)  # a bad file, as `med convert blip` says of it
     assert not (tmp_path / "marker").exists()
 
 
@@ -291,6 +291,22 @@ def test_caption_refuses_a_bad_model_file_in_one_line(model_dir, tokenizer, tmp_
     words = _damage_model(folder, damage, tokenizer)
     result = runner.invoke(app, ["caption", str(model_dir.parent / "red.png"), "--model", str(folder)])
     _one_line_error(result, words, str(folder))
+
+
+@pytest.mark.parametrize("damage", ["cut safetensors", "other shapes", "empty config", "empty tokenizer"])
+def test_train_refuses_a_bad_model_init_file_as_caption_does(config_file, model_dir, tokenizer, tmp_path,  # noqa: F811
+                                                             damage):
+    """A model.init folder with a damaged file is a bad file (exit 1), in the line `med caption` gives for it; the
+    run folder it had claimed is removed."""
+    folder = tmp_path / "m"
+    shutil.copytree(model_dir, folder)
+    words = _damage_model(folder, damage, tokenizer)
+    said = _one_line_error(runner.invoke(app, ["caption", str(model_dir.parent / "red.png"), "--model", str(folder)]),
+                           words, str(folder))
+    result = runner.invoke(app, ["train", str(config_file), "--output-dir", str(tmp_path / "runs"),
+                                 "--set", f"model.init={folder}"])
+    assert _one_line_error(result) == said
+    assert not list((tmp_path / "runs").iterdir())
 
 
 def test_eval_refuses_a_bad_model_file_in_one_line(model_dir, tokenizer, tmp_path):
