@@ -14,8 +14,9 @@ A run folder describes itself (med_train.train writes it):
                                         the run used: the config's train.mixed_precision, else the launcher's)
     runs/<name>/metrics.jsonl           one line per logging step and per evaluation
     runs/<name>/curves.png              loss and metric curves
-and runs/latest points at the newest run (the last to write its folder). A new run that fails before its first step
-is removed, and runs/latest points back where it pointed before (discard_run).
+and runs/latest points at the newest run: the last to claim its folder (new_run_dir), whichever writes its files
+first. A new run that fails before its first step is removed, and runs/latest points back where it pointed before
+(discard_run).
 
 Every file is written whole or not at all (`atomic_path`: a temporary file beside it, flushed to disk, then renamed
 over it), and metrics.jsonl is appended a whole line at a time, so a run killed at any moment leaves files that
@@ -175,9 +176,10 @@ class TrainerState:
 # ---- its name and runs/latest ----------------------------------------------------------------------------------
 
 def new_run_dir(cfg: Config, config_path: str | Path | None) -> Path:
-    """A new, empty run folder, claimed: train.run_name, else CONFIG-DATE-TIME, with -2, -3, ... when that name is
-    taken. The folder is made with an exclusive mkdir, so two runs started at once (in the same second, or with the
-    same train.run_name) never share one, even on one another's heels."""
+    """A new, empty run folder, claimed, and runs/latest pointed at it: train.run_name, else CONFIG-DATE-TIME, with
+    -2, -3, ... when that name is taken. The folder is made with an exclusive mkdir, so two runs started at once (in
+    the same second, or with the same train.run_name) never share one, even on one another's heels; runs/latest
+    moves as the folder is claimed, so that it names the run started last, not the one that wrote its files last."""
     root = Path(cfg.train.output_dir)
     stem = Path(config_path).stem if config_path else "run"
     name = cfg.train.run_name or f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -186,16 +188,19 @@ def new_run_dir(cfg: Config, config_path: str | Path | None) -> Path:
     while True:
         try:
             run_dir.mkdir()
-            return run_dir
         except FileExistsError:
             suffix += 1
             run_dir = root / f"{name}-{suffix}"
+            continue
+        point_latest(run_dir)
+        return run_dir
 
 
 def point_latest(run_dir: Path) -> None:
-    """runs/latest -> the newest run (a relative symlink, replaced atomically)."""
+    """runs/latest -> the newest run (a relative symlink, replaced atomically). The temporary link is named after
+    the run, whose folder is claimed: runs started at once, in threads or processes, never share it."""
     latest = run_dir.parent / "latest"
-    tmp = run_dir.parent / f".latest-{os.getpid()}"
+    tmp = run_dir.parent / f".latest-{run_dir.name}"
     tmp.unlink(missing_ok=True)
     tmp.symlink_to(run_dir.name)
     os.replace(tmp, latest)

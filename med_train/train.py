@@ -47,7 +47,6 @@ from med_train.run_folder import (
     last_checkpoint,
     latest_target,
     new_run_dir,
-    point_latest,
     read_json,
     read_jsonl,
     read_trainer_state,
@@ -313,12 +312,14 @@ def train(cfg: Config, config_path: str | Path | None = None, resume: str | Path
 # -- setting up: the run folder's name, the accelerator, its precision, the seed, the notices
 
 def _set_up(cfg: Config, config_path: str | Path | None, resume: str | Path | None) -> Run:
-    """The run folder's name, the accelerator in its precision, the seed, and the ways to speak to the user."""
+    """The run folder's name (claimed: runs/latest moves to it), the accelerator in its precision, the seed, and the
+    ways to speak to the user."""
     from accelerate import Accelerator, PartialState
     from accelerate.utils import broadcast_object_list, set_seed
 
     t = cfg.train
     cpu = cpu_processes()
+    precision, precision_note = choose_precision(t.mixed_precision)  # before a folder is claimed: it may refuse
     if resume:
         run_dir = Path(resume)
     else:  # one name for every process: each picking its own could differ by a second, or by a "-2" suffix
@@ -327,7 +328,6 @@ def _set_up(cfg: Config, config_path: str | Path | None, resume: str | Path | No
         if process.num_processes > 1:
             broadcast_object_list(chosen)
         run_dir = Path(chosen[0])
-    precision, precision_note = choose_precision(t.mixed_precision)
     accelerator = Accelerator(cpu=cpu, mixed_precision=precision,
                               gradient_accumulation_steps=t.grad_accum_steps, log_with=t.trackers or None,
                               project_dir=str(run_dir))
@@ -401,12 +401,11 @@ def _model_source(run: Run) -> Path:
 
 
 def _write_run_folder(run: Run, model: Captioner) -> None:
-    """A new run's config, tokenizer and model config, and runs/latest pointing at it."""
+    """A new run's config, tokenizer and model config (runs/latest already points at it: new_run_dir)."""
     if run.main and not run.resumed:
         run.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(run.cfg, run.run_dir / "config.yaml")
         model.save_pretrained(run.run_dir)  # config + tokenizer now; the weights are rewritten as training goes
-        point_latest(run.run_dir)
     run.accelerator.wait_for_everyone()
 
 

@@ -2,6 +2,7 @@
 file (empty, cut short, of another model, or a pickle holding code) refused in one line that names it."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -149,6 +150,30 @@ def test_runs_started_at_once_with_one_name_get_a_folder_each(tmp_path):
     assert got == ["same", "same-2", "same-3"]
     assert (tmp_path / "p" / "latest").resolve().name in got
     assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["latest", *got]
+
+
+def test_latest_names_the_run_started_last_even_when_an_earlier_one_writes_its_files_later(
+        config_file, tmp_path, monkeypatch):  # noqa: F811
+    """Run `first` claims its folder; before it writes its files, run `second` starts and trains to the end; then
+    `first` writes its files and trains. runs/latest names `second`, the run started last."""
+    from med_train import train as train_module
+
+    real_write, order = train_module._write_run_folder, []
+
+    def slow_first_write(run, model):
+        order.append(run.run_dir.name)
+        if run.run_dir.name == "first":
+            train(load_config(config_file, ["train.max_steps=1", "train.save_every=0", "train.run_name=second",
+                                            f"train.output_dir={tmp_path}"]), config_file)
+        real_write(run, model)
+
+    monkeypatch.setattr(train_module, "_write_run_folder", slow_first_write)
+    train(load_config(config_file, ["train.max_steps=1", "train.save_every=0", "train.run_name=first",
+                                    f"train.output_dir={tmp_path}"]), config_file)
+    assert order == ["first", "second"]
+    assert (tmp_path / "first" / "model.safetensors").is_file() and (tmp_path / "second" / "model.safetensors").is_file()
+    assert os.readlink(tmp_path / "latest") == "second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["first", "latest", "second"]  # no temporary link left
 
 
 # ---- resuming from the checkpoint alone ------------------------------------------------------------------------
