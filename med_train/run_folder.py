@@ -32,7 +32,7 @@ import os
 import pickle
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -308,10 +308,31 @@ def save_checkpoint(accelerator, model, run_dir: Path, state: TrainerState, load
     previous = checkpoint_dirs(run_dir)
     cause = (_write_failure(error) + _space_note(root, previous) if error is not None
              else "another process could not write its part; its error names the cause")
-    raise TrainingError(
-        f"could not write checkpoint {final} ({cause}); "
-        + (f"the last complete checkpoint {previous[-1]} is intact: free space or fix the folder, then "
-           f"`med train --resume {run_dir}`" if previous else "no earlier checkpoint exists")) from error
+    raise TrainingError(f"could not write checkpoint {final} ({cause}); {_resume_hint(run_dir, previous)}") from error
+
+
+def write_on_main(accelerator, run_dir: Path, path: Path, write: Callable[[], object]) -> None:
+    """`write()` in the main process: a file of the run folder outside a checkpoint (a metrics line, run.json, the
+    run's config and tokenizer). Every process calls it at the same point, and it is a barrier. A failed write (a
+    full disk; whatever the writer raises) stops every process with a one-line TrainingError naming the file and
+    the cause, agreed as a failed checkpoint is (`_no_process_failed`), so that no process is left waiting for the
+    main process in the next step; the last checkpoint is untouched."""
+    error: Exception | None = None
+    if accelerator.is_main_process:
+        try:
+            write()
+        except Exception as err:  # noqa: BLE001 - any writer's error: every process must hear of it, then stop
+            error = err
+    if _no_process_failed(accelerator, error):
+        return
+    cause = _write_failure(error) if error is not None else "the main process could not; its error names the cause"
+    raise TrainingError(f"could not write {path} ({cause}); {_resume_hint(run_dir, checkpoint_dirs(run_dir))}"
+                        ) from error
+
+
+def _resume_hint(run_dir: Path, previous: list[Path]) -> str:
+    return (f"the last complete checkpoint {previous[-1]} is intact: free space or fix the folder, then "
+            f"`med train --resume {run_dir}`" if previous else "no earlier checkpoint exists")
 
 
 def _write_failure(err: Exception) -> str:
