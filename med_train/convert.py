@@ -17,7 +17,16 @@ from pathlib import Path
 import torch
 
 from med_train.config import ConfigError, ModelConfig, TextConfig, VisionConfig
-from med_train.model import CONFIG_NAME, WEIGHTS_NAME, Captioner, key_list, read_weights
+from med_train.model import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    Captioner,
+    check_weights,
+    key_list,
+    read_model_config,
+    read_tokenizer,
+    read_weights,
+)
 from med_train.run_folder import BadFileError, first_line, load_pickled
 from med_train.tokenizer import load_tokenizer
 
@@ -271,20 +280,32 @@ class InitWeights:
 
 
 def read_init(source: str) -> InitWeights:
-    """The weights `model.init` names, in our names. Errors are `ConfigError`s naming model.init."""
-    import json
-
+    """The weights `model.init` names, in our names. A file there that cannot be used is the `BadFileError` that
+    `med caption --model` gives for it (a bad file, not a bad config); other errors are `ConfigError`s naming
+    model.init."""
     kind, where = init_kind(source)
     try:
         if kind == "blip":
             return InitWeights(read_blip_state(where), CLIP_MEAN, CLIP_STD)
         if kind == "med":
-            vision = json.loads((Path(where) / CONFIG_NAME).read_text())["model"]["vision"]
-            return InitWeights(read_weights(Path(where) / WEIGHTS_NAME), vision.get("mean"), vision.get("std"))
+            return _read_model_dir(Path(where))
         hf = read_hf_captioner(where)
         return InitWeights(hf.state, hf.config.vision.mean, hf.config.vision.std)
+    except BadFileError:
+        raise
     except (OSError, ValueError, KeyError) as err:
         raise ConfigError(f"model.init: {first_line(err)}", key="model.init") from None
+
+
+def _read_model_dir(folder: Path) -> InitWeights:
+    """A med_train model directory's weights, checked as `Captioner.from_pretrained` checks them: against its own
+    med_config.json (a model built on the meta device: shapes only, no memory), so that weights of other shapes
+    are blamed on the file, not on the config being trained."""
+    cfg, _ = read_model_config(folder)
+    with torch.device("meta"):
+        shell = Captioner(cfg, read_tokenizer(folder), load_weights=False)
+    check_weights(shell, folder / WEIGHTS_NAME)
+    return InitWeights(read_weights(folder / WEIGHTS_NAME), cfg.vision.mean, cfg.vision.std)
 
 
 def load_init(model: Captioner, weights: InitWeights, source: str) -> None:
@@ -305,6 +326,8 @@ def init_tokenizer(model_cfg: ModelConfig, tokenizer_name: str):
     kind, where = init_kind(model_cfg.init)
     if kind == "blip":
         return None
+    if kind == "med":
+        return read_tokenizer(Path(where))  # a damaged tokenizer file: named, as `med caption` names it
     try:
         return load_tokenizer(where)
     except (OSError, ValueError) as err:

@@ -8,6 +8,11 @@ cleaned JSON-lines copy in the datasets cache: good records as they were (captio
 as strings, imagefolder's `file_name` as an absolute `image` path), and each bad one as a row holding only where
 it is and why (BAD_LINE), which `sources.parse_row` turns into a counted bad row named `FILE:LINE`.
 
+A `.json` annotation list (BLIP / Karpathy: `[{"image": ..., "caption": ...}, ...]`) is one document: a file cut
+short, which is not JSON at all, is one DataError naming the line and column where it stops. Its entries are
+checked as lines are (an entry that is not an object, has no image, or no caption that is text, is bad) and the
+file goes through a cleaned copy when one is; such a bad row is named `FILE[INDEX]`, the entry's place in the list.
+
     copies = readable_copies(["data/train/metadata.jsonl"], cfg, imagefolder=True)   # None: all read as they are
 """
 
@@ -39,8 +44,9 @@ def readable_copies(files: list[str], cfg: DataConfig, *, imagefolder: bool) -> 
     """None when every `.jsonl` and `.csv` of `files` reads as it is; else a cleaned copy of each one (module
     docstring). `imagefolder`: image paths are `file_name` cells relative to the file's folder (absolute in the
     copy)."""
-    tables = [f for f in files if str(f).endswith((".jsonl", ".csv"))]
-    if all(_reads_whole(*_identity(f)) for f in tables):
+    tables = [f for f in files if str(f).endswith((".jsonl", ".csv", ".json"))]
+    if all(_list_reads_whole(*_identity(f), cfg.image_column, cfg.caption_column) if str(f).endswith(".json")
+           else _reads_whole(*_identity(f)) for f in tables):
         return None
     return [_cleaned_copy(f, cfg, imagefolder) for f in tables]
 
@@ -70,28 +76,55 @@ def _reads_whole(path: str, size: int, mtime_ns: int) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=64)
+def _list_reads_whole(path: str, size: int, mtime_ns: int, image_column: str, caption_column: str) -> bool:
+    """Whether a JSON annotation list is read as it is: every entry good (module docstring), and pyarrow reads them
+    as datasets will (as JSON lines). A document that is not a list is left to datasets."""
+    import pyarrow as pa
+    import pyarrow.json as paj
+
+    cfg = DataConfig(image_column=image_column, caption_column=caption_column)
+    entries = []
+    for _, entry in _list_entries(path, image_column):
+        if isinstance(entry, tuple) or _clean_record(dict(entry), path, cfg, None)[BAD_LINE]:
+            return False
+        entries.append(entry)
+    if not entries:  # not a list, or an empty one
+        return True
+    try:
+        paj.read_json(io.BytesIO("\n".join(json.dumps(entry) for entry in entries).encode()))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return False
+    return True
+
+
 def _cleaned_copy(path: str, cfg: DataConfig, imagefolder: bool) -> str:
     """The cleaned copy's path, written once per version of the file (atomically: processes may race)."""
     import datasets
 
     source, size, mtime_ns = _identity(path)
-    key = hashlib.sha1(f"{source}|{size}|{mtime_ns}|{imagefolder}|{cfg.caption_column}".encode()).hexdigest()
+    key = hashlib.sha1(f"{source}|{size}|{mtime_ns}|{imagefolder}|{cfg.caption_column}|{cfg.image_column}"
+                       .encode()).hexdigest()
     copy = Path(cfg.cache_dir or datasets.config.HF_DATASETS_CACHE) / "med_train_cleaned" / key[:16] / "data.jsonl"
     if copy.is_file():
         return str(copy)
     copy.parent.mkdir(parents=True, exist_ok=True)
     tmp = copy.with_name(f".{copy.name}.{os.getpid()}")
     folder, bad = Path(source).parent if imagefolder else None, []
+    is_list = source.endswith(".json")
+    records = _list_entries(source, cfg.image_column) if is_list else \
+        (_csv_records if source.endswith(".csv") else _json_records)(source)
     with open(tmp, "w", encoding="utf-8") as out:
-        for number, record in (_csv_records if source.endswith(".csv") else _json_records)(source):
-            record = _clean_record(record, f"{source}:{number}", cfg, folder)
-            if record.setdefault(BAD_LINE, ""):
+        for number, record in records:
+            record = _clean_record(record, f"{source}[{number}]" if is_list else f"{source}:{number}", cfg, folder)
+            if record[BAD_LINE]:
                 bad.append((number, record[BAD_LINE].split("\t")[2]))
             out.write(json.dumps(record) + "\n")
     os.replace(tmp, copy)
     if bad:
-        logger.warning("%s: %d line(s) cannot be read as they are and will be skipped as bad rows (first: line %s, "
-                       "%s)", source, len(bad), *bad[0])
+        unit = "entry" if is_list else "line"
+        logger.warning("%s: %d %s(s) cannot be read as they are and will be skipped as bad rows (first: %s %s, %s)",
+                       source, len(bad), unit, unit, *bad[0])
     return str(copy)
 
 
@@ -110,6 +143,27 @@ def _json_records(path: str) -> Iterator[tuple[int, dict | tuple[str, str]]]:
             if not isinstance(record, dict | tuple):
                 record = "line_not_json", f"a JSON {type(record).__name__}, not an object"
             yield number, record
+
+
+def _list_entries(path: str, image_column: str) -> Iterator[tuple[int, dict | tuple[str, str]]]:
+    """(index, the entry, or (reason, detail) when it is no object or names no image) for each entry of a JSON
+    list; a DataError naming the file and where parsing stopped when it is not JSON (cut short)."""
+    from med_train.sources import IMAGE_COLUMNS, DataError
+
+    data = Path(path).read_bytes()
+    try:
+        document = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 (byte {exc.start}: {data[exc.start:exc.start + 4]!r})") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}): an "
+                        "annotation list cut short?") from None
+    for index, entry in enumerate(document if isinstance(document, list) else []):
+        if not isinstance(entry, dict):
+            entry = "entry_not_object", f"a JSON {type(entry).__name__}, not an object"
+        elif all(entry.get(c) is None for c in (image_column, *IMAGE_COLUMNS)):
+            entry = "image_missing", f"no image (no {image_column!r} key)"
+        yield index, entry
 
 
 def _csv_records(path: str) -> Iterator[tuple[int, dict | tuple[str, str]]]:
@@ -140,6 +194,7 @@ def _clean_record(record: dict | tuple[str, str], where: str, cfg: DataConfig, f
 
     if isinstance(record, tuple):
         return bad(*record)
+    record[BAD_LINE] = ""
     if folder is not None:
         record, outside = _absolute_image_paths(record, folder)
         if outside:

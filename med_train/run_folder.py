@@ -14,8 +14,9 @@ A run folder describes itself (med_train.train writes it):
                                         the run used: the config's train.mixed_precision, else the launcher's)
     runs/<name>/metrics.jsonl           one line per logging step and per evaluation
     runs/<name>/curves.png              loss and metric curves
-and runs/latest points at the newest run (the last to write its folder). A new run that fails before its first step
-is removed, and runs/latest points back where it pointed before (discard_run).
+and runs/latest points at the newest run: the last to claim its folder (new_run_dir), whichever writes its files
+first. A new run that fails before its first step is removed, and runs/latest points back where it pointed before
+(discard_run).
 
 Every file is written whole or not at all (`atomic_path`: a temporary file beside it, flushed to disk, then renamed
 over it), and metrics.jsonl is appended a whole line at a time, so a run killed at any moment leaves files that
@@ -31,7 +32,7 @@ import os
 import pickle
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,9 +176,10 @@ class TrainerState:
 # ---- its name and runs/latest ----------------------------------------------------------------------------------
 
 def new_run_dir(cfg: Config, config_path: str | Path | None) -> Path:
-    """A new, empty run folder, claimed: train.run_name, else CONFIG-DATE-TIME, with -2, -3, ... when that name is
-    taken. The folder is made with an exclusive mkdir, so two runs started at once (in the same second, or with the
-    same train.run_name) never share one, even on one another's heels."""
+    """A new, empty run folder, claimed, and runs/latest pointed at it: train.run_name, else CONFIG-DATE-TIME, with
+    -2, -3, ... when that name is taken. The folder is made with an exclusive mkdir, so two runs started at once (in
+    the same second, or with the same train.run_name) never share one, even on one another's heels; runs/latest
+    moves as the folder is claimed, so that it names the run started last, not the one that wrote its files last."""
     root = Path(cfg.train.output_dir)
     stem = Path(config_path).stem if config_path else "run"
     name = cfg.train.run_name or f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -186,16 +188,19 @@ def new_run_dir(cfg: Config, config_path: str | Path | None) -> Path:
     while True:
         try:
             run_dir.mkdir()
-            return run_dir
         except FileExistsError:
             suffix += 1
             run_dir = root / f"{name}-{suffix}"
+            continue
+        point_latest(run_dir)
+        return run_dir
 
 
 def point_latest(run_dir: Path) -> None:
-    """runs/latest -> the newest run (a relative symlink, replaced atomically)."""
+    """runs/latest -> the newest run (a relative symlink, replaced atomically). The temporary link is named after
+    the run, whose folder is claimed: runs started at once, in threads or processes, never share it."""
     latest = run_dir.parent / "latest"
-    tmp = run_dir.parent / f".latest-{os.getpid()}"
+    tmp = run_dir.parent / f".latest-{run_dir.name}"
     tmp.unlink(missing_ok=True)
     tmp.symlink_to(run_dir.name)
     os.replace(tmp, latest)
@@ -303,10 +308,31 @@ def save_checkpoint(accelerator, model, run_dir: Path, state: TrainerState, load
     previous = checkpoint_dirs(run_dir)
     cause = (_write_failure(error) + _space_note(root, previous) if error is not None
              else "another process could not write its part; its error names the cause")
-    raise TrainingError(
-        f"could not write checkpoint {final} ({cause}); "
-        + (f"the last complete checkpoint {previous[-1]} is intact: free space or fix the folder, then "
-           f"`med train --resume {run_dir}`" if previous else "no earlier checkpoint exists")) from error
+    raise TrainingError(f"could not write checkpoint {final} ({cause}); {_resume_hint(run_dir, previous)}") from error
+
+
+def write_on_main(accelerator, run_dir: Path, path: Path, write: Callable[[], object]) -> None:
+    """`write()` in the main process: a file of the run folder outside a checkpoint (a metrics line, run.json, the
+    run's config and tokenizer). Every process calls it at the same point, and it is a barrier. A failed write (a
+    full disk; whatever the writer raises) stops every process with a one-line TrainingError naming the file and
+    the cause, agreed as a failed checkpoint is (`_no_process_failed`), so that no process is left waiting for the
+    main process in the next step; the last checkpoint is untouched."""
+    error: Exception | None = None
+    if accelerator.is_main_process:
+        try:
+            write()
+        except Exception as err:  # noqa: BLE001 - any writer's error: every process must hear of it, then stop
+            error = err
+    if _no_process_failed(accelerator, error):
+        return
+    cause = _write_failure(error) if error is not None else "the main process could not; its error names the cause"
+    raise TrainingError(f"could not write {path} ({cause}); {_resume_hint(run_dir, checkpoint_dirs(run_dir))}"
+                        ) from error
+
+
+def _resume_hint(run_dir: Path, previous: list[Path]) -> str:
+    return (f"the last complete checkpoint {previous[-1]} is intact: free space or fix the folder, then "
+            f"`med train --resume {run_dir}`" if previous else "no earlier checkpoint exists")
 
 
 def _write_failure(err: Exception) -> str:

@@ -4,7 +4,8 @@ Every source goes through `datasets.load_dataset`, streamed or not, so a hub dat
 same path. Image columns are read undecoded (`Image(decode=False)`) so that a broken image is a counted bad row
 here rather than an exception inside `datasets`. Likewise an annotation file (metadata.jsonl|csv, a .jsonl list)
 with lines `datasets` cannot read is read through a cleaned copy whose bad lines are counted bad rows named
-`FILE:LINE` (med_train.metadata), and a split with no caption column is one DataError naming its columns.
+`FILE:LINE` (med_train.metadata), a .json list's bad entries too, named `FILE[INDEX]` (one cut short is a DataError
+naming where), and a split with no caption column is one DataError naming its columns.
 
     table = open_split(cfg, "train")                  # datasets.Dataset, or IterableDataset if cfg.streaming
     for label, raw in iter_table(table, "train"):

@@ -8,7 +8,8 @@ the end), every process the same ones in the same order.
 
 Stopping: SIGTERM or SIGINT (`timeout`, Slurm, Kubernetes, Ctrl-C), to one process or the whole process group,
 any number of processes: every process finishes the same step, a checkpoint is written, and the run exits 0 with
-the command that resumes it. A checkpoint that cannot be written stops every process in one line (run_folder).
+the command that resumes it. A checkpoint, or a file of the run folder (a metrics line, run.json), that cannot
+be written stops every process in one line (run_folder).
 
 Mixed precision: train.mixed_precision when the config sets it, else the launcher's (`accelerate launch
 --mixed_precision bf16`, or `accelerate config`), else none.
@@ -48,7 +49,6 @@ from med_train.run_folder import (
     last_checkpoint,
     latest_target,
     new_run_dir,
-    point_latest,
     read_json,
     read_jsonl,
     read_trainer_state,
@@ -56,6 +56,7 @@ from med_train.run_folder import (
     save_checkpoint,
     save_tokenizer,
     truncate_metrics,
+    write_on_main,
 )
 
 if TYPE_CHECKING:
@@ -157,9 +158,10 @@ def validation_source(cfg: Config):
     return d.train_split, Holdout.of(d, cfg.train.seed)
 
 
-def _announce_validation(cfg: Config, split: str, holdout, val_loader, run_dir: Path, *, record: bool, say,
-                         notice) -> None:
-    """Warn when validation is also the reported split; for a held-out slice, check it is not empty and record it."""
+def _announce_validation(cfg: Config, split: str, holdout, val_loader, run_dir: Path, *,
+                         record: Callable[[Path, str], None] | None, say, notice) -> None:
+    """Warn when validation is also the reported split; for a held-out slice, check it is not empty and record it
+    (`record(path, text)`, None: not recorded)."""
     d = cfg.data
     if holdout is None:
         if split == d.eval_split:
@@ -171,8 +173,8 @@ def _announce_validation(cfg: Config, split: str, holdout, val_loader, run_dir: 
     if not keys:
         raise TrainingError(f"data.val_holdout {holdout.fraction} holds out no image of {split!r} ({why}): "
                             f"raise it, or set data.val_split to a split the source has")
-    if record:
-        atomic_write(run_dir / HOLDOUT_FILE, json.dumps(
+    if record is not None:
+        record(run_dir / HOLDOUT_FILE, json.dumps(
             {"split": split, "fraction": holdout.fraction, "seed": holdout.seed, "rule": holdout.RULE,
              "base": holdout.base, "images": len(keys), "keys": keys}, indent=1) + "\n")
     say(f"validation: {len(keys)} images of {split!r} held out from training ({why}; data.val_holdout "
@@ -314,12 +316,14 @@ def train(cfg: Config, config_path: str | Path | None = None, resume: str | Path
 # -- setting up: the run folder's name, the accelerator, its precision, the seed, the notices
 
 def _set_up(cfg: Config, config_path: str | Path | None, resume: str | Path | None) -> Run:
-    """The run folder's name, the accelerator in its precision, the seed, and the ways to speak to the user."""
+    """The run folder's name (claimed: runs/latest moves to it), the accelerator in its precision, the seed, and the
+    ways to speak to the user."""
     from accelerate import Accelerator, PartialState
     from accelerate.utils import broadcast_object_list, set_seed
 
     t = cfg.train
     cpu = cpu_processes()
+    precision, precision_note = choose_precision(t.mixed_precision)  # before a folder is claimed: it may refuse
     if resume:
         run_dir = Path(resume)
     else:  # one name for every process: each picking its own could differ by a second, or by a "-2" suffix
@@ -328,7 +332,6 @@ def _set_up(cfg: Config, config_path: str | Path | None, resume: str | Path | No
         if process.num_processes > 1:
             broadcast_object_list(chosen)
         run_dir = Path(chosen[0])
-    precision, precision_note = choose_precision(t.mixed_precision)
     accelerator = Accelerator(cpu=cpu, mixed_precision=precision,
                               gradient_accumulation_steps=t.grad_accum_steps, log_with=t.trackers or None,
                               project_dir=str(run_dir))
@@ -367,8 +370,7 @@ def _build_tokenizer(run: Run):
         captions = data_lib.iter_captions(cfg.data, cfg.data.train_split, holdout=run.holdout)
         tokenizer = build_tokenizer(cfg.tokenizer, (cfg.model.prompt + c for c in captions))
         run.run_dir.mkdir(parents=True, exist_ok=True)
-        save_tokenizer(tokenizer, run.run_dir)
-    accelerator.wait_for_everyone()
+    _write_on_main(run, run.run_dir / "tokenizer.json", lambda: save_tokenizer(tokenizer, run.run_dir))
     if not run.main:
         tokenizer = load_tokenizer(str(run.run_dir))
     accelerator.wait_for_everyone()  # all read it before the main process writes the run's files (_write_run_folder)
@@ -402,13 +404,14 @@ def _model_source(run: Run) -> Path:
 
 
 def _write_run_folder(run: Run, model: Captioner) -> None:
-    """A new run's config, tokenizer and model config, and runs/latest pointing at it."""
-    if run.main and not run.resumed:
-        run.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(run.cfg, run.run_dir / "config.yaml")
-        model.save_pretrained(run.run_dir)  # config + tokenizer now; the weights are rewritten as training goes
-        point_latest(run.run_dir)
-    run.accelerator.wait_for_everyone()
+    """A new run's config, tokenizer and model config (runs/latest already points at it: new_run_dir)."""
+    def write() -> None:
+        if not run.resumed:
+            run.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(run.cfg, run.run_dir / "config.yaml")
+            model.save_pretrained(run.run_dir)  # config + tokenizer now; the weights are rewritten as training goes
+
+    _write_on_main(run, run.run_dir, write)
 
 
 def _build_data(run: Run, model: Captioner) -> None:
@@ -426,7 +429,9 @@ def _build_data(run: Run, model: Captioner) -> None:
         stats=run.stats, pin_memory=accelerator.device.type == "cuda", holdout=run.holdout)
     run.val_loader = heldout_loader(model, cfg, run.val_split, accelerator=accelerator, holdout=run.holdout)
     _announce_validation(cfg, run.val_split, run.holdout, run.val_loader, run.run_dir,
-                         record=run.main and not run.resumed, say=run.say, notice=run.notice)
+                         record=None if run.resumed else lambda path, text: _write_on_main(
+                             run, path, lambda: atomic_write(path, text)),
+                         say=run.say, notice=run.notice)
 
 
 def _set_length(run: Run) -> None:
@@ -435,9 +440,8 @@ def _set_length(run: Run) -> None:
     if t.max_steps is None:
         steps = _steps_for_epochs(run.cfg, run.loader, run.accelerator, run.run_dir, run.resumed, run.say)
         run.cfg = replace(run.cfg, train=replace(t, max_steps=steps))
-    if run.main:
-        atomic_write(run.run_dir / RUN_FILE, json.dumps({"max_steps": run.cfg.train.max_steps, "epochs": t.epochs})
-                     + "\n")
+    _write_on_main(run, run.run_dir / RUN_FILE, lambda: atomic_write(
+        run.run_dir / RUN_FILE, json.dumps({"max_steps": run.cfg.train.max_steps, "epochs": t.epochs}) + "\n"))
 
 
 def _prepare(run: Run, model: Captioner) -> None:
@@ -459,8 +463,7 @@ def _start(run: Run) -> None:
     run.state = TrainerState(mixed_precision=run.accelerator.mixed_precision)
     if run.resumed:
         run.state = _resume(run.accelerator, run.run_dir, run.loader, run.notice, run.raw_model)
-        if run.main:  # one writer: the file is shared by every process
-            truncate_metrics(run.metrics_path, run.state.step)
+        _write_on_main(run, run.metrics_path, lambda: truncate_metrics(run.metrics_path, run.state.step))
         run.say(f"resuming {run.run_dir} from step {run.state.step}")
     if t.trackers:
         run.accelerator.init_trackers(t.project, config=tracker_config(run.cfg),
@@ -612,8 +615,7 @@ def _log(run: Run, window: _Window, progress) -> None:
               "data_wait": window.wait / elapsed,
               "grad_norm": None if window.grad_norm is None else float(window.grad_norm)}
     progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", img_s=f"{record['images_per_s']:.1f}")
-    if run.main:
-        append_jsonl(run.metrics_path, record)
+    _write_on_main(run, run.metrics_path, lambda: append_jsonl(run.metrics_path, record))
     run.accelerator.log({k: v for k, v in record.items() if v is not None}, step=run.state.step)
 
 
@@ -626,8 +628,8 @@ def _validate(run: Run) -> None:
     scores = evaluate(run.raw_model, run.cfg, max_images=t.eval_images, num_beams=1, accelerator=run.accelerator,
                       quiet=True, loader=run.val_loader)
     run.model.train()
+    _write_on_main(run, run.metrics_path, lambda: append_jsonl(run.metrics_path, {"step": state.step, "eval": scores}))
     if run.main:
-        append_jsonl(run.metrics_path, {"step": state.step, "eval": scores})
         metric = scores.get("CIDEr")
         if metric is not None and (state.best_metric is None or metric > state.best_metric):
             state.best_metric, state.best_step = metric, state.step
@@ -662,10 +664,10 @@ def _finish(run: Run) -> None:
         if run.main:
             for other in everyone[1:]:
                 run.stats.merge(other)
-    written = True
+    written = plotted = True
     if run.main:
         written = _write(run, run.run_dir / "model.safetensors", lambda _: run.raw_model.save_pretrained(run.run_dir))
-        _write(run, run.run_dir / "curves.png", lambda path: _plot_curves(run.metrics_path, path))
+        plotted = _write(run, run.run_dir / "curves.png", lambda path: _plot_curves(run.metrics_path, path))
         run.notice(f"data: {run.stats.summary()}")
     if run.cfg.train.trackers:
         accelerator.end_training()
@@ -675,6 +677,15 @@ def _finish(run: Run) -> None:
         raise TrainingError(f"the last weights could not be written to {run.run_dir} (said above); "
                             + (f"the last complete checkpoint {checkpoints[-1]} holds step {run.state.step}"
                                if checkpoints else "no checkpoint was kept"))
+    if not plotted:
+        raise TrainingError(f"{run.run_dir / 'curves.png'} could not be written (said above); the run is complete, "
+                            f"its last weights in {run.run_dir}")
+
+
+def _write_on_main(run: Run, path: Path, write: Callable[[], object]) -> None:
+    """A file of the run folder that training cannot go on without, written by the main process while the others
+    wait: one that cannot be written stops every process in one line (run_folder.write_on_main)."""
+    write_on_main(run.accelerator, run.run_dir, path, write)
 
 
 def _write(run: Run, path: Path, write: Callable[[Path], object]) -> bool:

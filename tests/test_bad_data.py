@@ -151,6 +151,65 @@ def test_a_bad_line_in_a_jsonl_annotation_list_is_skipped(tmp_path):
     assert stats.examples[0]["id"].endswith("ann.jsonl:2") and stats.examples[0]["reason"] == "line_not_json"
 
 
+def write_list(root: Path, entries: list) -> Path:
+    """A BLIP / Karpathy style annotation list, `ann.json`, beside the images it names."""
+    (root / "images").mkdir(parents=True)
+    for i in range(5):
+        (root / "images" / f"g{i}.png").write_bytes(png(i))
+    (root / "ann.json").write_text(json.dumps(entries, indent=1))
+    return root / "ann.json"
+
+
+GOOD_ENTRIES = [{"image": f"images/g{i}.png", "caption": f"a red dog {i}", "image_id": f"g{i}"} for i in range(5)]
+BAD_ENTRIES = {  # reason -> the entry, written as entry 2 of ann.json
+    "caption_not_string": {"image": "images/g1.png", "caption": 5},
+    "image_missing": {"caption": "a dog without an image"},
+    "entry_not_object": "images/g1.png",
+}
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("reason", list(BAD_ENTRIES))
+def test_a_bad_entry_of_a_json_list_is_one_counted_bad_row_naming_file_and_index(tmp_path, reason, streaming):
+    ann = write_list(tmp_path, [*GOOD_ENTRIES[:2], BAD_ENTRIES[reason], *GOOD_ENTRIES[2:]])
+    stats = BadRowStats()
+    cfg = DataConfig(source=str(ann), streaming=streaming, cache_dir=str(tmp_path / "cache"))
+    rows = list(build_dataset(cfg, "train", train=True, image_size=8, stats=stats))
+    assert sorted(e["caption"] for e in rows) == [f"a red dog {i}" for i in range(5)]
+    assert (stats.rows, stats.bad, dict(stats.bad_reasons)) == (6, 1, {reason: 1})
+    assert stats.examples[0]["id"] == f"{ann.resolve()}[2]"
+
+    result = check(ann, f"data.cache_dir={tmp_path / 'cache'}")  # the last --set wins
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    report = json.loads(result.stdout)
+    assert (report["rows"], report["ok"], report["bad_reasons"]) == (6, 5, {reason: 1})
+    assert f"ann.json[2]: {reason}" in result.stderr
+
+
+def test_a_json_list_cut_short_is_one_error_naming_where_it_stops(tmp_path):
+    ann = write_list(tmp_path, GOOD_ENTRIES)
+    cut = ann.read_text().split('"images/g3.png"')[0]
+    ann.write_text(cut)
+    where = f"line {cut.count(chr(10)) + 1}, column {len(cut.rsplit(chr(10), 1)[1]) + 1}"  # just past the end
+    result = check(ann, f"data.cache_dir={tmp_path / 'cache'}")
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert result.stderr.strip().splitlines() == [
+        f"error: {ann}: not valid JSON (Expecting value at {where}): an annotation list cut short?"]
+    runs = tmp_path / "runs"
+    result = runner.invoke(app, ["train", str(train_config(tmp_path, ann)), "--output-dir", str(runs), "--set",
+                                 "data.format=blip_json"])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert f"{ann}: not valid JSON (Expecting value at {where})" in result.stderr.strip().splitlines()[-1]
+    assert not list(runs.iterdir())
+
+
+def test_a_json_list_that_reads_is_read_as_it_is(tmp_path):
+    stats = BadRowStats()
+    cfg = DataConfig(source=str(write_list(tmp_path, GOOD_ENTRIES)), cache_dir=str(tmp_path / "cache"))
+    assert len(list(build_dataset(cfg, "train", train=True, image_size=8, stats=stats))) == 5 and stats.bad == 0
+    assert not (tmp_path / "cache" / "med_train_cleaned").exists()
+
+
 def test_a_file_that_reads_is_read_as_it_is(tmp_path):
     root = write_folder(tmp_path, GOOD)
     table = open_split(DataConfig(source=str(root), cache_dir=str(tmp_path / "cache")), "train")

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -499,6 +500,109 @@ def test_a_failed_checkpoint_write_is_a_clear_error_and_keeps_the_previous(confi
     result = runner.invoke(app, ["train", "--resume", str(run)])
     assert result.exit_code == 0, result.output
     assert _steps(run) == [1, 2, 3, 4, 5, 6]
+
+
+def _no_space(*_args, **_kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_metrics_line_that_cannot_be_written_stops_the_run_in_one_line_and_it_resumes(config_file, tmp_path,
+                                                                                         monkeypatch):
+    """A full disk while appending step 3's line (the part written left torn): one line naming metrics.jsonl and
+    the cause, exit 1, the step-2 checkpoint whole; the resume logs every step once."""
+    from med_train import train as train_module
+
+    real_append = train_module.append_jsonl
+
+    def full_disk(path, record):
+        if record.get("step") == 3:
+            with open(path, "a") as f:
+                f.write('{"step": 3, "lo')
+            _no_space()
+        real_append(path, record)
+
+    monkeypatch.setattr(train_module, "append_jsonl", full_disk)
+    result = runner.invoke(app, ["train", str(config_file), "--output-dir", str(tmp_path), "--set",
+                                 "train.max_steps=6", "--set", "train.save_every=2"])
+    assert result.exit_code == 1, result.output
+    run = next(p for p in tmp_path.iterdir() if p.is_dir() and not p.is_symlink())
+    assert "Traceback" not in result.output
+    assert [line for line in result.stderr.splitlines() if line.startswith("error")] == [
+        f"error: could not write {run / 'metrics.jsonl'} (No space left on device); the last complete checkpoint "
+        f"{run / 'checkpoints' / 'step_2'} is intact: free space or fix the folder, then `med train --resume {run}`"]
+    assert [p.name for p in checkpoint_dirs(run)] == ["step_2"]
+    monkeypatch.undo()
+    result = runner.invoke(app, ["train", "--resume", str(run)])
+    assert result.exit_code == 0, result.output
+    assert _steps(run) == [1, 2, 3, 4, 5, 6]
+
+
+FULL_DISK_AT_STEP_3 = """
+import errno, os, sys
+from med_train import train
+from med_train.cli import app
+
+real_append = train.append_jsonl
+
+def full_disk(path, record):
+    if record.get("step") == 3:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    real_append(path, record)
+
+train.append_jsonl = full_disk
+app(sys.argv[1:], prog_name="med")
+"""
+
+
+@pytest.mark.slow
+def test_a_metrics_line_that_cannot_be_written_stops_every_process(config_file, tmp_path):
+    """torchrun with 2 CPU processes; only the main one writes metrics.jsonl, and cannot: the other stops too, by
+    itself (its own line says so), rather than waiting for the main process in the next step."""
+    script = tmp_path / "full_disk.py"
+    script.write_text(FULL_DISK_AT_STEP_3)
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29538",
+            str(script), "train", str(config_file), "--output-dir", str(tmp_path / "runs")]
+    for setting in ("train.max_steps=6", "train.save_every=2"):
+        args += ["--set", setting]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0
+    run = next(p for p in (tmp_path / "runs").iterdir() if p.is_dir() and not p.is_symlink())
+    errors = sorted(line for line in proc.stderr.splitlines() if line.startswith("error: "))
+    resume = f"the last complete checkpoint {run / 'checkpoints' / 'step_2'} is intact"
+    assert errors == [f"error: could not write {run / 'metrics.jsonl'} ({cause}); {resume}: free space or fix the "
+                      f"folder, then `med train --resume {run}`" for cause in (
+                          "No space left on device", "the main process could not; its error names the cause")]
+    # torchrun reports a failed worker with its own traceback; none runs through the trainer's code
+    assert not [line for line in proc.stderr.splitlines() if line.strip().startswith("File ") and "med_train" in line]
+    assert [p.name for p in checkpoint_dirs(run)] == ["step_2"]
+
+
+def test_run_folder_files_that_cannot_be_written_are_one_line_each(config_file, tmp_path, monkeypatch):
+    """run.json before the first step: one line, the run removed; the curves at the end: a warning naming the file
+    and the cause, then a one-line stop (exit 1) saying the run is complete."""
+    from med_train import train as train_module
+
+    real_write = train_module.atomic_write
+    monkeypatch.setattr(train_module, "atomic_write", lambda path, data: _no_space() if Path(path).name == "run.json"
+                        else real_write(path, data))
+    args = ["train", str(config_file), "--set", "train.max_steps=2", "--set", "train.save_every=2"]
+    result = runner.invoke(app, [*args, "--output-dir", str(tmp_path / "a")])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    [message] = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert re.fullmatch(rf"error: could not write {re.escape(str(tmp_path / 'a'))}/tiny-[0-9-]+/run\.json "
+                        r"\(No space left on device\); no earlier checkpoint exists", message), message
+    assert not list((tmp_path / "a").iterdir())  # nothing trained: the folder removed, no runs/latest
+
+    monkeypatch.undo()
+    monkeypatch.setattr(train_module, "_plot_curves", _no_space)
+    result = runner.invoke(app, [*args, "--output-dir", str(tmp_path / "b")])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    run = next(p for p in (tmp_path / "b").iterdir() if p.is_dir() and not p.is_symlink())
+    assert sorted(line for line in result.output.splitlines() if "could not" in line) == sorted([
+        f"warning: could not write {run / 'curves.png'} (OSError: [Errno 28] No space left on device)",
+        f"error: {run / 'curves.png'} could not be written (said above); the run is complete, its last weights in "
+        f"{run}"])
+    assert _steps(run) == [1, 2] and (run / "model.safetensors").is_file()
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 file (empty, cut short, of another model, or a pickle holding code) refused in one line that names it."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -151,6 +152,30 @@ def test_runs_started_at_once_with_one_name_get_a_folder_each(tmp_path):
     assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["latest", *got]
 
 
+def test_latest_names_the_run_started_last_even_when_an_earlier_one_writes_its_files_later(
+        config_file, tmp_path, monkeypatch):  # noqa: F811
+    """Run `first` claims its folder; before it writes its files, run `second` starts and trains to the end; then
+    `first` writes its files and trains. runs/latest names `second`, the run started last."""
+    from med_train import train as train_module
+
+    real_write, order = train_module._write_run_folder, []
+
+    def slow_first_write(run, model):
+        order.append(run.run_dir.name)
+        if run.run_dir.name == "first":
+            train(load_config(config_file, ["train.max_steps=1", "train.save_every=0", "train.run_name=second",
+                                            f"train.output_dir={tmp_path}"]), config_file)
+        real_write(run, model)
+
+    monkeypatch.setattr(train_module, "_write_run_folder", slow_first_write)
+    train(load_config(config_file, ["train.max_steps=1", "train.save_every=0", "train.run_name=first",
+                                    f"train.output_dir={tmp_path}"]), config_file)
+    assert order == ["first", "second"]
+    assert (tmp_path / "first" / "model.safetensors").is_file() and (tmp_path / "second" / "model.safetensors").is_file()
+    assert os.readlink(tmp_path / "latest") == "second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["first", "latest", "second"]  # no temporary link left
+
+
 # ---- resuming from the checkpoint alone ------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -244,7 +269,7 @@ def test_model_init_never_runs_a_planted_pickle(config_file, tmp_path):  # noqa:
     _plant_code(tmp_path / "blip.pth", tmp_path / "marker")
     result = runner.invoke(app, ["train", str(config_file), "--output-dir", str(tmp_path / "runs"),
                                  "--set", f"model.init={tmp_path / 'blip.pth'}"])
-    _one_line_error(result, "model.init", "blip.pth", "refused", code=2)  # a config error, as model.init's are
+    _one_line_error(result, "blip.pth", "refused", code=1)  # a bad file, as `med convert blip` says of it
     assert not (tmp_path / "marker").exists()
 
 
@@ -291,6 +316,22 @@ def test_caption_refuses_a_bad_model_file_in_one_line(model_dir, tokenizer, tmp_
     words = _damage_model(folder, damage, tokenizer)
     result = runner.invoke(app, ["caption", str(model_dir.parent / "red.png"), "--model", str(folder)])
     _one_line_error(result, words, str(folder))
+
+
+@pytest.mark.parametrize("damage", ["cut safetensors", "other shapes", "empty config", "empty tokenizer"])
+def test_train_refuses_a_bad_model_init_file_as_caption_does(config_file, model_dir, tokenizer, tmp_path,  # noqa: F811
+                                                             damage):
+    """A model.init folder with a damaged file is a bad file (exit 1), in the line `med caption` gives for it; the
+    run folder it had claimed is removed."""
+    folder = tmp_path / "m"
+    shutil.copytree(model_dir, folder)
+    words = _damage_model(folder, damage, tokenizer)
+    said = _one_line_error(runner.invoke(app, ["caption", str(model_dir.parent / "red.png"), "--model", str(folder)]),
+                           words, str(folder))
+    result = runner.invoke(app, ["train", str(config_file), "--output-dir", str(tmp_path / "runs"),
+                                 "--set", f"model.init={folder}"])
+    assert _one_line_error(result) == said
+    assert not list((tmp_path / "runs").iterdir())
 
 
 def test_eval_refuses_a_bad_model_file_in_one_line(model_dir, tokenizer, tmp_path):
