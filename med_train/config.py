@@ -35,7 +35,7 @@ from med_train._config_loader import (
 )
 
 __all__ = ["Config", "ModelConfig", "VisionConfig", "TextConfig", "TokenizerConfig", "DataConfig", "TrainConfig",
-           "GenerateConfig", "ConfigError", "DATA_FORMATS", "MIXED_PRECISIONS", "load_config", "config_from_dict",
+           "ScstConfig", "GenerateConfig", "ConfigError", "DATA_FORMATS", "MIXED_PRECISIONS", "load_config", "config_from_dict",
            "config_to_dict", "config_to_yaml", "save_config"]
 
 # How `data.source` is read ("auto": from what it is); the choices of train.mixed_precision.
@@ -142,6 +142,17 @@ class DataConfig:
 
 
 @dataclass
+class ScstConfig:
+    """Self-critical sequence training (train.objective: scst; med_train/scst.py)."""
+
+    samples: int = positive(5)  # captions sampled per training image (temperature 1, no top-p/top-k)
+    # Each sample's baseline: "mean" (the mean reward of the image's other samples; 0 with one sample) or
+    # "greedy" (the reward of the image's greedy caption, decoded as validation decodes)
+    baseline: Literal["mean", "greedy"] = "mean"
+    xe_weight: float = non_negative(0.0)  # adds this weight x the cross-entropy of the image's references
+
+
+@dataclass
 class TrainConfig:
     output_dir: str = not_empty("runs")
     # default: <config name>-<timestamp>; one folder under output_dir
@@ -153,6 +164,9 @@ class TrainConfig:
     # --set) clears the other's value from an earlier layer, both in one layer is an error.
     max_steps: int | None = positive(1000)
     epochs: float | None = positive(None)
+    # "xe": cross-entropy on the captions; "scst": self-critical CIDEr-D optimisation of a trained model (model.init)
+    objective: Literal["xe", "scst"] = "xe"
+    scst: ScstConfig = field(default_factory=ScstConfig)
     batch_size: int = positive(32)
     grad_accum_steps: int = positive(1)
     lr: float = positive(1e-4)
@@ -271,6 +285,10 @@ def _check_relations(cfg: Config, where: Where) -> None:
     if t.max_steps is None and t.epochs is None:
         raise where.error("train.max_steps", "is null and so is train.epochs: set one of them to say how long to "
                           "train", also=["train.epochs"])
+    if t.objective == "scst" and cfg.model.init is None:
+        raise where.error("train.objective", "scst needs a trained model to start from (sampling from random "
+                          "weights gives captions with no reward to learn from): set model.init to a run or model "
+                          "folder", also=["model.init"])
     if t.max_steps is not None and t.warmup_steps > t.max_steps:
         raise where.error("train.warmup_steps", f"must be <= train.max_steps ({t.max_steps}), "
                           f"got {t.warmup_steps}", also=["train.max_steps"])

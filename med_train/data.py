@@ -110,13 +110,20 @@ class CaptionStream(torch.utils.data.IterableDataset):
     """Examples of one split for this process: `{"image", "caption", "id"}` when training (one per caption),
     `{"image", "references", "id", "objects"}` for held-out rows (one per image). See the module docstring.
 
+    `per_image=True` makes a training stream give one example per image with all its references, as held-out
+    streams do (what SCST scores samples against): a caption list in one row, or several rows showing the same
+    image (sources.image_key). A map-style split is grouped at load time (one pass without decoding images; each
+    epoch then permutes the images); a stream groups the rows of each shard within a look-back window of the last
+    GROUP_WINDOW images, so an image's rows must lie that close together in one shard (rows further apart give
+    the image twice, each time with part of its references).
+
     `epochs=None` runs forever (training); held-out splits always make one pass. Iterated in this process, bad
     rows are counted into `stats`; in dataloader workers, `CaptionLoader` collects them. With a `holdout`, a
     training stream skips its images (they are neither read nor counted) and a held-out stream reads only them."""
 
     def __init__(self, cfg: DataConfig, split: str, *, train: bool, transform: Callable, seed: int = 0,
                  num_processes: int = 1, process_index: int = 0, epochs: int | None = 1,
-                 stats: BadRowStats | None = None, holdout: Holdout | None = None) -> None:
+                 stats: BadRowStats | None = None, holdout: Holdout | None = None, per_image: bool = False) -> None:
         if not 0 <= process_index < num_processes:
             raise ValueError(f"process_index {process_index} is not in [0, {num_processes})")
         self.cfg, self.split, self.train, self.transform, self.seed = cfg, split, train, transform, seed
@@ -126,6 +133,10 @@ class CaptionStream(torch.utils.data.IterableDataset):
         self.table, self.root, self.holdout = open_split(cfg, split), image_root(cfg), holdout
         rows = (parse_row(raw, cfg, label, self.root) for label, raw in iter_table(self.table, split))
         self.groups = None if train else group_rows(rows if holdout is None else (r for r in rows if r in holdout))
+        self.per_image = per_image or not train
+        # a map-style training split grouped by image: each image's row indices (outside the holdout)
+        self.image_rows = _image_rows(self.table, split, cfg, self.root, holdout) if (
+            train and per_image and not hasattr(self.table, "num_shards")) else None
         self.first_epoch = 0
         self.start: dict[int, tuple[int, int, int]] = {}  # worker id -> (epoch, row, caption) to start from
         # epoch -> {"consumed": bool per position of the epoch's order, "partial": {position: first caption}}: what
@@ -142,7 +153,11 @@ class CaptionStream(torch.utils.data.IterableDataset):
 
     def epoch_size(self) -> int:
         """The examples of one training epoch, all slots together: one per usable caption of each row outside the
-        holdout, counted in one pass without decoding images (so an unreadable image still counts)."""
+        holdout (per_image: one per image with a usable caption), counted in one pass without decoding images (so an
+        unreadable image still counts)."""
+        if self.image_rows is not None:
+            return sum(any(True for _ in _usable_captions(((f"{self.split}:{i}", self.table[i]) for i in rows),
+                                                            self.cfg, self.root, None)) for rows in self.image_rows)
         rows = iter_table(self.table, self.split)
         return sum(1 for _ in _usable_captions(rows, self.cfg, self.root, self.holdout))
 
@@ -165,12 +180,12 @@ class CaptionStream(torch.utils.data.IterableDataset):
         while self.epochs is None or epoch < self.first_epoch + self.epochs:
             seen = 0
             for r, row, carried_first in self._epoch_rows(epoch, slot, slots, row0):
-                if self.groups is None and self.holdout is not None and row in self.holdout:
+                if not self.per_image and self.holdout is not None and row in self.holdout:
                     continue  # a validation image: never trained on
                 seen += 1
                 first = max(sub0 if r == row0 else 0, carried_first)
                 # A group counts its source rows; a row resumed mid-way was counted before the checkpoint.
-                n_rows = 0 if first else len(row.captions) if self.groups is not None else 1
+                n_rows = 0 if first else len(row.captions) if self.per_image else 1
                 pending["rows"] += n_rows
                 examples, total = self._examples(row, first, pending)
                 for sub, example in examples:
@@ -193,32 +208,44 @@ class CaptionStream(torch.utils.data.IterableDataset):
             return
         rng = np.random.default_rng([self.seed, epoch])
         if not hasattr(self.table, "num_shards"):  # map-style: a full permutation, and jumping ahead is free
-            order = rng.permutation(len(self.table))
+            order = rng.permutation(self.epoch_length())
             carried = self.carried.get(epoch)
             left = (np.arange(len(order)) if carried is None else np.flatnonzero(~carried["consumed"]))
             mine = left[slot::slots]  # positions in `order`
             partial = {} if carried is None else carried["partial"]
             for r in range(start, len(mine)):
-                i = int(order[mine[r]])
-                yield r, parse_row(self.table[i], self.cfg, f"{self.split}:{i}", self.root), partial.get(int(mine[r]), 0)
+                yield r, self._row(int(order[mine[r]])), partial.get(int(mine[r]), 0)
             return
         rows = _buffered(self._stream_rows(rng.permutation(self.table.num_shards), slot, slots),
                          self.cfg.shuffle_buffer, np.random.default_rng([self.seed, epoch, slot]))
-        for r, (label, raw) in enumerate(rows):
+        for r, item in enumerate(rows):
             if r >= start:  # earlier rows were delivered before the resume: skip them undecoded
-                yield r, parse_row(raw, self.cfg, label, self.root), 0
+                yield r, item if self.per_image else parse_row(item[1], self.cfg, item[0], self.root), 0
 
-    def _stream_rows(self, shard_order: np.ndarray, slot: int, slots: int) -> Iterator[tuple[str, dict]]:
+    def epoch_length(self) -> int:
+        """What a map-style training epoch permutes: rows, or images (per_image)."""
+        return len(self.image_rows) if self.image_rows is not None else len(self.table)
+
+    def _row(self, i: int) -> Row:
+        """Row `i` of a map-style split, or (per_image) image `i`'s rows as one group."""
+        if self.image_rows is None:
+            return parse_row(self.table[i], self.cfg, f"{self.split}:{i}", self.root)
+        return group_rows(parse_row(self.table[j], self.cfg, f"{self.split}:{j}", self.root)
+                          for j in self.image_rows[i])[0]
+
+    def _stream_rows(self, shard_order: np.ndarray, slot: int, slots: int) -> Iterator:
+        """This slot's (label, raw row) pairs, or (per_image) groups, of a streamed split."""
         if len(shard_order) % slots == 0:  # whole shards per slot: each slot reads only its own files
             for j in shard_order[slot::slots]:
-                yield from iter_table(self.table, self.split, shard=int(j))
+                yield from self._shard_items(int(j))
             return
-        k = 0
-        for j in shard_order:  # too few shards: every slot reads every row and keeps one in `slots`
-            for item in iter_table(self.table, self.split, shard=int(j)):
-                if k % slots == slot:
-                    yield item
-                k += 1
+        # too few shards: every slot reads every row (group) and keeps one in `slots`
+        items = (item for j in shard_order for item in self._shard_items(int(j)))
+        yield from itertools.islice(items, slot, None, slots)
+
+    def _shard_items(self, shard: int) -> Iterator:
+        items = iter_table(self.table, self.split, shard=shard)
+        return _group_nearby(items, self.cfg, self.root, self.holdout) if self.per_image else items
 
     def _examples(self, row: Row, first: int, pending: dict) -> tuple[list, int]:
         """([(caption index, example)] from caption `first` on, number of captions); bad rows are recorded.
@@ -227,7 +254,7 @@ class CaptionStream(torch.utils.data.IterableDataset):
         def bad(row_id: str, exc: BadRow) -> None:
             pending["bad"].append({"id": row_id, "reason": exc.reason, "detail": str(exc)})
 
-        if self.groups is None:  # a training row: one example per caption
+        if not self.per_image:  # a training row: one example per caption
             try:
                 captions = clean_captions(row.captions, self.cfg.max_words)
                 image = load_image(row.image, max_pixels=self.cfg.max_image_pixels)
@@ -256,6 +283,36 @@ class CaptionStream(torch.utils.data.IterableDataset):
         if row.objects is not None:
             example["objects"] = row.objects
         return [(0, example)], 1
+
+
+GROUP_WINDOW = 64  # images a stream keeps open while grouping rows by image (CaptionStream, per_image)
+
+
+def _image_rows(table, split: str, cfg: DataConfig, root: str | None, holdout: Holdout | None) -> list[list[int]]:
+    """The row indices of each image of a map-style split (sources.image_key), first-seen order, holdout left out."""
+    images: dict[str, list[int]] = {}
+    for i, (label, raw) in enumerate(iter_table(table, split)):
+        row = parse_row(raw, cfg, label, root)
+        if holdout is None or row not in holdout:
+            images.setdefault(image_key(row), []).append(i)
+    return list(images.values())
+
+
+def _group_nearby(items: Iterator[tuple[str, dict]], cfg: DataConfig, root: str | None,
+                  holdout: Holdout | None) -> Iterator[Row]:
+    """Streamed (label, raw) rows as one group per image (sources.group_rows), holdout left out: an image's group
+    is closed once GROUP_WINDOW other images have started after it, or at the end."""
+    open_images: dict[str, list[Row]] = {}
+    for label, raw in items:
+        row = parse_row(raw, cfg, label, root)
+        if holdout is not None and row in holdout:
+            continue
+        key = image_key(row)
+        if key not in open_images and len(open_images) >= GROUP_WINDOW:
+            yield group_rows(open_images.pop(next(iter(open_images))))[0]
+        open_images.setdefault(key, []).append(row)
+    for rows in open_images.values():
+        yield group_rows(rows)[0]
 
 
 class _Tally:
@@ -425,8 +482,8 @@ class CaptionLoader:
         then = (ranks[0]["num_processes"], ranks[0]["num_workers"])
         now = (stream.num_processes, max(1, self.num_workers))
         stream.carried = _unpack_carried(state.get("carried", {}))
-        if any(len(c["consumed"]) != len(stream.table) for c in stream.carried.values()):
-            raise DataError(f"{stream.cfg.source} [{stream.split}] has {len(stream.table)} rows now, not as many as "
+        if any(len(c["consumed"]) != stream.epoch_length() for c in stream.carried.values()):
+            raise DataError(f"{stream.cfg.source} [{stream.split}] has {stream.epoch_length()} rows now, not as many as "
                             "when the data position was saved: resume on the same data")
         if then != now:
             self._reshard(ranks, then, now)
@@ -445,7 +502,7 @@ class CaptionLoader:
                             f"{layout_text(*now)}; a stream's rows cannot be shared out anew: {how}")
         if sorted(s["process_index"] for s in ranks) != list(range(then[0])):
             raise DataError(f"the data position lacks some of its {then[0]} processes' positions: {how}")
-        first, stream.carried = _carry_over(ranks, stream.carried, len(stream.table))
+        first, stream.carried = _carry_over(ranks, stream.carried, stream.epoch_length())
         stream.first_epoch = ranks[0]["first_epoch"]
         self.positions = {w: (first, 0, 0) for w in range(now[1])}
         self.batches = max(s["batches"] for s in ranks)
@@ -509,30 +566,33 @@ def _unpack_carried(data: dict) -> dict[int, dict]:
 
 def build_dataset(cfg: DataConfig, split: str, *, train: bool, image_size: int,
                   stats: BadRowStats | None = None, seed: int = 0, num_processes: int = 1, process_index: int = 0,
-                  epochs: int | None = 1, holdout: Holdout | None = None) -> CaptionStream:
+                  epochs: int | None = 1, holdout: Holdout | None = None, per_image: bool = False) -> CaptionStream:
     """The examples of `split` for this process (see CaptionStream); `epochs=None` runs forever; `holdout`: the
-    images a training stream skips and a held-out stream reads."""
+    images a training stream skips and a held-out stream reads; `per_image`: training examples one per image with
+    all its references."""
     transform = build_transform(train=train, image_size=image_size, crop_scale_min=cfg.crop_scale_min,
                                 randaugment=cfg.randaugment, hflip=cfg.hflip)
     return CaptionStream(cfg, split, train=train, transform=transform, seed=seed, num_processes=num_processes,
-                         process_index=process_index, epochs=epochs, stats=stats, holdout=holdout)
+                         process_index=process_index, epochs=epochs, stats=stats, holdout=holdout,
+                         per_image=per_image)
 
 
 def build_dataloader(cfg: DataConfig, split: str, *, train: bool, batch_size: int, image_size: int,
                      tokenizer=None, prompt: str = "", max_length: int = 40, seed: int = 0, num_processes: int = 1,
                      process_index: int = 0, stats: BadRowStats | None = None, epochs: int | None = None,
                      num_workers: int | None = None, pin_memory: bool = False,
-                     holdout: Holdout | None = None) -> CaptionLoader:
+                     holdout: Holdout | None = None, per_image: bool = False) -> CaptionLoader:
     """Training (`train=True`, endless unless `epochs`) or held-out batches for this process. Do not hand the
     result to `accelerator.prepare`: it is sharded already (module docstring). `pin_memory` (for a CUDA device):
     batches arrive in page-locked memory, so `.to(device, non_blocking=True)` copies them asynchronously.
-    `holdout`: images set aside for validation (training skips them, a held-out loader reads only them)."""
+    `holdout`: images set aside for validation (training skips them, a held-out loader reads only them).
+    `per_image`: training batches as held-out ones (EvalCollate: images with all their references), for SCST."""
     if train and tokenizer is None:
         raise ValueError("a training loader needs the tokenizer")
     stream = build_dataset(cfg, split, train=train, image_size=image_size, seed=seed,
                            num_processes=num_processes, process_index=process_index, epochs=epochs,
-                           holdout=holdout)
-    collate = make_collate(tokenizer, prompt, max_length) if train else EvalCollate()
+                           holdout=holdout, per_image=per_image)
+    collate = make_collate(tokenizer, prompt, max_length) if train and not per_image else EvalCollate()
     workers = cfg.num_workers if num_workers is None else num_workers
     return CaptionLoader(stream, batch_size=batch_size, collate=collate, num_workers=workers, seed=seed,
                          stats=stats, pin_memory=pin_memory)

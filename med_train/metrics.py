@@ -36,7 +36,7 @@ import shutil
 import subprocess
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import TypeVar
@@ -342,19 +342,29 @@ def rouge_l_per_image(predictions: Mapping[K, str], references: Mapping[K, Seque
     return scores
 
 
+def cider_doc_freq(references: Iterable[Sequence[str]], n: int = 4) -> Counter:
+    """CIDEr's document frequencies: for each n-gram (a tuple of words), the number of images (one reference list
+    each, tokenised) whose references contain it."""
+    return Counter(g for refs in references for g in set().union(*(_ngrams(r.split(), n) for r in refs)))
+
+
 def cider_d_per_image(predictions: Mapping[K, str], references: Mapping[K, Sequence[str]], n: int = 4,
-            sigma: float = 6.0) -> dict[K, float]:
+                      sigma: float = 6.0, *, doc_freq: Mapping[tuple, int] | None = None,
+                      num_images: int | None = None) -> dict[K, float]:
     """CIDEr-D per image as pycocoevalcap's Cider: TF-IDF n-gram cosine clipped by the reference, a Gaussian
     penalty on the length difference, averaged over n-gram orders and references, times 10. The IDF counts the
-    images (of those given) whose references contain the n-gram."""
+    images (of those given) whose references contain the n-gram; or, given `doc_freq` (cider_doc_freq) and
+    `num_images`, those of another corpus (SCST's reward: the training split's)."""
     ref_grams = {key: [_ngrams(r.split(), n) for r in references[key]] for key in predictions}
-    doc_freq: Counter = Counter(g for grams in ref_grams.values() for g in set().union(*grams))
-    log_images = math.log(len(predictions))
+    if doc_freq is None:
+        doc_freq = Counter(g for grams in ref_grams.values() for g in set().union(*grams))
+        num_images = len(predictions)
+    log_images = math.log(num_images)
 
     def vectors(counts: Counter) -> tuple[list[dict], list[float], int]:
         vec: list[dict] = [{} for _ in range(n)]
         for gram, tf in counts.items():
-            vec[len(gram) - 1][gram] = tf * (log_images - math.log(max(1.0, doc_freq[gram])))
+            vec[len(gram) - 1][gram] = tf * (log_images - math.log(max(1.0, doc_freq.get(gram, 0.0))))
         norms = [math.sqrt(sum(w * w for w in v.values())) for v in vec]
         length = sum(tf for gram, tf in counts.items() if len(gram) == 2)  # bigrams, as pycocoevalcap (same delta)
         return vec, norms, length

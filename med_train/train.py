@@ -261,6 +261,7 @@ class Run:
     loader: Any = None  # endless: it moves through epochs itself and remembers its position
     val_loader: Any = None
     stats: Any = None  # the training data's bad rows
+    scst: Any = None  # train.objective scst: its loss (scst.SelfCritic)
     optimizer: Any = None
     scheduler: Any = None
     state: TrainerState = field(default_factory=TrainerState)
@@ -426,12 +427,17 @@ def _build_data(run: Run, model: Captioner) -> None:
         cfg.data, cfg.data.train_split, train=True, batch_size=t.batch_size, image_size=cfg.model.vision.image_size,
         tokenizer=model.tokenizer, prompt=cfg.model.prompt, max_length=cfg.tokenizer.max_length,
         seed=t.seed, num_processes=accelerator.num_processes, process_index=accelerator.process_index,
-        stats=run.stats, pin_memory=accelerator.device.type == "cuda", holdout=run.holdout)
+        stats=run.stats, pin_memory=accelerator.device.type == "cuda", holdout=run.holdout,
+        per_image=t.objective == "scst")
     run.val_loader = heldout_loader(model, cfg, run.val_split, accelerator=accelerator, holdout=run.holdout)
     _announce_validation(cfg, run.val_split, run.holdout, run.val_loader, run.run_dir,
                          record=None if run.resumed else lambda path, text: _write_on_main(
                              run, path, lambda: atomic_write(path, text)),
                          say=run.say, notice=run.notice)
+    if t.objective == "scst":
+        from med_train.scst import SelfCritic, run_reward
+
+        run.scst = SelfCritic(cfg, run_reward(cfg, run.run_dir, run.holdout, accelerator, run.say))
 
 
 def _set_length(run: Run) -> None:
@@ -548,8 +554,11 @@ def _step(run: Run, batches, window: _Window) -> bool:
         window.wait += time.perf_counter() - fetch_start
         images = batch["images"].to(accelerator.device, non_blocking=True)  # pinned on CUDA: async
         with accelerator.accumulate(run.model), accelerator.autocast():
-            loss = run.model(images, **{k: batch[k].to(accelerator.device, non_blocking=True)
-                                        for k in ("input_ids", "attention_mask", "labels")})
+            if run.scst is not None:
+                loss = run.scst.loss(run.model, run.raw_model, images, batch["references"])
+            else:
+                loss = run.model(images, **{k: batch[k].to(accelerator.device, non_blocking=True)
+                                            for k in ("input_ids", "attention_mask", "labels")})
             # always backward, even a non-finite loss: every process must join the gradient all-reduce
             accelerator.backward(loss)
         micro_losses.append(loss.detach().float())
@@ -613,7 +622,8 @@ def _log(run: Run, window: _Window, progress) -> None:
     record = {"step": run.state.step, "epoch": run.state.epoch, "loss": window.loss / window.steps,
               "lr": run.scheduler.get_last_lr()[0], "images_per_s": window.images / elapsed,
               "data_wait": window.wait / elapsed,
-              "grad_norm": None if window.grad_norm is None else float(window.grad_norm)}
+              "grad_norm": None if window.grad_norm is None else float(window.grad_norm),
+              **(run.scst.pop_means() if run.scst is not None else {})}
     progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", img_s=f"{record['images_per_s']:.1f}")
     _write_on_main(run, run.metrics_path, lambda: append_jsonl(run.metrics_path, record))
     run.accelerator.log({k: v for k, v in record.items() if v is not None}, step=run.state.step)

@@ -435,6 +435,8 @@ _SPECIAL: dict[str, st.SearchStrategy[Any]] = {
     "model.vision.std": st.none() | st.lists(_fraction, min_size=3, max_size=3),
     "model.vision.kwargs": st.dictionaries(_name, st.integers(-5, 5) | _name | st.booleans(), max_size=3),
     "train.trackers": st.lists(st.sampled_from(["tensorboard", "wandb", "aim"]), max_size=3),
+    "train.objective": st.just("xe"),  # scst needs model.init: tested in test_scst
+    "train.scst.baseline": st.sampled_from(["mean", "greedy"]),
 }
 
 

@@ -101,7 +101,7 @@ def test_a_prepared_model_keeps_its_parameters_and_state_dict(tokenizer):
 def test_measuring_the_routes_leaves_a_seeded_runs_random_draws_alone(tokenizer, monkeypatch, tmp_path):
     """The calibration at a first `prepare` (nothing cached yet) draws its inputs from a generator of its own: a
     seeded run draws the same numbers whether this machine had measured before or not."""
-    from med_train.fast import calibrate, ops
+    from med_train.fast import calibrate, few_rows, ops
 
     for route in ("packed_few", "packed_many", "few_rows", "onednn_training"):  # as the other tests take them
         monkeypatch.setattr(ops.ROUTES, route, getattr(ops.ROUTES, route))
@@ -113,7 +113,8 @@ def test_measuring_the_routes_leaves_a_seeded_runs_random_draws_alone(tokenizer,
     state = torch.get_rng_state()
     fast.prepare(model, "cpu", "train")
     fast.prepare(model, "cpu", "decode")
-    assert len(calibrate.verdicts()) == 4 and all(v.source.startswith("measured") for v in calibrate.verdicts())
+    measured = 4 if few_rows.available() else 3  # the kernel's route is measured only where it is built
+    assert len(calibrate.verdicts()) == measured and all(v.source.startswith("measured") for v in calibrate.verdicts())
     assert torch.equal(torch.get_rng_state(), state)
     calibrate.clear()
 
