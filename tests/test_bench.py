@@ -65,7 +65,7 @@ def test_quick_bench_writes_every_figure(tmp_path):
     assert machine["device_name"].startswith("cpu")
     assert machine["freed_memory_kept"] == GLIBC
     assert machine["few_row_kernel"] == few_rows.available()
-    assert ("few-row kernel" in format_table(figures)) == few_rows.available()
+    assert ("decodes with the few-row kernel" in format_table(figures)) == few_rows.available()
     assert settings["batch_size"] == 4 and settings["vocab_size"] == 402 and settings["quick"]
     assert settings["optimizer"]["peer"] == "AdamW fused"
 

@@ -304,7 +304,6 @@ def test_beam_candidates_refuse_what_they_cannot_take():
         few_rows.beam_candidates(logits.double(), scores, 2, 3)
 
 
-@needs_kernel
 def _fast_linear(out_features, in_features, bias=True):
     torch.manual_seed(0)
     linear = torch.nn.Linear(in_features, out_features, bias=bias).eval()
@@ -312,6 +311,7 @@ def _fast_linear(out_features, in_features, bias=True):
     return linear
 
 
+@needs_kernel
 def test_ops_linear_routes_few_rows_to_the_kernel_and_more_to_onednn():
     """From a weight's second use: up to FEW_ROWS_MAX rows through the kernel's panels, more through oneDNN's
     blocked copy, each kept by the module; fp32 results equal F.linear's either way."""
