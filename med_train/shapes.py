@@ -5,8 +5,10 @@
                   [[{"kind": "circle", "colour": "red", "size": "small", "position": "centre"}]])
     # -> {"content_colour": 1.0, "content_shape": 1.0, ..., "content_exact": 1.0}
 
-Layout (imagefolder): OUT/train/metadata.jsonl has one `caption` per image; OUT/val/ (what training validates on)
-and OUT/test/ (what `med eval` reports) a `captions` list with the five phrasings; every row has `id` and
+Layout (imagefolder): OUT/train/metadata.jsonl has one `caption` per image (what cross-entropy training reads), and
+its five phrasings as `references` (what self-critical training scores against: configs/shapes_scst.yaml);
+OUT/val/ (what training validates on) and OUT/test/ (what `med eval` reports) a `captions` list with the five
+phrasings; every row has `id` and
 `objects` (its true content: kind, colour, size, position). Each split draws from its own seeded generator, so
 adding or resizing one split leaves the others' files as they were.
 
@@ -175,6 +177,10 @@ def generate(out: str | Path, *, train: int = 5000, val: int = 200, test: int = 
                 row = {"file_name": name, "id": f"{split}/{i:06d}"}
                 if split == "train":
                     row["caption"] = caption(objects, rng.randrange(len(PHRASINGS)), rng)
+                    # every phrasing too, for training that scores samples against all of them (SCST); from a
+                    # generator of the image's own, so that the split's other draws stay as they were
+                    own = random.Random(f"shapes:{seed}:{split}:{i}")
+                    row["references"] = [caption(objects, k, own) for k in range(len(PHRASINGS))]
                 else:
                     row["captions"] = [caption(objects, k, rng) for k in range(len(PHRASINGS))]
                 row["objects"] = objects

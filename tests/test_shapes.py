@@ -59,6 +59,9 @@ def test_layout_and_captions(demo):
     for row in val + test:  # five different phrasings, each of at most 30 words (data.max_words)
         assert len(row["captions"]) == 5 and len(set(row["captions"])) == 5
         assert all(len(c.split()) <= 30 for c in row["captions"])
+    for row in train:  # and a training image's five phrasings as its references (SCST), each of its objects
+        assert len(set(row["references"])) == 5
+        assert shapes.score_content(row["references"], [row["objects"]] * 5)["content_exact"] == 1.0
 
 
 def test_every_attribute_value_is_about_equally_frequent(demo):
