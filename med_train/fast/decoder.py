@@ -7,13 +7,13 @@ change; parameters, state-dict keys and values do not): the same results for les
 - `LeanSelfOutput`: an attention's output projection with its residual add and LayerNorm in one pass, as above.
 - `PackedHead`: the LM head's product with its weight prepacked in eval mode on the CPU (`FastLinear.packed`), its
   transform's GELU and LayerNorm fused as above.
-
-Why the fusions: a decoding step's rows are few (8 for greedy at batch 8, 24 for beam 3), so each element-wise pass
-over them costs about what its call does; the bench's greedy decode (BERT-base, one thread) spent about 10% of its
-time in GELU, residual adds and LayerNorms as passes of their own.
 - `SparseTiedDecoder`: on the CPU, with labels, the tied word embeddings' lookup has a sparse gradient that the LM
   head's dense one absorbs in place (`TiedTable`): no zero-filled vocabulary-sized gradient is made per step, nor a
   copy of the head's.
+
+Why the fusions in decoding: a decoding step's rows are few (8 for greedy at batch 8, 24 for beam 3), so each element-wise pass
+over them costs about what its call does; the bench's greedy decode (BERT-base, one thread) spent about 10% of its
+time in GELU, residual adds and LayerNorms as passes of their own.
 """
 
 from __future__ import annotations
